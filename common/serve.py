@@ -1,0 +1,88 @@
+"""``python -m common.serve processors/green-tint/green_tint.py``: run one processor as a server.
+
+The processor module defines one processor class; its ``model_id`` and ``default_port`` are the
+defaults, overridden by ``--model-id/--host/--port`` or ``MODEL_ID/HOST/PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .app import Settings, create_app
+from .http import DEFAULT_MAX_BODY_BYTES
+from .processor import BaseProcessor, ImageProcessor, Processor
+
+log = logging.getLogger("serve")
+
+
+def load_processor_class(path: str) -> type[BaseProcessor]:
+    """Import a processor module by file path and return the processor class it defines."""
+    module_path = Path(path)
+    spec = importlib.util.spec_from_file_location(module_path.stem, module_path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"serve: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_path.stem] = module
+    spec.loader.exec_module(module)
+    found = [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, BaseProcessor)
+        and obj not in (BaseProcessor, Processor, ImageProcessor)
+        and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise SystemExit(f"serve: {path} must define exactly one processor class, found {found}")
+    return found[0]
+
+
+def configure_logging(component: str, verbose: bool = False) -> None:
+    """One line per event, prefixed by the component, as ``docker compose logs`` shows it."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.serve", description=__doc__)
+    parser.add_argument("processor", help="path to the processor module")
+    parser.add_argument("--model-id", default=os.environ.get("MODEL_ID"))
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=os.environ.get("PORT"))
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(os.environ.get("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
+    )
+    parser.add_argument(
+        "--job-idle-seconds", type=float, default=float(os.environ.get("JOB_IDLE_SECONDS", 300))
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=bool(os.environ.get("VERBOSE")))
+    args = parser.parse_args(argv)
+
+    cls = load_processor_class(args.processor)
+    if args.model_id:
+        cls.model_id = args.model_id
+    configure_logging(cls.model_id, args.verbose)
+    port = args.port or cls.default_port
+    app = create_app(
+        cls(), Settings(max_body_bytes=args.max_body_bytes, job_idle_seconds=args.job_idle_seconds)
+    )
+    log.info("%s (%s) listening on %s:%d", cls.model_id, cls.__name__, args.host, port)
+    uvicorn.run(app, host=args.host, port=port, access_log=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

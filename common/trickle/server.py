@@ -1,0 +1,351 @@
+"""The container side of trickle: jobs fed by ``PUT .../source``, read by ``GET .../output``.
+
+Each job turns input segment ``n`` into output segment ``n``. Inputs are never dropped: a
+bounded queue holds them until the processor takes them (a full queue makes ``PUT`` wait, which is
+the back-pressure), and every accepted input yields an output segment, possibly an error one.
+Outputs sit in a small ring, as in go-livepeer; a reader that falls behind gets 470 and
+``Lp-Trickle-Latest`` instead of a silent gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import ApiError
+from ..http import check_declared_length, params_header, read_body
+from .protocol import (
+    CLOSED_HEADER,
+    CLOSED_VALUE,
+    LATEST_HEADER,
+    SEQ_HEADER,
+    SEQ_LATEST,
+    SEQ_NEXT,
+    STATUS_UNAVAILABLE,
+    check_job_id,
+)
+
+log = logging.getLogger("trickle")
+
+
+@dataclass(frozen=True)
+class Input:
+    data: bytes
+    content_type: str | None
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One output segment: the processor's result for an input, or the error it caused."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def from_error(cls, error: ApiError) -> Segment:
+        return cls(error.status, "application/json", json.dumps(error.body()).encode())
+
+
+SegmentHandler = Callable[[Input], Awaitable[Segment]]
+
+
+class _Signal:
+    """Wakes every waiter on each change; waiters re-check their condition."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Job:
+    def __init__(
+        self, job_id: str, handler: SegmentHandler, ring_size: int, max_pending: int, concurrency: int
+    ) -> None:
+        self.id = job_id
+        self.params: dict[str, Any] = {}
+        self.next_input = 0
+        self.next_output = 0
+        self.read_cursor = 0
+        self.input_ended = False
+        self.closed = False
+        self.last_active = time.monotonic()
+        self.started = time.monotonic()
+        self._handler = handler
+        self._ring_size = ring_size
+        self._inputs: dict[int, asyncio.Future[Input | Segment]] = {}
+        self._slots = asyncio.Semaphore(max_pending)
+        self._busy = asyncio.Semaphore(concurrency)
+        self._queue: asyncio.Queue[asyncio.Task[Segment] | None] = asyncio.Queue(concurrency)
+        self._outputs: dict[int, Segment] = {}
+        self._changed = _Signal()
+        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._publish())]
+
+    @property
+    def active(self) -> bool:
+        return not self.closed
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    # -- input side -------------------------------------------------------------------------
+
+    async def open_input(self, expected_seq: int | None) -> tuple[int, asyncio.Future[Input | Segment]]:
+        """Reserve the next input seq (waiting while the queue is full)."""
+        await self._slots.acquire()
+        if self.input_ended or (expected_seq is not None and expected_seq != self.next_input):
+            self._slots.release()
+            if self.input_ended:
+                raise ApiError(409, "input_ended", f"input of job {self.id} has ended; use a new job id")
+            raise ApiError(
+                409,
+                "unexpected_seq",
+                f"segment {expected_seq} cannot be written: job {self.id} expects {self.next_input}",
+                {LATEST_HEADER: str(self.next_input)},
+            )
+        seq = self.next_input
+        self.next_input += 1
+        future: asyncio.Future[Input | Segment] = asyncio.get_running_loop().create_future()
+        self._inputs[seq] = future
+        self._changed.notify()
+        return seq, future
+
+    def end_input(self) -> None:
+        self.input_ended = True
+        self._changed.notify()
+
+    async def _dispatch(self) -> None:
+        seq = 0
+        while True:
+            while seq not in self._inputs:
+                if self.input_ended:
+                    await self._queue.put(None)
+                    return
+                await self._changed.wait()
+            item = await self._inputs.pop(seq)
+            self._slots.release()
+            await self._queue.put(asyncio.create_task(self._process(seq, item)))
+            seq += 1
+
+    async def _process(self, seq: int, item: Input | Segment) -> Segment:
+        if isinstance(item, Segment):
+            return item
+        async with self._busy:
+            try:
+                return await self._handler(item)
+            except Exception as exc:  # a processor bug must not end the job for later segments
+                log.exception("job %s seq %d: processing failed", self.id, seq)
+                return Segment.from_error(ApiError(500, "processing_failed", repr(exc)))
+
+    # -- output side ------------------------------------------------------------------------
+
+    async def _publish(self) -> None:
+        while (task := await self._queue.get()) is not None:
+            segment = await task
+            seq = self.next_output
+            self._outputs[seq] = segment
+            self._outputs.pop(seq - self._ring_size, None)
+            self.next_output = seq + 1
+            self._changed.notify()
+        self.closed = True
+        self._changed.notify()
+        log.info(
+            "job %s ended: %d segments in %.1f s",
+            self.id,
+            self.next_output,
+            time.monotonic() - self.started,
+        )
+
+    def resolve(self, seq: int | None) -> int:
+        """Turn "next unread" (None), -1 (next written) and -2 (latest) into a real seq."""
+        if seq is None:
+            seq, self.read_cursor = self.read_cursor, self.read_cursor + 1
+            return seq
+        if seq == SEQ_NEXT:
+            return self.next_output
+        if seq == SEQ_LATEST:
+            return max(self.next_output - 1, 0)
+        return seq
+
+    async def read(self, seq: int) -> Segment | None:
+        """Wait for output ``seq``; ``None`` means the stream is over."""
+        while True:
+            if seq in self._outputs:
+                return self._outputs[seq]
+            if seq < self.next_output:
+                raise self._unavailable(seq, f"segment {seq} is gone (the last {self._ring_size} are kept)")
+            if self.closed:
+                return None
+            if seq > self.next_input:
+                raise self._unavailable(
+                    seq, f"segment {seq} is not reachable: {self.next_input} inputs so far"
+                )
+            await self._changed.wait()
+
+    def _unavailable(self, seq: int, why: str) -> ApiError:
+        return ApiError(
+            STATUS_UNAVAILABLE,
+            "segment_unavailable",
+            f"{why}; read from Lp-Trickle-Latest={self.next_output}",
+            {SEQ_HEADER: str(seq), LATEST_HEADER: str(self.next_output)},
+        )
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.input_ended = self.closed = True
+        self._changed.notify()
+
+
+class JobStore:
+    def __init__(
+        self,
+        handler: SegmentHandler,
+        *,
+        ring_size: int = 5,
+        max_pending: int = 16,
+        concurrency: int = 1,
+        idle_seconds: float = 300.0,
+    ) -> None:
+        self.jobs: dict[str, Job] = {}
+        self._handler = handler
+        self._ring_size = ring_size
+        self._max_pending = max_pending
+        self._concurrency = concurrency
+        self.idle_seconds = idle_seconds
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(check_job_id(job_id))
+        if job is None:
+            raise ApiError(404, "unknown_job", f"no job {job_id!r}: start it with PUT /live/{job_id}/source")
+        job.touch()
+        return job
+
+    def get_or_create(self, job_id: str) -> Job:
+        job = self.jobs.get(check_job_id(job_id))
+        if job is None:
+            job = Job(job_id, self._handler, self._ring_size, self._max_pending, self._concurrency)
+            self.jobs[job_id] = job
+            log.info("job %s started", job_id)
+        job.touch()
+        return job
+
+    def delete(self, job_id: str) -> None:
+        self.get(job_id).stop()
+        del self.jobs[job_id]
+        log.info("job %s deleted", job_id)
+
+    def active_count(self) -> int:
+        return sum(job.active for job in self.jobs.values())
+
+    def sweep(self) -> None:
+        cutoff = time.monotonic() - self.idle_seconds
+        for job_id in [j.id for j in self.jobs.values() if j.last_active < cutoff]:
+            self.jobs.pop(job_id).stop()
+            log.info("job %s swept after %.0f s idle", job_id, self.idle_seconds)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.idle_seconds / 4))
+            self.sweep()
+
+
+def _seq_param(request: Request) -> int | None:
+    text = request.path_params.get("seq")
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, "invalid_seq", f"segment number must be an integer, got {text!r}") from None
+
+
+class TrickleEndpoints:
+    """The ``/live/{job_id}/...`` routes of a processor container."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        max_body_bytes: int,
+        validate_params: Callable[[Any], dict[str, Any]],
+    ) -> None:
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+        self.validate_params = validate_params
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/live/{job_id}/source", self.put_source, methods=["PUT"]),
+            Route("/live/{job_id}/source", self.end_input, methods=["DELETE"]),
+            Route("/live/{job_id}/source/{seq}", self.put_source, methods=["PUT", "POST"]),
+            Route("/live/{job_id}/output", self.get_output, methods=["GET"]),
+            Route("/live/{job_id}/output/{seq}", self.get_output, methods=["GET"]),
+            Route("/live/{job_id}", self.delete_job, methods=["DELETE"]),
+            Route("/live/{rest:path}", self.malformed),
+        ]
+
+    async def put_source(self, request: Request) -> Response:
+        job_id = check_job_id(request.path_params["job_id"])
+        expected = _seq_param(request)
+        overrides = params_header(request)
+        if overrides is not None:
+            overrides = self.validate_params(overrides)
+        check_declared_length(request, self.max_body_bytes)
+        job = self.store.get_or_create(job_id)
+        seq, future = await job.open_input(None if expected == SEQ_NEXT else expected)
+        if overrides:
+            job.params.update(overrides)
+        try:
+            data = await read_body(request, self.max_body_bytes)
+        except ApiError as exc:
+            future.set_result(Segment.from_error(exc))
+            raise
+        except ClientDisconnect:
+            future.set_result(
+                Segment.from_error(ApiError(400, "upload_incomplete", f"segment {seq} upload was cut off"))
+            )
+            raise
+        future.set_result(Input(data, request.headers.get("content-type"), dict(job.params)))
+        return JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
+
+    async def get_output(self, request: Request) -> Response:
+        job = self.store.get(request.path_params["job_id"])
+        seq = job.resolve(_seq_param(request))
+        segment = await job.read(seq)
+        headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(job.next_output)}
+        if segment is None:
+            return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
+        return Response(segment.body, segment.status, headers=headers, media_type=segment.content_type)
+
+    async def end_input(self, request: Request) -> Response:
+        job = self.store.get(request.path_params["job_id"])
+        job.end_input()
+        return JSONResponse({"job_id": job.id, "segments": job.next_input})
+
+    async def delete_job(self, request: Request) -> Response:
+        self.store.delete(request.path_params["job_id"])
+        return JSONResponse({"job_id": request.path_params["job_id"], "deleted": True})
+
+    async def malformed(self, request: Request) -> Response:
+        """Paths the routes above do not match: a bad job id (400), else a wrong method (405)."""
+        job_part = request.path_params["rest"]
+        for suffix in ("/source", "/output"):
+            job_part = job_part.split(suffix)[0]
+        check_job_id(job_part)
+        raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}")
