@@ -18,6 +18,7 @@ import uvicorn
 
 from .app import Settings, create_app
 from .http import DEFAULT_MAX_BODY_BYTES
+from .logs import configure_logging
 from .processor import BaseProcessor, ImageProcessor, Processor
 
 log = logging.getLogger("serve")
@@ -43,16 +44,6 @@ def load_processor_class(path: str) -> type[BaseProcessor]:
     if len(found) != 1:
         raise SystemExit(f"serve: {path} must define exactly one processor class, found {found}")
     return found[0]
-
-
-def configure_logging(component: str, verbose: bool = False) -> None:
-    """One line per event, prefixed by the component, as ``docker compose logs`` shows it."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
 
 from ..errors import ApiError
 
@@ -30,3 +35,25 @@ def check_job_id(job_id: str) -> str:
             "A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'",
         )
     return job_id
+
+
+def params_json(params: Mapping[str, Any]) -> str:
+    return json.dumps(dict(params), separators=(",", ":"))
+
+
+class TrickleError(Exception):
+    """A trickle request the server refused; carries its JSON error when it sent one."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> TrickleError:
+        try:
+            body = response.json()
+            return cls(response.status_code, str(body["error"]), str(body["detail"]))
+        except (ValueError, KeyError, TypeError):
+            return cls(response.status_code, "http_error", response.text[:300])

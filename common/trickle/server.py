@@ -36,6 +36,8 @@ from .protocol import (
 
 log = logging.getLogger("trickle")
 
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
 
 @dataclass(frozen=True)
 class Input:
@@ -297,7 +299,9 @@ class TrickleEndpoints:
             Route("/live/{job_id}/output", self.get_output, methods=["GET"]),
             Route("/live/{job_id}/output/{seq}", self.get_output, methods=["GET"]),
             Route("/live/{job_id}", self.delete_job, methods=["DELETE"]),
-            Route("/live/{rest:path}", self.malformed),
+            # Every method, not Starlette's default GET: otherwise `PUT /live/a%2Fb/source` is a
+            # 405 and `POST /live/...` falls through to the one-shot job route below.
+            Route("/live/{rest:path}", self.malformed, methods=_ALL_METHODS),
         ]
 
     async def put_source(self, request: Request) -> Response:

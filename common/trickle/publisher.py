@@ -1,0 +1,55 @@
+"""Client side, writing: push input segments to ``{job_url}/source``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Mapping
+from typing import Any
+
+import httpx
+
+from .protocol import PARAMS_HEADER, SEQ_HEADER, TrickleError, params_json
+
+
+class TricklePublisher:
+    """Appends segments to one job; the server assigns each its seq.
+
+    Only failures to connect are retried: a request that reached the server may have been
+    accepted, and appending it again would process that segment twice.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        job_url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        connect_retries: int = 3,
+    ) -> None:
+        self.client = client
+        self.job_url = job_url.rstrip("/")
+        self.params = params
+        self.connect_retries = connect_retries
+
+    async def write(self, data: bytes | AsyncIterable[bytes], content_type: str | None = None) -> int:
+        """Send one segment and return the seq the server gave it."""
+        headers = {"Content-Type": content_type} if content_type else {}
+        if self.params:
+            headers[PARAMS_HEADER] = params_json(self.params)
+        for attempt in range(self.connect_retries + 1):
+            try:
+                response = await self.client.put(f"{self.job_url}/source", content=data, headers=headers)
+                break
+            except httpx.ConnectError:
+                if attempt == self.connect_retries or not isinstance(data, bytes):
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
+        if response.status_code >= 400:
+            raise TrickleError.from_response(response)
+        return int(response.headers[SEQ_HEADER])
+
+    async def close(self) -> None:
+        """Signal end of input; the job finishes what it holds and closes its output."""
+        response = await self.client.delete(f"{self.job_url}/source")
+        if response.status_code >= 400 and response.status_code != 404:
+            raise TrickleError.from_response(response)

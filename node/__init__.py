@@ -1,0 +1,1 @@
+"""The off-chain Livepeer node: one program, two roles (``-gateway`` and ``-orchestrator``)."""
