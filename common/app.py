@@ -23,6 +23,7 @@ from starlette.routing import Route
 from .errors import ApiError, install_error_handlers
 from .http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
 from .processor import BaseProcessor, ImageProcessor
+from .registration import Registration
 from .trickle.server import Input, JobStore, Segment, TrickleEndpoints
 
 log = logging.getLogger("app")
@@ -151,7 +152,9 @@ class ProcessorApp:
         return Response(segment.body, segment.status, media_type=segment.content_type)
 
 
-def create_app(processor: BaseProcessor, settings: Settings | None = None) -> Starlette:
+def create_app(
+    processor: BaseProcessor, settings: Settings | None = None, registration: Registration | None = None
+) -> Starlette:
     """Build the container's ASGI app; ``load()`` runs in the background so /health answers."""
     state = ProcessorApp(processor, settings or Settings())
     trickle = TrickleEndpoints(state.store, state.settings.max_body_bytes, processor.validate_params)
@@ -159,6 +162,8 @@ def create_app(processor: BaseProcessor, settings: Settings | None = None) -> St
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(state.load()), asyncio.create_task(state.store.sweep_forever())]
+        if registration is not None:
+            tasks.append(asyncio.create_task(registration.keep_registered()))
         yield
         for task in tasks:
             task.cancel()

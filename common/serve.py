@@ -20,6 +20,7 @@ from .app import Settings, create_app
 from .http import DEFAULT_MAX_BODY_BYTES
 from .logs import configure_logging
 from .processor import BaseProcessor, ImageProcessor, Processor
+from .registration import Registration
 
 log = logging.getLogger("serve")
 
@@ -46,6 +47,20 @@ def load_processor_class(path: str) -> type[BaseProcessor]:
     return found[0]
 
 
+def registration_from_env(model_id: str, port: int) -> Registration | None:
+    """Self-register when ORCH_URL and ORCH_SECRET are set (CONTAINER_URL: how to reach us)."""
+    orch_url, secret = os.environ.get("ORCH_URL"), os.environ.get("ORCH_SECRET")
+    if not (orch_url and secret):
+        return None
+    return Registration(
+        orch_url=orch_url,
+        secret=secret,
+        name=model_id,
+        url=os.environ.get("CONTAINER_URL", f"http://127.0.0.1:{port}"),
+        capacity=int(os.environ.get("CAPACITY", "1")),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.serve", description=__doc__)
     parser.add_argument("processor", help="path to the processor module")
@@ -69,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(cls.model_id, args.verbose)
     port = args.port or cls.default_port
     app = create_app(
-        cls(), Settings(max_body_bytes=args.max_body_bytes, job_idle_seconds=args.job_idle_seconds)
+        cls(),
+        Settings(max_body_bytes=args.max_body_bytes, job_idle_seconds=args.job_idle_seconds),
+        registration_from_env(cls.model_id, port),
     )
     log.info("%s (%s) listening on %s:%d", cls.model_id, cls.__name__, args.host, port)
     uvicorn.run(app, host=args.host, port=port, access_log=False, log_level="warning")

@@ -77,9 +77,16 @@ class Registry:
         self.capabilities: dict[str, Capability] = {}
 
     def register(self, capability: Capability) -> None:
-        # Re-registering replaces the entry and resets load, as go-livepeer does; jobs in flight
-        # release against the old entry object, so the new counter stays right.
-        self.capabilities[capability.name] = capability
+        current = self.capabilities.get(capability.name)
+        if current is not None and current.url == capability.url:
+            # Containers re-register every few seconds. Update in place so the jobs in flight keep
+            # counting against this entry (go-livepeer resets load and then over-advertises).
+            capability.load, capability.health = current.load, current.health
+            if capability == current:
+                return
+            vars(current).update(vars(capability))
+        else:
+            self.capabilities[capability.name] = capability
         log.info("BYOC capability registered: %s", capability.name)
         log.info(
             "capability %s: %s at %s, capacity %d",
