@@ -1,5 +1,6 @@
-"""The runtime vendored into every processor image: trickle, processor base classes, codecs."""
+"""The runtime vendored into every image: trickle, processor base classes, codecs, registration.
 
-from .processor import ImageProcessor, Parameter, Processor
-
-__all__ = ["ImageProcessor", "Parameter", "Processor"]
+Nothing is imported here on purpose: the node image carries ``common`` without the media codecs,
+so ``import common.trickle`` must not pull in numpy or OpenCV. Processors import
+``common.processor``.
+"""

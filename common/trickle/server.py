@@ -212,6 +212,9 @@ class Job:
         for task in self._tasks:
             task.cancel()
         self.input_ended = self.closed = True
+        # Writers blocked on back-pressure would wait forever now that nothing drains the queue:
+        # wake one; it sees input_ended, gives the slot back (waking the next) and answers 409.
+        self._slots.release()
         self._changed.notify()
 
 

@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 
-from common import ImageProcessor
+from common.processor import ImageProcessor
 
 
 class GrayscaleProcessor(ImageProcessor):

@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 
-from common import ImageProcessor, Parameter
+from common.processor import ImageProcessor, Parameter
 
 
 class GreenTintProcessor(ImageProcessor):

@@ -1,6 +1,6 @@
 """passthrough-cpu: the tutorial's pattern at its smallest; returns the input byte for byte."""
 
-from common import Processor
+from common.processor import Processor
 
 
 class PassthroughProcessor(Processor):

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""The tutorial topology as local processes (no Docker): ``make up-local`` / ``make down-local``.
+
+Same programs, ports and model ids as ``compose.yaml``; logs go to ``.run/logs/<service>.log``.
+The integration tests start the same topology through :func:`services`, on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".run"
+ORCH_SECRET = "orch-secret"
+
+
+@dataclass(frozen=True)
+class Processor:
+    name: str  # folder under processors/
+    model_id: str
+    port: int
+
+    @property
+    def module(self) -> str:
+        return f"processors/{self.name}/{self.name.replace('-', '_')}.py"
+
+
+PROCESSORS = [
+    Processor("green-tint", "green-tint-cpu", 8000),
+    Processor("grayscale", "grayscale-cpu", 8001),
+    Processor("passthrough", "passthrough-cpu", 8002),
+]
+GATEWAY_PORT, ORCHESTRATOR_PORT = 8935, 8936
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    port: int
+
+
+def services(
+    processors: list[Processor] = PROCESSORS,
+    gateway_port: int = GATEWAY_PORT,
+    orchestrator_port: int = ORCHESTRATOR_PORT,
+    extra_orchestrator_flags: tuple[str, ...] = (),
+) -> list[Service]:
+    """Every process of the topology, containers first, in start order."""
+    py = sys.executable
+    pairs = [
+        flag
+        for p in processors
+        for flag in ("-byocModelID", p.model_id, "-byocContainerURL", f"http://127.0.0.1:{p.port}")
+    ]
+    return [
+        *(Service(p.name, [py, "-m", "common.serve", p.module, "--port", str(p.port)], p.port)
+          for p in processors),
+        Service(
+            "orchestrator",
+            [py, "-m", "node", "-orchestrator", "-network", "offchain",
+             "-httpAddr", f"127.0.0.1:{orchestrator_port}", "-serviceAddr", f"127.0.0.1:{orchestrator_port}",
+             "-orchSecret", ORCH_SECRET, *pairs, *extra_orchestrator_flags],
+            orchestrator_port,
+        ),
+        Service(
+            "gateway",
+            [py, "-m", "node", "-gateway", "-network", "offchain",
+             "-httpAddr", f"127.0.0.1:{gateway_port}", "-orchAddr", f"127.0.0.1:{orchestrator_port}"],
+            gateway_port,
+        ),
+    ]  # fmt: skip
+
+
+def wait_healthy(port: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json().get("status") in ("IDLE", "OK"):
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def up() -> int:
+    (RUN_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    for service in services():
+        log = open(RUN_DIR / "logs" / f"{service.name}.log", "ab")  # the child process keeps it open
+        process = subprocess.Popen(
+            service.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        (RUN_DIR / f"{service.name}.pid").write_text(str(process.pid))
+        if not wait_healthy(service.port):
+            print(f"up-local: {service.name} did not become healthy; see .run/logs/{service.name}.log")
+            return 1
+        print(f"up-local: {service.name} healthy on :{service.port} (pid {process.pid})")
+    print("up-local: topology running; logs in .run/logs/, stop with make down-local")
+    return 0
+
+
+def down() -> int:
+    for pid_file in sorted(RUN_DIR.glob("*.pid")):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            print(f"down-local: stopped {pid_file.stem}")
+        except (ProcessLookupError, ValueError):
+            pass
+        pid_file.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["up", "down"])
+    sys.exit(up() if parser.parse_args().action == "up" else down())
