@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -57,6 +58,7 @@ class ProcessorApp:
         concurrency = 2 if isinstance(processor, ImageProcessor) else 1
         self.store = JobStore(
             self.process_segment,
+            finish=self.finish_stream,
             ring_size=settings.ring_size,
             max_pending=settings.max_pending,
             concurrency=concurrency,
@@ -97,11 +99,20 @@ class ProcessorApp:
             return Segment(200, item.content_type or "application/octet-stream", b"")
         try:
             output = await self.processor.run(
-                item.data, item.content_type, self.processor.with_overrides(item.params)
+                item.data, item.content_type, self.processor.with_overrides(item.params), item.stream
             )
         except ApiError as exc:
             return Segment.from_error(exc)
         return Segment(200, output.content_type, output.body)
+
+    async def finish_stream(self, stream: dict[str, Any]) -> Segment | None:
+        if self.state == "ERROR":
+            return None
+        try:
+            output = await self.processor.finish(self.processor.with_overrides({}), stream)
+        except ApiError as exc:
+            return Segment.from_error(exc)
+        return None if output is None else Segment(200, output.content_type, output.body)
 
     # -- routes -----------------------------------------------------------------------------
 

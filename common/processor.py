@@ -14,9 +14,10 @@ Both may declare tunable ``parameters`` (validated, defaults applied), set per j
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +27,7 @@ from . import images
 from .errors import ApiError
 
 _job_params: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("job_params")
+_job_stream: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("job_stream")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,14 @@ class BaseProcessor:
         """The parameters in force for the job being processed right now."""
         return _job_params.get(self._params)
 
+    @property
+    def stream(self) -> dict[str, Any] | None:
+        """State that lives as long as the current trickle job; ``None`` for a one-shot job.
+
+        Processors that carry context from segment to segment (a transcript) keep it here.
+        """
+        return _job_stream.get(None)
+
     def validate_params(self, params: Any) -> dict[str, Any]:
         """Check client-supplied parameters; raise a 400 naming what is accepted."""
         accepted = (
@@ -93,9 +103,39 @@ class BaseProcessor:
     def with_overrides(self, overrides: Mapping[str, Any]) -> Mapping[str, Any]:
         return {**self._params, **overrides} if overrides else self._params
 
-    async def run(self, data: bytes, content_type: str | None, params: Mapping[str, Any]) -> Output:
-        """Process one segment under the given job parameters (the runtime's single entry)."""
+    async def run(
+        self,
+        data: bytes,
+        content_type: str | None,
+        params: Mapping[str, Any],
+        stream: dict[str, Any] | None = None,
+    ) -> Output:
+        """Process one segment for a job (the runtime's single entry)."""
+        with _job_context(params, stream):
+            return await self._run(data, content_type)
+
+    async def _run(self, data: bytes, content_type: str | None) -> Output:
         raise NotImplementedError
+
+    async def end_of_stream(self) -> Output | None:
+        """Input of a trickle job has ended: return a last segment (a flush), or ``None``."""
+        return None
+
+    async def finish(self, params: Mapping[str, Any], stream: dict[str, Any]) -> Output | None:
+        with _job_context(params, stream):
+            return await self.end_of_stream()
+
+
+@contextlib.contextmanager
+def _job_context(params: Mapping[str, Any], stream: dict[str, Any] | None) -> Iterator[None]:
+    # Context variables, not arguments, so that ``process()`` keeps the tutorial's signature;
+    # asyncio.to_thread copies them into the worker thread.
+    params_token, stream_token = _job_params.set(params), _job_stream.set(stream)
+    try:
+        yield
+    finally:
+        _job_params.reset(params_token)
+        _job_stream.reset(stream_token)
 
 
 class Processor(BaseProcessor):
@@ -104,13 +144,8 @@ class Processor(BaseProcessor):
     async def process(self, frame: bytes) -> bytes:
         raise NotImplementedError
 
-    async def run(self, data: bytes, content_type: str | None, params: Mapping[str, Any]) -> Output:
-        token = _job_params.set(params)
-        try:
-            body = await self.process(data)
-        finally:
-            _job_params.reset(token)
-        return Output(body, content_type or "application/octet-stream")
+    async def _run(self, data: bytes, content_type: str | None) -> Output:
+        return Output(await self.process(data), content_type or "application/octet-stream")
 
 
 class ImageProcessor(BaseProcessor):
@@ -127,10 +162,5 @@ class ImageProcessor(BaseProcessor):
         result = self.process(image)
         return Output(images.encode(result, info.format, self.jpeg_quality), info.content_type)
 
-    async def run(self, data: bytes, content_type: str | None, params: Mapping[str, Any]) -> Output:
-        token = _job_params.set(params)
-        try:
-            # to_thread copies the context, so self.params works inside process().
-            return await asyncio.to_thread(self._transform, data)
-        finally:
-            _job_params.reset(token)
+    async def _run(self, data: bytes, content_type: str | None) -> Output:
+        return await asyncio.to_thread(self._transform, data)

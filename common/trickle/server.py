@@ -44,6 +44,7 @@ class Input:
     data: bytes
     content_type: str | None
     params: Mapping[str, Any]
+    stream: dict[str, Any] | None = None  # the job's own state; None for one-shot jobs
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Segment:
 
 
 SegmentHandler = Callable[[Input], Awaitable[Segment]]
+# Called once input has ended and every input is processed: may add a last segment (a flush).
+FinishHandler = Callable[[dict[str, Any]], Awaitable[Segment | None]]
 
 
 class _Signal:
@@ -78,10 +81,17 @@ class _Signal:
 
 class Job:
     def __init__(
-        self, job_id: str, handler: SegmentHandler, ring_size: int, max_pending: int, concurrency: int
+        self,
+        job_id: str,
+        handler: SegmentHandler,
+        ring_size: int,
+        max_pending: int,
+        concurrency: int,
+        finish: FinishHandler | None = None,
     ) -> None:
         self.id = job_id
         self.params: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}
         self.next_input = 0
         self.next_output = 0
         self.read_cursor = 0
@@ -90,6 +100,7 @@ class Job:
         self.last_active = time.monotonic()
         self.started = time.monotonic()
         self._handler = handler
+        self._finish = finish
         self._ring_size = ring_size
         self._inputs: dict[int, asyncio.Future[Input | Segment]] = {}
         self._slots = asyncio.Semaphore(max_pending)
@@ -159,12 +170,9 @@ class Job:
 
     async def _publish(self) -> None:
         while (task := await self._queue.get()) is not None:
-            segment = await task
-            seq = self.next_output
-            self._outputs[seq] = segment
-            self._outputs.pop(seq - self._ring_size, None)
-            self.next_output = seq + 1
-            self._changed.notify()
+            self._append(await task)
+        if self._finish is not None and (last := await self._finish(self.state)) is not None:
+            self._append(last)
         self.closed = True
         self._changed.notify()
         log.info(
@@ -173,6 +181,13 @@ class Job:
             self.next_output,
             time.monotonic() - self.started,
         )
+
+    def _append(self, segment: Segment) -> None:
+        seq = self.next_output
+        self._outputs[seq] = segment
+        self._outputs.pop(seq - self._ring_size, None)
+        self.next_output = seq + 1
+        self._changed.notify()
 
     def resolve(self, seq: int | None) -> int:
         """Turn "next unread" (None), -1 (next written) and -2 (latest) into a real seq."""
@@ -223,6 +238,7 @@ class JobStore:
         self,
         handler: SegmentHandler,
         *,
+        finish: FinishHandler | None = None,
         ring_size: int = 5,
         max_pending: int = 16,
         concurrency: int = 1,
@@ -230,6 +246,7 @@ class JobStore:
     ) -> None:
         self.jobs: dict[str, Job] = {}
         self._handler = handler
+        self._finish = finish
         self._ring_size = ring_size
         self._max_pending = max_pending
         self._concurrency = concurrency
@@ -245,7 +262,9 @@ class JobStore:
     def get_or_create(self, job_id: str) -> Job:
         job = self.jobs.get(check_job_id(job_id))
         if job is None:
-            job = Job(job_id, self._handler, self._ring_size, self._max_pending, self._concurrency)
+            job = Job(
+                job_id, self._handler, self._ring_size, self._max_pending, self._concurrency, self._finish
+            )
             self.jobs[job_id] = job
             log.info("job %s started", job_id)
         job.touch()
@@ -328,7 +347,7 @@ class TrickleEndpoints:
                 Segment.from_error(ApiError(400, "upload_incomplete", f"segment {seq} upload was cut off"))
             )
             raise
-        future.set_result(Input(data, request.headers.get("content-type"), dict(job.params)))
+        future.set_result(Input(data, request.headers.get("content-type"), dict(job.params), job.state))
         return JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
 
     async def get_output(self, request: Request) -> Response:
