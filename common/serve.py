@@ -7,7 +7,6 @@ defaults, overridden by ``--model-id/--host/--port`` or ``MODEL_ID/HOST/PORT``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import inspect
 import logging
@@ -20,6 +19,7 @@ import uvicorn
 from .app import Settings, create_app
 from .http import DEFAULT_MAX_BODY_BYTES
 from .logs import configure_logging
+from .malloc import keep_freed_memory
 from .processor import BaseProcessor, ImageProcessor, Processor
 from .registration import Registration
 
@@ -60,22 +60,6 @@ def registration_from_env(model_id: str, port: int) -> Registration | None:
         url=os.environ.get("CONTAINER_URL", f"http://127.0.0.1:{port}"),
         capacity=int(os.environ.get("CAPACITY", "1")),
     )
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed frame buffers for reuse instead of giving them back to the kernel.
-
-    Every 720p segment allocates several 2.7 MB arrays; by default glibc maps such blocks fresh
-    and unmaps (or trims) them on free, so each segment page-faults ~2,000 zeroed pages back in,
-    measured at ~9 ms of a ~25 ms green-tint job (bench/bench_green_tint.py). Elsewhere a no-op.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # the largest glibc accepts on 64-bit
-    libc.mallopt(m_trim_threshold, 128 * 1024 * 1024)
 
 
 def main(argv: list[str] | None = None) -> None:

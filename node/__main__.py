@@ -16,6 +16,7 @@ import uvicorn
 
 from common.http import DEFAULT_MAX_BODY_BYTES
 from common.logs import configure_logging
+from common.malloc import keep_freed_memory
 
 from .gateway import GatewayConfig, create_gateway_app
 from .orchestrator import OrchestratorConfig, create_orchestrator_app
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gateway == args.orchestrator:
         raise SystemExit("node: choose exactly one role: -gateway or -orchestrator")
     role = "gateway" if args.gateway else "orchestrator"
+    keep_freed_memory()
     configure_logging(role, verbose=args.v >= 5)
     if args.gateway:
         host, port = _listen(args.httpAddr, DEFAULT_GATEWAY_PORT)

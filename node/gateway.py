@@ -42,6 +42,10 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     default_timeout: int = 30
     search_timeout: float = 2.0
+    # How long a search that found capacity is reused. go-livepeer asks every orchestrator for a
+    # token on every job; reusing a fresh answer saves a round trip per job, and stays correct
+    # because an orchestrator that has filled up since answers 503 and the next one is tried.
+    search_ttl: float = 1.0
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Gateway:
         self.config = config
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
         self.streams = StreamRoutes(self.client, self.open_stream)
+        self._recent: dict[str, tuple[float, list[str]]] = {}
 
     def job_from(self, request: Request) -> JobRequest:
         """The job's model id and timeout, from the tutorial's headers or go-livepeer's."""
@@ -128,11 +133,19 @@ class Gateway:
         except ValueError:
             return response.status_code, f"{response.status_code} {response.text[:200]}"
 
+    def _search_key(self, job: JobRequest) -> str:
+        return f"{job.capability} {job.parameters.get('orchestrators')}"
+
     async def choose(self, job: JobRequest) -> list[str]:
         """Orchestrators to try for ``job``, or the error that tells the client why there are none."""
+        key = self._search_key(job)
+        if (recent := self._recent.get(key)) and time.monotonic() - recent[0] < self.config.search_ttl:
+            return recent[1]
         found = await self.search(job)
         if found.service_addrs:
+            self._recent[key] = (time.monotonic(), found.service_addrs)
             return found.service_addrs
+        self._recent.pop(key, None)
         if found.full:
             raise ApiError(
                 503,
@@ -198,6 +211,7 @@ class Gateway:
             return Response(
                 response.content, response.status_code, headers={**passed, ORCHESTRATOR_URL_HEADER: orch}
             )
+        self._recent.pop(self._search_key(job), None)  # search afresh next time
         status = _failure_status(failures)
         log.warning(
             "job %s %s failed everywhere: %s", job.id, job.capability, "; ".join(d for _, d in failures)
