@@ -1,0 +1,233 @@
+"""Benchmark green-tint on a 1280x720 JPEG (q90): in process, one job over HTTP, a trickle stream.
+
+    make bench        (or: .venv/bin/python bench/bench_green_tint.py)
+
+Prints (a) decode + tint + encode in process, (b) one ``POST`` job through the container (p50,
+p99), (c) a 300-frame trickle stream with 4 segments in flight (fps), their ratios, the same
+``POST`` to passthrough (HTTP transport alone), each processor's idle RSS, and the targets of
+issue 2 with PASS/MISS; writes the same figures to ``bench/results/green_tint.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.serve import load_processor_class  # noqa: E402
+from common.trickle.publisher import TricklePublisher  # noqa: E402
+from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
+from tests.conftest import CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "green_tint.json"
+COMMAND = "make bench  # or: .venv/bin/python bench/bench_green_tint.py"
+IN_PROCESS_RUNS = 100
+POST_RUNS = 300
+STREAM_FRAMES = 300
+IN_FLIGHT = 4
+TARGET_OVERHEAD_MS = 2.0
+TARGET_STREAM_RATIO = 0.8
+TARGET_RSS_MB = 150.0
+
+
+def make_frame() -> bytes:
+    """A photo-like 1280x720 JPEG at q90 (~250 KB): gradients, shapes, text and sensor noise.
+
+    A flat colour would compress to a few KB and flatter every codec figure.
+    """
+    rng = np.random.default_rng(7)
+    height, width = 720, 1280
+    x = np.linspace(0, 1, width, dtype=np.float32)
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    image = np.stack(
+        [
+            np.broadcast_to(200 * x + 30, (height, width)),
+            np.broadcast_to(180 * y + 40, (height, width)),
+            120 + 80 * np.sin(6 * x + 4 * y),
+        ],
+        axis=-1,
+    ).astype(np.float32)
+    for _ in range(40):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+            cv2.circle(image, centre, int(rng.integers(10, 120)), colour, -1)
+        else:
+            corners = rng.integers(0, [width, height], size=(2, 2))
+            cv2.rectangle(image, tuple(map(int, corners[0])), tuple(map(int, corners[1])), colour, -1)
+    image = image.astype(np.uint8)  # putText draws on 8-bit images only
+    cv2.putText(image, "BYOC green-tint 1280x720", (60, 660), cv2.FONT_HERSHEY_SIMPLEX, 2, (255,) * 3, 4)
+    image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 1.5) + rng.normal(0, 8, image.shape)
+    bgr = cv2.cvtColor(np.clip(image, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+    return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def in_process_ms(frame: bytes) -> list[float]:
+    """(a) The processor's own path (decode, tint, encode) with no HTTP, once per run."""
+    processor = load_processor_class(str(ROOT / "processors/green-tint/green_tint.py"))()
+    for _ in range(5):
+        processor._transform(frame)
+    times = []
+    for _ in range(IN_PROCESS_RUNS):
+        started = time.perf_counter()
+        processor._transform(frame)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def post_latencies_ms(server: ServerProcess, frame: bytes) -> list[float]:
+    """(b) Sequential ``POST`` jobs on one keep-alive connection, as an orchestrator sends them."""
+    headers = {"Content-Type": "image/jpeg"}
+    times = []
+    with server.client() as client:
+        for run in range(POST_RUNS + 10):
+            started = time.perf_counter()
+            response = client.post("/process/request/frame", content=frame, headers=headers)
+            elapsed = (time.perf_counter() - started) * 1000
+            response.raise_for_status()
+            if run >= 10:  # the first few warm up connections and caches
+                times.append(elapsed)
+    return times
+
+
+async def stream_fps(server: ServerProcess, frame: bytes) -> float:
+    """(c) One trickle job; the publisher runs at most ``IN_FLIGHT`` segments ahead of the reader."""
+    job_url = f"{server.url}/live/bench-{int(time.time())}"
+    in_flight = asyncio.Semaphore(IN_FLIGHT)
+    received = 0
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        publisher, subscriber = TricklePublisher(client, job_url), TrickleSubscriber(client, job_url)
+
+        async def publish() -> None:
+            for _ in range(STREAM_FRAMES):
+                await in_flight.acquire()
+                await publisher.write(frame, "image/jpeg")
+            await publisher.close()
+
+        async def subscribe() -> None:
+            nonlocal received
+            async for segment in subscriber:
+                if not segment.ok:
+                    raise RuntimeError(f"segment {segment.seq}: {segment.status} {segment.body[:200]!r}")
+                received += 1
+                in_flight.release()
+
+        started = time.perf_counter()
+        await asyncio.gather(publish(), subscribe())
+        elapsed = time.perf_counter() - started
+    if received != STREAM_FRAMES or subscriber.skipped:
+        raise RuntimeError(f"stream lost segments: {received} received, {subscriber.skipped} skipped")
+    return STREAM_FRAMES / elapsed
+
+
+def start_processors() -> dict[str, ServerProcess]:
+    """All three processors on free ports, booted side by side."""
+    servers = {name: ServerProcess.launch(processor_argv(name)) for name in PROCESSORS}
+    for server in servers.values():
+        server.wait_ready()
+    return servers
+
+
+def target_line(what: str, figure: str, target: str, ok: bool) -> None:
+    print(f"{what:<28} {figure:>10}   target {target:<10} {'PASS' if ok else 'MISS'}")
+
+
+def main() -> None:
+    frame = make_frame()
+    print(f"green-tint benchmark: 1280x720 JPEG q90, {len(frame) / 1024:.0f} KiB, {platform.node()}")
+
+    # (a) is taken before and after (b) and (c): on a shared 2-core host a neighbour's load
+    # moves every figure. The lower median counts, so a disturbed (a) never flatters b - a.
+    a_before = in_process_ms(frame)
+    servers = start_processors()
+    try:
+        time.sleep(0.5)  # let start-up allocations settle before reading the idle RSS
+        rss = {name: server.rss_kib() / 1024 for name, server in servers.items()}
+        posts = post_latencies_ms(servers["green-tint"], frame)
+        fps = asyncio.run(stream_fps(servers["green-tint"], frame))
+        busy_rss_mb = servers["green-tint"].rss_kib() / 1024
+        # The same POST to passthrough: what moving 2 x 250 KB over HTTP costs by itself.
+        transport = statistics.median(post_latencies_ms(servers["passthrough"], frame))
+    finally:
+        for server in servers.values():
+            server.stop()
+    a_after = in_process_ms(frame)
+    a_ms = min(statistics.median(a_before), statistics.median(a_after))
+
+    b_p50 = statistics.median(posts)
+    b_p99 = statistics.quantiles(posts, n=100, method="inclusive")[98]
+    overhead = b_p50 - a_ms
+    in_process_fps = 1000 / a_ms
+    stream_ratio = fps / in_process_fps
+
+    a_note = f"{statistics.median(a_before):.2f} before, {statistics.median(a_after):.2f} after (b), (c)"
+    print(f"(a) in process, decode+tint+encode : {a_ms:7.2f} ms  (lower median; {a_note})")
+    print(
+        f"(b) POST job through the container : {b_p50:7.2f} ms p50, {b_p99:.2f} ms p99 ({POST_RUNS} in a row)"
+    )
+    print(f"(c) trickle stream, {IN_FLIGHT} in flight    : {fps:7.1f} fps ({STREAM_FRAMES} frames)")
+    print(f"    same POST to passthrough       : {transport:7.2f} ms p50 (HTTP transport alone)")
+    print(f"(b)/(a)                            : {b_p50 / a_ms:7.2f}")
+    print(f"(c)/(1/(a)) = {fps:.1f} / {in_process_fps:.1f} fps  : {stream_ratio:7.2f}")
+    print()
+    target_line(
+        "HTTP overhead (b p50 - a)",
+        f"{overhead:.2f} ms",
+        f"<= {TARGET_OVERHEAD_MS} ms",
+        overhead <= TARGET_OVERHEAD_MS,
+    )
+    target_line(
+        "stream / in-process rate",
+        f"{stream_ratio:.0%}",
+        f">= {TARGET_STREAM_RATIO:.0%}",
+        stream_ratio >= TARGET_STREAM_RATIO,
+    )
+    for name, mb in rss.items():
+        target_line(f"idle RSS {name}", f"{mb:.1f} MB", f"<= {TARGET_RSS_MB:.0f} MB", mb <= TARGET_RSS_MB)
+    print(f"(green-tint RSS after the runs: {busy_rss_mb:.1f} MB)")
+    print(f"\nrerun: {COMMAND}")
+
+    results = {
+        "image": {"width": 1280, "height": 720, "format": "jpeg", "quality": 90, "bytes": len(frame)},
+        "host": {"node": platform.node(), "cpus": len(os.sched_getaffinity(0))},
+        "in_process_ms": {
+            "used": a_ms,
+            "median_before": statistics.median(a_before),
+            "median_after": statistics.median(a_after),
+            "runs_each": IN_PROCESS_RUNS,
+        },
+        "post_ms": {"p50": b_p50, "p99": b_p99, "runs": POST_RUNS},
+        "stream": {"fps": fps, "frames": STREAM_FRAMES, "in_flight": IN_FLIGHT},
+        "passthrough_post_ms_p50": transport,
+        "ratios": {"post_p50_over_in_process": b_p50 / a_ms, "stream_over_in_process_rate": stream_ratio},
+        "http_overhead_ms_p50": overhead,
+        "idle_rss_mb": rss,
+        "targets": {
+            "http_overhead_ms_p50": {"max": TARGET_OVERHEAD_MS, "pass": overhead <= TARGET_OVERHEAD_MS},
+            "stream_over_in_process_rate": {
+                "min": TARGET_STREAM_RATIO,
+                "pass": stream_ratio >= TARGET_STREAM_RATIO,
+            },
+            "idle_rss_mb": {"max": TARGET_RSS_MB, "pass": all(mb <= TARGET_RSS_MB for mb in rss.values())},
+        },
+        "command": COMMAND,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
