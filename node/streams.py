@@ -61,6 +61,7 @@ class StreamRoutes:
         self.open_stream = open_stream
         self.idle_seconds = idle_seconds
         self.streams: dict[str, Stream] = {}
+        self._opening: dict[str, asyncio.Future[Stream]] = {}
 
     def routes(self) -> list[Route]:
         return [
@@ -106,14 +107,9 @@ class StreamRoutes:
     async def write(self, request: Request) -> Response:
         job_id = check_job_id(request.path_params["job_id"])
         stream = self.streams.get(job_id)
-        opening = stream is None
+        opening = stream is None and job_id not in self._opening
         if stream is None:
-            stream = await self.open_stream(request, job_id)
-            if job_id in self.streams:  # another PUT opened it while we were choosing a hop
-                stream.end()
-                stream = self.streams[job_id]
-            self.streams[job_id] = stream
-            log.info("stream %s (%s) opened to %s", job_id, stream.capability, stream.next_hop)
+            stream = await self._open(request, job_id)
         stream.last_active = time.monotonic()
         response = await self._relay(request, stream, stream.subpath(request))
         if response.status_code < 400:
@@ -121,6 +117,25 @@ class StreamRoutes:
         elif opening:  # refused at the next hop: do not keep a pin (or capacity) for it
             self._finish(stream, f"refused ({response.status_code})")
         return response
+
+    async def _open(self, request: Request, job_id: str) -> Stream:
+        """Open a stream once, however many of its first PUTs arrive together."""
+        pending = self._opening.get(job_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = self._opening[job_id] = asyncio.get_running_loop().create_future()
+        try:
+            stream = await self.open_stream(request, job_id)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved here, so a lone opener does not leave a warning
+            raise
+        finally:
+            del self._opening[job_id]
+        self.streams[job_id] = stream
+        pending.set_result(stream)
+        log.info("stream %s (%s) opened to %s", job_id, stream.capability, stream.next_hop)
+        return stream
 
     async def read(self, request: Request) -> Response:
         stream = self._get(request.path_params["job_id"])
