@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 MODEL ?= green-tint-cpu
 COMPOSE := docker compose
+# The model ids the orchestrator in compose.yaml registers (the line after each -byocModelID).
+MODELS := $(shell sed -n '/- -byocModelID/{n;s/^ *- *//p;}' compose.yaml)
 # Builds pick their base (official python image, or one made from Debian packages) and get the
 # host's pip CA bundle as a build secret; see scripts/choose-base-image.sh and pip-cert-path.sh.
 BUILD_ENV = BASE_IMAGE=$$(scripts/choose-base-image.sh) BUILD_PIP_CERT=$$(scripts/pip-cert-path.sh)
@@ -32,6 +34,9 @@ ps: ## list the services and their health
 
 test-job: venv ## send one job through the gateway and check it: make test-job MODEL=grayscale-cpu
 	$(PY) scripts/test_byoc_job.py --model $(MODEL)
+
+test-jobs: venv ## the test job for every model the compose topology serves
+	@for model in $(MODELS); do $(PY) scripts/test_byoc_job.py --model $$model || exit 1; done
 
 build: docker-ready ## build every image
 	$(BUILD_ENV) $(COMPOSE) build
@@ -88,5 +93,5 @@ bench: venv ## run the benchmarks and print their figures
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help up down logs ps test-job build base-image docker-setup docker-ready docker-test \
+.PHONY: help up down logs ps test-job test-jobs build base-image docker-setup docker-ready docker-test \
 	up-local down-local venv test lint format bench clean
