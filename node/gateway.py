@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from common.errors import ApiError, install_error_handlers
 from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.transport import Http11Transport
 from common.trickle.protocol import PARAMS_HEADER
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, SENDER_HEADER, JobRequest, sender_header
@@ -66,7 +67,7 @@ def _failure_status(failures: list[tuple[int, str]]) -> int:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
         self.streams = StreamRoutes(self.client, self.open_stream)
         self._recent: dict[str, tuple[float, list[str]]] = {}
 

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from common.errors import ApiError, install_error_handlers
 from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.transport import Http11Transport
 from common.trickle.protocol import PARAMS_HEADER, TrickleError, params_json
 from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
@@ -51,7 +52,7 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig, registry: Registry) -> None:
         self.config = config
         self.registry = registry
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
         self.streams = StreamRoutes(self.client, self.open_stream)
         self._cleanups: set[asyncio.Task[None]] = set()
 
