@@ -8,10 +8,9 @@ and ``POST /{path}``, the plain request/response job a go-livepeer orchestrator 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -21,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import ApiError, install_error_handlers
+from .errors import ApiError
 from .http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
 from .processor import BaseProcessor, ImageProcessor
 from .registration import Registration
+from .service import service_app
 from .trickle.server import Input, JobStore, Segment, TrickleEndpoints
 
 log = logging.getLogger("app")
@@ -170,25 +170,21 @@ def create_app(
     state = ProcessorApp(processor, settings or Settings())
     trickle = TrickleEndpoints(state.store, state.settings.max_body_bytes, processor.validate_params)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(state.load()), asyncio.create_task(state.store.sweep_forever())]
+    def background() -> list[Coroutine[Any, Any, None]]:
+        loops = [state.load(), state.store.sweep_forever()]
         if registration is not None:
-            tasks.append(asyncio.create_task(registration.keep_registered()))
-        yield
-        for task in tasks:
-            task.cancel()
+            loops.append(registration.keep_registered())
+        return loops
 
-    app = Starlette(
-        routes=[
+    app = service_app(
+        [
             Route("/health", state.health, methods=["GET"]),
             Route("/version", state.version, methods=["GET"]),
             Route("/stream/params", state.update_params, methods=["POST"]),
             *trickle.routes(),
             Route("/{path:path}", state.one_shot, methods=["POST"]),
         ],
-        lifespan=lifespan,
+        background,
     )
     app.state.processor_app = state
-    install_error_handlers(app)
     return app

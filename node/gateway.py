@@ -9,11 +9,9 @@ answers, and never answers 200 with an empty body when all of them failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -22,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from common.errors import ApiError, install_error_handlers
+from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.service import service_app
 from common.transport import Http11Transport
 from common.trickle.protocol import PARAMS_HEADER
 
@@ -243,22 +242,13 @@ class Gateway:
 
 def create_gateway_app(config: GatewayConfig) -> Starlette:
     gateway = Gateway(config)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(gateway.streams.sweep_forever())
-        yield
-        sweeper.cancel()
-        await gateway.client.aclose()
-
-    app = Starlette(
-        routes=[
+    return service_app(
+        [
             Route("/process/request/{path:path}", gateway.process_request, methods=["POST"]),
             *gateway.streams.routes(),
             Route("/status", gateway.status, methods=["GET"]),
             Route("/health", gateway.health, methods=["GET"]),
         ],
-        lifespan=lifespan,
+        background=lambda: [gateway.streams.sweep_forever()],
+        on_shutdown=gateway.client.aclose,
     )
-    install_error_handlers(app)
-    return app

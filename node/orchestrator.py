@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -23,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from common.errors import ApiError, install_error_handlers
+from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.service import service_app
 from common.transport import Http11Transport
 from common.trickle.protocol import PARAMS_HEADER, TrickleError, params_json
 from common.trickle.publisher import TricklePublisher
@@ -235,20 +235,8 @@ class Orchestrator:
 
 def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> Starlette:
     orch = Orchestrator(config, registry)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        tasks = [
-            asyncio.create_task(registry.watch_health(orch.client, config.health_interval)),
-            asyncio.create_task(orch.streams.sweep_forever()),
-        ]
-        yield
-        for task in tasks:
-            task.cancel()
-        await orch.client.aclose()
-
-    app = Starlette(
-        routes=[
+    return service_app(
+        [
             Route("/capability/register", orch.register, methods=["POST"]),
             Route("/capability/unregister", orch.unregister, methods=["POST"]),
             Route("/process/token", orch.token, methods=["GET"]),
@@ -257,7 +245,9 @@ def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> S
             Route("/status", orch.status, methods=["GET"]),
             Route("/health", orch.health, methods=["GET"]),
         ],
-        lifespan=lifespan,
+        background=lambda: [
+            registry.watch_health(orch.client, config.health_interval),
+            orch.streams.sweep_forever(),
+        ],
+        on_shutdown=orch.client.aclose,
     )
-    install_error_handlers(app)
-    return app
