@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -28,103 +29,48 @@ DEFAULT_GATEWAY_PORT = 8935
 DEFAULT_ORCHESTRATOR_PORT = 8936
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get("LP_" + name.upper(), default)
+def _env(name: str) -> str | None:
+    return os.environ.get("LP_" + name.upper())
 
 
-def _env_list(name: str) -> list[str]:
-    value = _env(name)
-    return [v for v in value.split(",") if v] if value else []
-
-
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
-    parser.add_argument(f"-{name}", f"--{name}", dest=name, **kwargs)  # type: ignore[arg-type]
+def _flag(
+    parser: argparse.ArgumentParser, name: str, help: str, default: Any = None, kind: type = str
+) -> None:
+    """Add ``-name``/``--name``; its default comes from ``LP_NAME`` when that is set."""
+    env = _env(name)
+    if kind is bool:
+        on = (env or "").lower() in ("1", "true", "yes")
+        parser.add_argument(f"-{name}", f"--{name}", dest=name, action="store_true", default=on, help=help)
+    elif kind is list:  # repeatable; LP_NAME holds a comma-separated list
+        parser.add_argument(f"-{name}", f"--{name}", dest=name, action="append", help=help)
+        parser.set_defaults(**{name: [env] if env else None})
+    else:
+        parser.add_argument(f"-{name}", f"--{name}", dest=name, type=kind, help=help,
+                            default=kind(env) if env else default)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m node",
-        description=__doc__,
-        add_help=False,
-        allow_abbrev=False,
+        prog="python -m node", description=__doc__, add_help=False, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    )  # fmt: skip
     parser.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
-    on = ("1", "true", "yes")
-    _flag(
-        parser,
-        "gateway",
-        action="store_true",
-        default=_env("gateway", "") in on,
-        help="run as the Gateway (client-facing job API, default port 8935)",
-    )
-    _flag(
-        parser,
-        "orchestrator",
-        action="store_true",
-        default=_env("orchestrator", "") in on,
-        help="run as the Orchestrator (runs jobs on BYOC containers, default port 8936)",
-    )
-    _flag(parser, "network", default=_env("network", "offchain"), help="only 'offchain' is supported")
-    _flag(
-        parser,
-        "httpAddr",
-        default=_env("httpAddr"),
-        help="host:port to listen on (default 0.0.0.0:8935 gateway, 0.0.0.0:8936 orchestrator)",
-    )
-    _flag(
-        parser,
-        "serviceAddr",
-        default=_env("serviceAddr"),
-        help="orchestrator: the URL gateways use to reach it (default http://127.0.0.1:<port>)",
-    )
-    _flag(
-        parser,
-        "orchAddr",
-        default=_env("orchAddr", f"127.0.0.1:{DEFAULT_ORCHESTRATOR_PORT}"),
-        help="gateway: comma-separated orchestrator addresses (host:port or URL)",
-    )
-    _flag(
-        parser,
-        "orchSecret",
-        default=_env("orchSecret"),
-        help="orchestrator: secret for /capability/register, or a path to a file holding it",
-    )
-    _flag(
-        parser,
-        "byocModelID",
-        action="append",
-        default=None,
-        help="orchestrator: a model id to register at start (repeatable; pairs with -byocContainerURL)",
-    )
-    _flag(
-        parser,
-        "byocContainerURL",
-        action="append",
-        default=None,
-        help="orchestrator: the container URL for the -byocModelID in the same position",
-    )
-    _flag(
-        parser,
-        "byocCapacity",
-        type=int,
-        default=int(_env("byocCapacity", "1") or 1),
-        help="orchestrator: concurrent jobs per -byocModelID container (default 1)",
-    )
-    _flag(
-        parser,
-        "maxBodyBytes",
-        type=int,
-        default=int(_env("maxBodyBytes", str(DEFAULT_MAX_BODY_BYTES)) or 0),
-        help=f"largest request body accepted (default {DEFAULT_MAX_BODY_BYTES})",
-    )
-    _flag(
-        parser,
-        "v",
-        type=int,
-        default=int(_env("v", "3") or 3),
-        help="log verbosity; 5 or more logs debug lines",
-    )
+    gateway, orchestrator = DEFAULT_GATEWAY_PORT, DEFAULT_ORCHESTRATOR_PORT
+    for name, kind, default, help in [
+        ("gateway", bool, None, f"run as the Gateway (the client-facing job API, default port {gateway})"),
+        ("orchestrator", bool, None, f"run as the Orchestrator (runs jobs on containers, default port {orchestrator})"),
+        ("network", str, "offchain", "only 'offchain' is supported"),
+        ("httpAddr", str, None, f"host:port to listen on (default 0.0.0.0:{gateway} or 0.0.0.0:{orchestrator})"),
+        ("serviceAddr", str, None, "orchestrator: the URL gateways use to reach it (default http://127.0.0.1:<port>)"),
+        ("orchAddr", str, f"127.0.0.1:{orchestrator}", "gateway: comma-separated orchestrator addresses or URLs"),
+        ("orchSecret", str, None, "orchestrator: secret for /capability/register, or a file holding it"),
+        ("byocModelID", list, None, "orchestrator: a model id to register at start (repeatable)"),
+        ("byocContainerURL", list, None, "orchestrator: the container URL for the -byocModelID in that position"),
+        ("byocCapacity", int, 1, "orchestrator: concurrent jobs per -byocModelID container (default 1)"),
+        ("maxBodyBytes", int, DEFAULT_MAX_BODY_BYTES, f"largest body accepted (default {DEFAULT_MAX_BODY_BYTES})"),
+        ("v", int, 3, "log verbosity; 5 or more also logs debug lines"),
+    ]:  # fmt: skip
+        _flag(parser, name, help, default, kind)
     return parser
 
 
@@ -145,8 +91,7 @@ def _secret(value: str | None) -> str:
 
 
 def _flag_capabilities(args: argparse.Namespace) -> list[Capability]:
-    model_ids = _split(args.byocModelID) or _env_list("byocModelID")
-    urls = _split(args.byocContainerURL) or _env_list("byocContainerURL")
+    model_ids, urls = _split(args.byocModelID), _split(args.byocContainerURL)
     if len(model_ids) != len(urls):
         raise SystemExit(
             f"node: {len(model_ids)} -byocModelID but {len(urls)} -byocContainerURL; give them in pairs"
