@@ -57,17 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     gateway, orchestrator = DEFAULT_GATEWAY_PORT, DEFAULT_ORCHESTRATOR_PORT
     for name, kind, default, help in [
-        ("gateway", bool, None, f"run as the Gateway (the client-facing job API, default port {gateway})"),
-        ("orchestrator", bool, None, f"run as the Orchestrator (runs jobs on containers, default port {orchestrator})"),
+        ("gateway", bool, None, f"run as the Gateway (the client-facing job API, port {gateway})"),
+        ("orchestrator", bool, None, f"run as the Orchestrator (jobs to containers, port {orchestrator})"),
         ("network", str, "offchain", "only 'offchain' is supported"),
-        ("httpAddr", str, None, f"host:port to listen on (default 0.0.0.0:{gateway} or 0.0.0.0:{orchestrator})"),
-        ("serviceAddr", str, None, "orchestrator: the URL gateways use to reach it (default http://127.0.0.1:<port>)"),
-        ("orchAddr", str, f"127.0.0.1:{orchestrator}", "gateway: comma-separated orchestrator addresses or URLs"),
+        ("httpAddr", str, None, f"host:port to listen on (default 0.0.0.0:{gateway} / :{orchestrator})"),
+        ("serviceAddr", str, None, "orchestrator: URL gateways use to reach it (default http://127.0.0.1:<port>)"),
+        ("orchAddr", str, f"127.0.0.1:{orchestrator}", "gateway: comma-separated orchestrator addresses"),
         ("orchSecret", str, None, "orchestrator: secret for /capability/register, or a file holding it"),
         ("byocModelID", list, None, "orchestrator: a model id to register at start (repeatable)"),
-        ("byocContainerURL", list, None, "orchestrator: the container URL for the -byocModelID in that position"),
+        ("byocContainerURL", list, None, "orchestrator: container URL of the -byocModelID in that position"),
         ("byocCapacity", int, 1, "orchestrator: concurrent jobs per -byocModelID container (default 1)"),
-        ("maxBodyBytes", int, DEFAULT_MAX_BODY_BYTES, f"largest body accepted (default {DEFAULT_MAX_BODY_BYTES})"),
+        ("maxBodyBytes", int, DEFAULT_MAX_BODY_BYTES, f"largest body (default {DEFAULT_MAX_BODY_BYTES})"),
         ("v", int, 3, "log verbosity; 5 or more also logs debug lines"),
     ]:  # fmt: skip
         _flag(parser, name, help, default, kind)
