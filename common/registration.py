@@ -57,4 +57,4 @@ class Registration:
                 elif not ok:
                     log.warning("registering %s with %s failed: %s", self.name, self.orch_url, problem)
                 registered = ok
-                await asyncio.sleep(self.interval if ok else 2.0)
+                await asyncio.sleep(self.interval if ok else min(self.interval, 2.0))

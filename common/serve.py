@@ -49,7 +49,10 @@ def load_processor_class(path: str) -> type[BaseProcessor]:
 
 
 def registration_from_env(model_id: str, port: int) -> Registration | None:
-    """Self-register when ORCH_URL and ORCH_SECRET are set (CONTAINER_URL: how to reach us)."""
+    """Self-register when ORCH_URL and ORCH_SECRET are set (CONTAINER_URL: how to reach us).
+
+    REGISTER_INTERVAL (seconds, default 10) is how often the registration is renewed.
+    """
     orch_url, secret = os.environ.get("ORCH_URL"), os.environ.get("ORCH_SECRET")
     if not (orch_url and secret):
         return None
@@ -59,6 +62,7 @@ def registration_from_env(model_id: str, port: int) -> Registration | None:
         name=model_id,
         url=os.environ.get("CONTAINER_URL", f"http://127.0.0.1:{port}"),
         capacity=int(os.environ.get("CAPACITY", "1")),
+        interval=float(os.environ.get("REGISTER_INTERVAL", "10")),
     )
 
 

@@ -33,6 +33,17 @@ def _env(name: str) -> str | None:
     return os.environ.get("LP_" + name.upper())
 
 
+class _Repeated(argparse.Action):
+    """``action="append"`` whose command-line values replace the ``LP_`` default, not add to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        current = getattr(namespace, self.dest, None)
+        setattr(
+            namespace, self.dest, [*([] if current is None or current is self.default else current), values]
+        )
+
+
 def _flag(
     parser: argparse.ArgumentParser, name: str, help: str, default: Any = None, kind: type = str
 ) -> None:
@@ -42,8 +53,8 @@ def _flag(
         on = (env or "").lower() in ("1", "true", "yes")
         parser.add_argument(f"-{name}", f"--{name}", dest=name, action="store_true", default=on, help=help)
     elif kind is list:  # repeatable; LP_NAME holds a comma-separated list
-        parser.add_argument(f"-{name}", f"--{name}", dest=name, action="append", help=help)
-        parser.set_defaults(**{name: [env] if env else None})
+        parser.add_argument(f"-{name}", f"--{name}", dest=name, action=_Repeated, help=help,
+                            default=[env] if env else None)  # fmt: skip
     else:
         parser.add_argument(f"-{name}", f"--{name}", dest=name, type=kind, help=help,
                             default=kind(env) if env else default)  # fmt: skip

@@ -101,6 +101,13 @@ class Gateway:
         wanted = job.parameters.get("orchestrators") or {}
         include, exclude = set(wanted.get("include") or []), set(wanted.get("exclude") or [])
         candidates = [o for o in self.config.orch_addrs if (not include or o in include) and o not in exclude]
+        if not candidates:  # go-livepeer: 400 "No orchestrators found"; say which filter did it
+            raise ApiError(
+                400,
+                "no_orchestrator",
+                f"parameters.orchestrators (include {sorted(include)}, exclude {sorted(exclude)}) leaves "
+                f"none of the gateway's -orchAddr: {', '.join(self.config.orch_addrs)}",
+            )
         random.shuffle(candidates)  # spread equal orchestrators, as go-livepeer does
         result = Search()
         answers = await asyncio.gather(*(self._token(o, job.capability) for o in candidates))

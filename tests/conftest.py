@@ -184,6 +184,30 @@ def processor_argv(name: str, *extra: str) -> list[str]:
     return serve_argv(f"processors/{name}/{name.replace('-', '_')}.py", *extra)
 
 
+def node_argv(role: str, *flags: str) -> list[str]:
+    """``python -m node -gateway|-orchestrator`` off-chain on loopback and ``{port}``.
+
+    An orchestrator also advertises ``http://127.0.0.1:{port}`` as its service address.
+    """
+    service = ["-serviceAddr", "127.0.0.1:{port}"] if role == "orchestrator" else []
+    return [sys.executable, "-m", "node", f"-{role}", "-network", "offchain",
+            "-httpAddr", "127.0.0.1:{port}", *service, *flags]  # fmt: skip
+
+
+NODE_READY = "OK"  # what the node's /health answers once it serves
+
+
+def restart_server(
+    server: ServerProcess, *, env: dict[str, str] | None = None, ready_status: str | None = "IDLE"
+) -> ServerProcess:
+    """Stop ``server`` if it still runs, then start the same command line again on the same port."""
+    server.stop()
+    log_dir = Path(server._log.name).parent if server._keep_log else None
+    restarted = ServerProcess.launch(server.argv, port=server.port, env=env, log_dir=log_dir)
+    restarted.wait_ready(ready_status=ready_status)
+    return restarted
+
+
 StartServer = Callable[..., ServerProcess]
 
 
