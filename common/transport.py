@@ -11,6 +11,7 @@ go-livepeer orchestrator) goes through httpx's own transport.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import httptools
@@ -19,10 +20,19 @@ import httpx
 _READ_SIZE = 256 * 1024
 
 
+# Servers close idle keep-alive connections (uvicorn after 5 s); reusing one that is about to
+# close fails a request whose body cannot be sent again, so idle connections retire earlier.
+_MAX_IDLE_SECONDS = 4.0
+
+
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = 0.0
+
+    def reusable(self, now: float) -> bool:
+        return now - self.idle_since < _MAX_IDLE_SECONDS and not self.reader.at_eof()
 
     def close(self) -> None:
         self.writer.close()
@@ -135,9 +145,19 @@ class Http11Transport(httpx.AsyncBaseTransport):
     def release(self, key: tuple[str, int], connection: _Connection) -> None:
         idle = self._idle.setdefault(key, [])
         if len(idle) < self._max_idle:
+            connection.idle_since = time.monotonic()
             idle.append(connection)
         else:
             connection.close()
+
+    def _checkout(self, key: tuple[str, int]) -> _Connection | None:
+        idle, now = self._idle.get(key, []), time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if connection.reusable(now):
+                return connection
+            connection.close()
+        return None
 
     async def _connect(self, key: tuple[str, int], timeout: float | None) -> _Connection:
         try:
@@ -171,11 +191,10 @@ class Http11Transport(httpx.AsyncBaseTransport):
             return await self._fallback.handle_async_request(request)
         key = (request.url.host, request.url.port or 80)
         timeouts = request.extensions.get("timeout", {})
-        idle = self._idle.get(key)
-        # A pooled connection may have been closed by the server while idle: then retry once on
-        # a fresh one, which is safe only while nothing of a streamed body has been consumed.
+        # A pooled connection may still have been closed by the server: then retry once on a
+        # fresh one, which is safe only when the body can be sent again.
         replayable = isinstance(request.stream, httpx.ByteStream)
-        connection = idle.pop() if idle else None
+        connection = self._checkout(key)
         for fresh in (connection is None, True):
             if fresh:
                 connection = await self._connect(key, timeouts.get("connect"))

@@ -67,7 +67,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
-        self.streams = StreamRoutes(self.client, self.open_stream)
+        self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
         self._recent: dict[str, tuple[float, list[str]]] = {}
 
     def job_from(self, request: Request) -> JobRequest:

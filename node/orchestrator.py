@@ -53,7 +53,7 @@ class Orchestrator:
         self.config = config
         self.registry = registry
         self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
-        self.streams = StreamRoutes(self.client, self.open_stream)
+        self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
         self._cleanups: set[asyncio.Task[None]] = set()
 
     # -- registration -----------------------------------------------------------------------

@@ -1,21 +1,23 @@
-"""Streaming relay of trickle requests between hops, without buffering whole streams."""
+"""Relay of trickle requests between hops, one segment at a time.
+
+A segment is held whole while it crosses a hop (bounded by the body limit), never a whole stream:
+that makes a relayed PUT safe to retry on a fresh connection and costs less CPU per frame than
+streaming each chunk through (bench/bench_topology.py).
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import httpx
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 
 from common.errors import ApiError
+from common.http import read_body
 from common.trickle.protocol import CLOSED_HEADER, LATEST_HEADER, PARAMS_HEADER, SEQ_HEADER
 
-log = logging.getLogger("relay")
-
-_REQUEST_HEADERS = ("content-type", "content-length", PARAMS_HEADER.lower())
+_REQUEST_HEADERS = ("content-type", PARAMS_HEADER.lower())
 _RESPONSE_HEADERS = (
     "content-type",
     SEQ_HEADER.lower(),
@@ -35,28 +37,23 @@ async def relay(
     request: Request,
     url: str,
     *,
+    max_body_bytes: int,
     headers: Mapping[str, str] | None = None,
     timeout: float | None = None,
     upstream: str = "upstream",
-) -> StreamingResponse:
-    """Forward ``request`` to ``url`` and stream the answer back, body chunks as they come."""
-    has_body = request.method in ("PUT", "POST")
-    outgoing = client.build_request(
-        request.method,
-        url,
-        headers={**pick(request.headers, _REQUEST_HEADERS), **(headers or {})},
-        content=request.stream() if has_body else None,
-        timeout=timeout if timeout is not None else client.timeout,
-    )
+) -> Response:
+    """Forward ``request`` to ``url`` and answer with what came back."""
+    body = await read_body(request, max_body_bytes) if request.method in ("PUT", "POST") else None
     try:
-        response = await client.send(outgoing, stream=True)
+        response = await client.request(
+            request.method,
+            url,
+            content=body,
+            headers={**pick(request.headers, _REQUEST_HEADERS), **(headers or {})},
+            timeout=timeout if timeout is not None else client.timeout,
+        )
     except httpx.TimeoutException:
         raise ApiError(504, "upstream_timeout", f"{upstream} at {url} did not answer in time") from None
     except httpx.TransportError as exc:
         raise ApiError(502, "upstream_unreachable", f"{upstream} at {url} is unreachable: {exc!r}") from None
-    return StreamingResponse(
-        response.aiter_raw(),
-        status_code=response.status_code,
-        headers=pick(response.headers, _RESPONSE_HEADERS),
-        background=BackgroundTask(response.aclose),
-    )
+    return Response(response.content, response.status_code, headers=pick(response.headers, _RESPONSE_HEADERS))

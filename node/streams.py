@@ -7,6 +7,7 @@ orchestrator, the orchestrator a container); every later request of that job fol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,14 +55,13 @@ StreamOpener = Callable[[Request, str], Awaitable[Stream]]
 
 
 class StreamRoutes:
-    def __init__(
-        self, client: httpx.AsyncClient, open_stream: StreamOpener, idle_seconds: float = 300.0
-    ) -> None:
+    def __init__(self, client: httpx.AsyncClient, open_stream: StreamOpener, max_body_bytes: int) -> None:
         self.client = client
         self.open_stream = open_stream
-        self.idle_seconds = idle_seconds
+        self.max_body_bytes = max_body_bytes
         self.streams: dict[str, Stream] = {}
         self._opening: dict[str, asyncio.Future[Stream]] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def routes(self) -> list[Route]:
         return [
@@ -95,14 +95,25 @@ class StreamRoutes:
                 self.client,
                 request,
                 stream.url + path,
+                max_body_bytes=self.max_body_bytes,
                 headers=stream.headers,
                 timeout=stream.timeout,
                 upstream=stream.capability,
             )
         except ApiError as exc:
-            if exc.status == 502:  # the next hop is gone: free the capacity instead of waiting
+            if exc.status == 502:  # the next hop failed: free its capacity now, not at the sweep
                 self._finish(stream, "lost its next hop")
+                self._drop_downstream(stream)
             raise
+
+    def _drop_downstream(self, stream: Stream) -> None:
+        async def delete() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.client.delete(stream.url, timeout=5.0)
+
+        task = asyncio.create_task(delete())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def write(self, request: Request) -> Response:
         job_id = check_job_id(request.path_params["job_id"])
@@ -138,7 +149,10 @@ class StreamRoutes:
         return stream
 
     async def read(self, request: Request) -> Response:
-        stream = self._get(request.path_params["job_id"])
+        job_id = request.path_params["job_id"]
+        if (opening := self._opening.get(job_id)) is not None:  # a reader racing the first PUT
+            await asyncio.shield(opening)
+        stream = self._get(job_id)
         response = await self._relay(request, stream, stream.subpath(request))
         if response.headers.get(CLOSED_HEADER):
             stream.end()  # output is complete: the capacity is free, the job stays readable
@@ -155,9 +169,10 @@ class StreamRoutes:
         finally:
             self._finish(stream, "deleted")
 
-    async def sweep_forever(self) -> None:
+    async def sweep_forever(self, interval: float = 5.0) -> None:
+        """End streams idle for longer than their job timeout, so their capacity comes back."""
         while True:
-            await asyncio.sleep(min(30.0, self.idle_seconds / 4))
-            cutoff = time.monotonic() - self.idle_seconds
-            for stream in [s for s in self.streams.values() if s.last_active < cutoff]:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for stream in [s for s in self.streams.values() if now - s.last_active > s.timeout]:
                 self._finish(stream, "swept (idle)")

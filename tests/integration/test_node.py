@@ -732,6 +732,18 @@ async def test_frames_in_flight_on_one_stream(topology: Topology) -> None:
     assert loads(topology, "passthrough-cpu") == [0, 0]
 
 
+async def test_a_reader_that_races_the_first_put_waits_for_the_stream(topology: Topology) -> None:
+    """A subscriber started next to its publisher must not be told the stream does not exist."""
+    job = f"/live/{new_job_id()}"
+    async with topology.gateway.async_client() as client:
+        read = asyncio.create_task(client.get(f"{job}/output/0"))
+        put = await client.put(f"{job}/source", content=b"first", headers={"X-Model-Id": "passthrough-cpu"})
+        assert put.status_code == 200, put.text
+        got = await read
+        assert (got.status_code, got.content) == (200, b"first")
+        assert (await client.delete(job)).status_code == 200
+
+
 def test_node_errors_for_unknown_routes_and_methods_are_json(http: httpx.Client, topology: Topology) -> None:
     for node in (topology.gateway, topology.orch_a):
         assert_error(http.get(f"{node.url}/process/request/x"), 405, "method_not_allowed")

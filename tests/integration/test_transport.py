@@ -94,3 +94,21 @@ async def test_maps_failures_to_httpx_errors() -> None:
     async with server, httpx.AsyncClient(transport=Http11Transport(), timeout=0.3) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.get(f"{url}/slow")
+
+
+async def test_a_streamed_body_never_rides_a_connection_the_server_closed() -> None:
+    async def answer_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"not replayable"
+
+    server, url = await serve_raw(answer_then_hang_up)
+    async with server, client() as http:
+        await http.get(f"{url}/first")
+        await asyncio.sleep(0.1)  # the server's FIN arrives while the connection sits in the pool
+        response = await http.post(f"{url}/second", content=body())
+    assert response.content == b"ok"
