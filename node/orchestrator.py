@@ -171,7 +171,9 @@ class Orchestrator:
     ) -> Response:
         job_url = f"{capability.url}/live/job-{uuid.uuid4().hex[:16]}"
         try:
-            seq = await TricklePublisher(self.client, job_url, params=params).write(body, content_type)
+            # A one-segment job: the container processes it as complete input, not as a stream.
+            publisher = TricklePublisher(self.client, job_url, params=params)
+            seq = await publisher.write(body, content_type, last=True)
             segment = await TrickleSubscriber(self.client, job_url, start_seq=seq).next()
         except TrickleError as exc:
             raise ApiError(exc.status, exc.code, exc.detail) from None

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from .protocol import PARAMS_HEADER, SEQ_HEADER, TrickleError, params_json
+from .protocol import CLOSED_HEADER, CLOSED_VALUE, PARAMS_HEADER, SEQ_HEADER, TrickleError, params_json
 
 
 class TricklePublisher:
@@ -31,9 +31,13 @@ class TricklePublisher:
         self.params = params
         self.connect_retries = connect_retries
 
-    async def write(self, data: bytes | AsyncIterable[bytes], content_type: str | None = None) -> int:
-        """Send one segment and return the seq the server gave it."""
+    async def write(
+        self, data: bytes | AsyncIterable[bytes], content_type: str | None = None, *, last: bool = False
+    ) -> int:
+        """Send one segment and return the seq the server gave it; ``last`` also ends the input."""
         headers = {"Content-Type": content_type} if content_type else {}
+        if last:
+            headers[CLOSED_HEADER] = CLOSED_VALUE
         if self.params:
             headers[PARAMS_HEADER] = params_json(self.params)
         for attempt in range(self.connect_retries + 1):

@@ -347,7 +347,13 @@ class TrickleEndpoints:
                 Segment.from_error(ApiError(400, "upload_incomplete", f"segment {seq} upload was cut off"))
             )
             raise
-        future.set_result(Input(data, request.headers.get("content-type"), dict(job.params), job.state))
+        last = CLOSED_HEADER.lower() in request.headers  # the writer says: nothing follows this one
+        # A job whose first segment is also its last is a one-shot job (how an orchestrator sends a
+        # request/response job): its processor sees the input as complete, not as a stream.
+        stream = None if last and seq == 0 else job.state
+        future.set_result(Input(data, request.headers.get("content-type"), dict(job.params), stream))
+        if last:
+            job.end_input()
         return JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
 
     async def get_output(self, request: Request) -> Response:

@@ -151,6 +151,27 @@ def test_a_one_segment_trickle_job_transcribes_the_whole_input(server: ServerPro
     assert SPEECH_KEYWORDS <= words(result["text"]) and result["pending"] == "", result
 
 
+def test_a_segment_marked_last_is_transcribed_like_a_post(server: ServerProcess, speech: bytes) -> None:
+    """The orchestrator marks a request's only segment with Lp-Trickle-Closed: no text held back."""
+    with wave.open(io.BytesIO(speech)) as w:
+        params, frames = w.getparams(), w.readframes(w.getnframes())
+    cut = io.BytesIO()  # end mid-speech, where a stream would hold the last phrase as pending
+    with wave.open(cut, "wb") as w:
+        w.setparams(params)
+        w.writeframes(frames[: int(len(frames) * 0.8) // params.sampwidth * params.sampwidth])
+    audio = cut.getvalue()
+    job = f"/live/whisper-{uuid.uuid4().hex[:8]}"
+    with server.client(timeout=60) as client:
+        headers = {"Content-Type": "audio/wav", "Lp-Trickle-Closed": "terminated"}
+        seq = client.put(f"{job}/source", content=audio, headers=headers).json()["seq"]
+        output = client.get(f"{job}/output/{seq}").json()
+        after = client.get(f"{job}/output/{seq + 1}")
+        client.delete(job)
+    assert "pending" not in output, output
+    assert output["text"] == post(server, audio).json()["text"]
+    assert after.headers.get("lp-trickle-closed") == "terminated"  # the job ended with its input
+
+
 # -- streams ------------------------------------------------------------------------------------
 
 
