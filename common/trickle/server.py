@@ -189,16 +189,24 @@ class Job:
         self.next_output = seq + 1
         self._changed.notify()
 
-    def resolve(self, seq: int | None) -> int:
-        """Turn "next unread" (None), -1 (next written) and -2 (latest) into a real seq."""
-        if seq is None:
-            seq, self.read_cursor = self.read_cursor, self.read_cursor + 1
-            return seq
+    def resolve(self, seq: int) -> int:
+        """Turn -1 (next written) and -2 (latest) into a real seq."""
         if seq == SEQ_NEXT:
             return self.next_output
         if seq == SEQ_LATEST:
             return max(self.next_output - 1, 0)
         return seq
+
+    async def read_next(self) -> tuple[int, Segment | None]:
+        """Read at the job's cursor ("next unread"), which concurrent readers share."""
+        seq, self.read_cursor = self.read_cursor, self.read_cursor + 1
+        try:
+            return seq, await self.read(seq)
+        except ApiError:
+            # 470: a segment gone skips the cursor to Lp-Trickle-Latest; one not written yet is
+            # tried again next time instead of pushing the cursor further ahead.
+            self.read_cursor = max(self.read_cursor, self.next_output) if seq < self.next_output else seq
+            raise
 
     async def read(self, seq: int) -> Segment | None:
         """Wait for output ``seq``; ``None`` means the stream is over."""
@@ -358,8 +366,12 @@ class TrickleEndpoints:
 
     async def get_output(self, request: Request) -> Response:
         job = self.store.get(request.path_params["job_id"])
-        seq = job.resolve(_seq_param(request))
-        segment = await job.read(seq)
+        requested = _seq_param(request)
+        if requested is None:
+            seq, segment = await job.read_next()
+        else:
+            seq = job.resolve(requested)
+            segment = await job.read(seq)
         headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(job.next_output)}
         if segment is None:
             return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})

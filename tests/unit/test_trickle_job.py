@@ -169,7 +169,22 @@ async def test_reading_without_a_seq_walks_a_per_job_cursor() -> None:
     job = new_job()
     for data in (b"a", b"b"):
         await write(job, data)
-    assert [job.resolve(None) for _ in range(3)] == [0, 1, 2]
+    assert [(await job.read_next())[0] for _ in range(2)] == [0, 1]
+    job.read_cursor = 3
+    with pytest.raises(ApiError):  # seq 3 is not reachable: 2 inputs so far
+        await job.read_next()
+    assert job.read_cursor == 3, "a segment not written yet is tried again, not skipped"
+
+
+async def test_a_cursor_that_fell_behind_the_ring_jumps_to_the_latest() -> None:
+    job = new_job(ring_size=2)
+    for data in (b"a", b"b", b"c", b"d"):
+        await write(job, data)
+    await settle(job, 4)
+    with pytest.raises(ApiError) as caught:
+        await job.read_next()  # seq 0 left the ring
+    assert_470(caught.value, 0, latest=4)
+    assert job.read_cursor == 4
 
 
 # -- errors, keepalives, end of input -----------------------------------------------------------
