@@ -10,7 +10,6 @@ go-livepeer's plain ``POST {url}/{path}``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +31,7 @@ from common.trickle.subscriber import TrickleSubscriber
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, SENDER_HEADER, JobRequest, check_sender_header
 from .registry import Capability, Registry, capability_from_json
+from .relay import delete_in_background
 from .streams import Stream, StreamRoutes
 
 log = logging.getLogger("orchestrator")
@@ -54,7 +54,6 @@ class Orchestrator:
         self.registry = registry
         self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
         self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
-        self._cleanups: set[asyncio.Task[None]] = set()
 
     # -- registration -----------------------------------------------------------------------
 
@@ -178,17 +177,10 @@ class Orchestrator:
         except TrickleError as exc:
             raise ApiError(exc.status, exc.code, exc.detail) from None
         finally:
-            # Off the response path: the container sweeps idle jobs anyway, this just frees it now.
-            task = asyncio.create_task(self._delete_quietly(job_url))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
+            delete_in_background(self.client, job_url)
         if segment is None:
             raise ApiError(502, "no_output", f"{capability.name} closed job {job_url} without output")
         return Response(segment.body, segment.status, media_type=segment.content_type)
-
-    async def _delete_quietly(self, job_url: str) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            await self.client.delete(job_url)
 
     # -- streams ----------------------------------------------------------------------------
 

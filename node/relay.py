@@ -7,6 +7,8 @@ streaming each chunk through (bench/bench_topology.py).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 
 import httpx
@@ -57,3 +59,19 @@ async def relay(
     except httpx.TransportError as exc:
         raise ApiError(502, "upstream_unreachable", f"{upstream} at {url} is unreachable: {exc!r}") from None
     return Response(response.content, response.status_code, headers=pick(response.headers, _RESPONSE_HEADERS))
+
+
+_background: set[asyncio.Task[None]] = set()  # strong references until each task is done
+
+
+def delete_in_background(client: httpx.AsyncClient, url: str) -> None:
+    """Best-effort ``DELETE url`` off the response path: frees a job the next hop holds now
+    rather than at its idle sweep, and a failure changes nothing for the client."""
+
+    async def delete() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await client.delete(url, timeout=5.0)
+
+    task = asyncio.create_task(delete())
+    _background.add(task)
+    task.add_done_callback(_background.discard)

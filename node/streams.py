@@ -7,7 +7,6 @@ orchestrator, the orchestrator a container); every later request of that job fol
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from starlette.routing import Route
 from common.errors import ApiError
 from common.trickle.protocol import CLOSED_HEADER, check_job_id
 
-from .relay import relay
+from .relay import delete_in_background, relay
 
 log = logging.getLogger("streams")
 
@@ -61,7 +60,6 @@ class StreamRoutes:
         self.max_body_bytes = max_body_bytes
         self.streams: dict[str, Stream] = {}
         self._opening: dict[str, asyncio.Future[Stream]] = {}
-        self._cleanups: set[asyncio.Task[None]] = set()
 
     def routes(self) -> list[Route]:
         return [
@@ -103,17 +101,8 @@ class StreamRoutes:
         except ApiError as exc:
             if exc.status == 502:  # the next hop failed: free its capacity now, not at the sweep
                 self._finish(stream, "lost its next hop")
-                self._drop_downstream(stream)
+                delete_in_background(self.client, stream.url)
             raise
-
-    def _drop_downstream(self, stream: Stream) -> None:
-        async def delete() -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                await self.client.delete(stream.url, timeout=5.0)
-
-        task = asyncio.create_task(delete())
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
 
     async def write(self, request: Request) -> Response:
         job_id = check_job_id(request.path_params["job_id"])
