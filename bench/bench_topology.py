@@ -367,7 +367,7 @@ PROFILE_LAYERS = (
     ("uvicorn (HTTP server, ASGI glue)", ("(uvicorn/",)),
     ("starlette (middleware, routing, responses)", ("(starlette/",)),
     ("anyio (StreamingResponse task groups)", ("(anyio/",)),
-    ("common/transport.py (client HTTP/1.1)", ("(common/transport.py)",)),
+    ("httpcore, h11 (client HTTP/1.1)", ("(httpcore/", "(h11/")),
     ("node/ and common/ code", ("(node/", "(common/")),
     ("asyncio and the event loop", ("(asyncio/",)),
 )

@@ -22,11 +22,12 @@ from starlette.routing import Route
 
 from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.names import check_model_id
 from common.service import service_app
-from common.transport import Http11Transport
 from common.trickle.protocol import PARAMS_HEADER
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, SENDER_HEADER, JobRequest, sender_header
+from .relay import new_client
 from .streams import Stream, StreamRoutes
 
 log = logging.getLogger("gateway")
@@ -66,7 +67,7 @@ def _failure_status(failures: list[tuple[int, str]]) -> int:
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
+        self.client = new_client()
         self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
         self._recent: dict[str, tuple[float, list[str]]] = {}
 
@@ -90,6 +91,7 @@ class Gateway:
                 "missing_model_id",
                 f"name the model with the {MODEL_ID_HEADER} header (e.g. green-tint-cpu) or ?model_id=",
             )
+        check_model_id(model_id, MODEL_ID_HEADER)
         timeout = request.headers.get(TIMEOUT_HEADER, str(self.config.default_timeout))
         if not timeout.isdigit() or int(timeout) == 0:
             raise ApiError(400, "invalid_timeout", f"{TIMEOUT_HEADER} must be a positive integer of seconds")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ApiError
+from common.names import check_model_id
 
 JOB_HEADER = "Livepeer"
 SENDER_HEADER = "Livepeer-Eth-Address"
@@ -61,6 +62,7 @@ class JobRequest:
         capability = payload.get("capability")
         if not isinstance(capability, str) or not capability:
             raise _bad_header('the Livepeer header lacks "capability" (the model id)')
+        check_model_id(capability, "the Livepeer header's capability")
         timeout = payload.get("timeout_seconds")
         if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
             raise _bad_header('"timeout_seconds" is required: a positive integer')

@@ -3,8 +3,8 @@
 go-livepeer's routes and status codes (reference §1-§2): ``/capability/register|unregister``,
 ``/process/token``, ``/process/request/{path}``; plus the trickle stream relay ``/live/...``,
 ``/status`` and ``/health``. A container registered with ``"protocol": "trickle"`` (all of ours)
-gets each job as ``PUT /live/{job}/source`` + ``GET /live/{job}/output``; any other container gets
-go-livepeer's plain ``POST {url}/{path}``.
+serves streams over trickle; every container gets a one-shot job as go-livepeer's plain
+``POST {url}/{path}``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import httpx
@@ -23,15 +22,13 @@ from starlette.routing import Route
 
 from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.names import check_model_id
 from common.service import service_app
-from common.transport import Http11Transport
-from common.trickle.protocol import PARAMS_HEADER, TrickleError, params_json
-from common.trickle.publisher import TricklePublisher
-from common.trickle.subscriber import TrickleSubscriber
+from common.trickle.protocol import PARAMS_HEADER, params_json
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, SENDER_HEADER, JobRequest, check_sender_header
 from .registry import Capability, Registry, capability_from_json
-from .relay import delete_in_background
+from .relay import new_client
 from .streams import Stream, StreamRoutes
 
 log = logging.getLogger("orchestrator")
@@ -52,7 +49,7 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig, registry: Registry) -> None:
         self.config = config
         self.registry = registry
-        self.client = httpx.AsyncClient(transport=Http11Transport(), timeout=httpx.Timeout(30.0, connect=5.0))
+        self.client = new_client()
         self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
 
     # -- registration -----------------------------------------------------------------------
@@ -84,6 +81,7 @@ class Orchestrator:
         name = request.headers.get(CAPABILITY_HEADER)
         if not name:
             raise ApiError(400, "missing_capability", f"the {CAPABILITY_HEADER} header is required")
+        check_model_id(name, CAPABILITY_HEADER)
         capability = self.registry.capabilities.get(name)
         if capability is None:
             registered = self.registry.names()
@@ -151,8 +149,8 @@ class Orchestrator:
     async def _run(
         self, capability: Capability, path: str, body: bytes, content_type: str | None, params: dict | None
     ) -> Response:
-        if capability.protocol == "trickle":
-            return await self._run_trickle(capability, body, content_type, params)
+        """One ``POST {container}/{path}``, as go-livepeer's orchestrator sends a job: one request
+        per job instead of a trickle PUT, GET and DELETE."""
         headers = {"Content-Type": content_type or "application/octet-stream"}
         if params is not None:
             headers[PARAMS_HEADER] = params_json(params)
@@ -164,23 +162,6 @@ class Orchestrator:
             upstream.status_code if upstream.status_code >= 400 else 200,
             headers={k: v for k, v in upstream.headers.items() if k in ("content-type", "x-metadata")},
         )
-
-    async def _run_trickle(
-        self, capability: Capability, body: bytes, content_type: str | None, params: dict | None
-    ) -> Response:
-        job_url = f"{capability.url}/live/job-{uuid.uuid4().hex[:16]}"
-        try:
-            # A one-segment job: the container processes it as complete input, not as a stream.
-            publisher = TricklePublisher(self.client, job_url, params=params)
-            seq = await publisher.write(body, content_type, last=True)
-            segment = await TrickleSubscriber(self.client, job_url, start_seq=seq).next()
-        except TrickleError as exc:
-            raise ApiError(exc.status, exc.code, exc.detail) from None
-        finally:
-            delete_in_background(self.client, job_url)
-        if segment is None:
-            raise ApiError(502, "no_output", f"{capability.name} closed job {job_url} without output")
-        return Response(segment.body, segment.status, media_type=segment.content_type)
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -196,7 +177,9 @@ class Orchestrator:
                     "missing_model_id",
                     f"the first PUT of a stream needs {MODEL_ID_HEADER} or {JOB_HEADER}",
                 )
-            job = JobRequest(capability=name, timeout_seconds=DEFAULT_STREAM_TIMEOUT)
+            job = JobRequest(
+                capability=check_model_id(name, MODEL_ID_HEADER), timeout_seconds=DEFAULT_STREAM_TIMEOUT
+            )
         capability = self.registry.acquire(job.capability)
         if capability.protocol != "trickle":
             self.registry.release(capability)

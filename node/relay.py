@@ -30,6 +30,16 @@ _RESPONSE_HEADERS = (
 )
 
 
+def new_client() -> httpx.AsyncClient:
+    """The node's HTTP client: httpx's own transport, so header values and framing are checked by
+    a maintained library; a bounded pool and a deadline on every phase of every request."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0, connect=5.0, pool=10.0),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0),
+        follow_redirects=False,
+    )
+
+
 def pick(headers: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
     return {name: headers[name] for name in names if name in headers}
 

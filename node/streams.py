@@ -18,7 +18,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from common.errors import ApiError
-from common.trickle.protocol import CLOSED_HEADER, check_job_id
+from common.names import check_job_id
+from common.trickle.protocol import CLOSED_HEADER
 
 from .relay import delete_in_background, relay
 

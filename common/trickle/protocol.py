@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
-
-from ..errors import ApiError
 
 SEQ_HEADER = "Lp-Trickle-Seq"
 LATEST_HEADER = "Lp-Trickle-Latest"
@@ -20,21 +17,6 @@ PARAMS_HEADER = "X-Params"
 STATUS_UNAVAILABLE = 470  # segment gone from the ring, or not reachable yet
 SEQ_NEXT = -1  # the next segment to be written
 SEQ_LATEST = -2  # the segment written last
-
-MAX_JOB_ID_LENGTH = 128
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def check_job_id(job_id: str) -> str:
-    """Job ids become URL path segments and log fields: keep them short and plain."""
-    if len(job_id) > MAX_JOB_ID_LENGTH or ".." in job_id or not _JOB_ID.fullmatch(job_id):
-        raise ApiError(
-            400,
-            "invalid_job_id",
-            f"job id {job_id[:40]!r} is not allowed: use 1-{MAX_JOB_ID_LENGTH} characters from "
-            "A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'",
-        )
-    return job_id
 
 
 def params_json(params: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from ..errors import ApiError
 from ..http import check_declared_length, params_header, read_body
+from ..names import check_job_id
 from .protocol import (
     CLOSED_HEADER,
     CLOSED_VALUE,
@@ -31,7 +32,6 @@ from .protocol import (
     SEQ_LATEST,
     SEQ_NEXT,
     STATUS_UNAVAILABLE,
-    check_job_id,
 )
 
 log = logging.getLogger("trickle")
