@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from common.serve import load_processor_class  # noqa: E402
 from common.trickle.publisher import TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
-from tests.conftest import CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
+from tests.harness import CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "green_tint.json"
 COMMAND = "make bench  # or: .venv/bin/python bench/bench_green_tint.py"

@@ -54,7 +54,7 @@ from common.trickle.publisher import TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
 from node.livepeer import JOB_HEADER, JobRequest  # noqa: E402
 from scripts.topology import PROCESSORS, Processor, services  # noqa: E402
-from tests.conftest import CLIENT_OPTIONS, ServerProcess, free_port  # noqa: E402
+from tests.harness import CLIENT_OPTIONS, ServerProcess, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "topology.json"
 PROFILES = ROOT / "bench" / "results"

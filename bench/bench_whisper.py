@@ -37,7 +37,7 @@ from common.audio import decode_audio  # noqa: E402
 from common.serve import load_processor_class  # noqa: E402
 from scripts import topology  # noqa: E402
 from scripts.test_byoc_job import speech_wav  # noqa: E402
-from tests.conftest import ServerProcess, free_port  # noqa: E402
+from tests.harness import ServerProcess, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "whisper.json"
 COMMAND = "make bench-whisper  # or: .venv/bin/python bench/bench_whisper.py [--compose]"

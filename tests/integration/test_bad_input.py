@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import ServerProcess, assert_error, decode_image, encode_image, running_processors, sample_image
+from harness import ServerProcess, assert_error, decode_image, encode_image, running_processors, sample_image
 
 MAX_BODY = 64 * 1024
 ACCEPTED = "PNG, JPEG or WebP"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
+from harness import (
     NODE_READY,
     ServerProcess,
     StartServer,

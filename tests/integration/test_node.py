@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import (
+from harness import (
     NODE_READY,
     ServerProcess,
     StartServer,

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from conftest import (
+from harness import (
     NODE_READY,
     ROOT,
     ServerProcess,

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from conftest import NODE_READY, ROOT, ServerProcess, free_port
+from harness import NODE_READY, ROOT, ServerProcess, free_port
 
 from scripts.topology import Processor, services
 

@@ -8,7 +8,7 @@ import uuid
 
 import httpx
 import pytest
-from conftest import CLIENT_OPTIONS, ServerProcess, decode_image, encode_image, free_port, sample_image
+from harness import CLIENT_OPTIONS, ServerProcess, decode_image, encode_image, free_port, sample_image
 
 from common.trickle.protocol import TrickleError
 from common.trickle.publisher import TricklePublisher

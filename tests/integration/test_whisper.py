@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess, StartServer, assert_error, processor_argv, require_whisper
+from harness import ServerProcess, StartServer, assert_error, processor_argv, require_whisper
 
 from common.audio import decode_audio
 from scripts.test_byoc_job import SPEECH_KEYWORDS, speech_wav, words

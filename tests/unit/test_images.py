@@ -8,7 +8,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from conftest import decode_image, encode_image, sample_image
+from harness import decode_image, encode_image, sample_image
 
 from common import images
 from common.errors import ApiError

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import ROOT, decode_image, encode_image, green_tint_reference, sample_image
+from harness import ROOT, decode_image, encode_image, green_tint_reference, sample_image
 
 from common.errors import ApiError
 from common.processor import BaseProcessor

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import ROOT
+from harness import ROOT
 
 from common.app import ProcessorApp, Settings
 from common.errors import ApiError

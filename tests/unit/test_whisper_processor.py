@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ROOT, require_whisper
+from harness import ROOT, require_whisper
 
 from common.audio import decode_audio
 from common.errors import ApiError
