@@ -29,16 +29,21 @@ help: ## list the targets
 
 # --- the topology in Docker ------------------------------------------------------------------
 
+# compose.yaml takes ORCH_SECRET and BYOC_TOKEN from .env and refuses to run without them, so
+# every target that runs compose first makes sure .env exists (random values, once, mode 0600).
+env: ## create .env with a random orchestrator secret and container token (never overwritten)
+	@scripts/make-env.sh
+
 up: build ## build what changed, start gateway, orchestrator and processors, wait until healthy
 	$(COMPOSE) up -d --wait
 
-down: ## stop and remove the topology
+down: env ## stop and remove the topology
 	$(COMPOSE) down
 
-logs: ## print the logs of every service (registration lines, one line per job per hop)
+logs: env ## print the logs of every service (registration lines, one line per job per hop)
 	$(COMPOSE) logs --no-color
 
-ps: ## list the services and their health
+ps: env ## list the services and their health
 	$(COMPOSE) ps
 
 test-job: venv ## send one job through the gateway and check it: make test-job MODEL=grayscale-cpu
@@ -47,10 +52,10 @@ test-job: venv ## send one job through the gateway and check it: make test-job M
 test-jobs: venv ## the test job for every model the compose topology serves
 	@for model in $(MODELS); do $(PY) scripts/test_byoc_job.py --model $$model || exit 1; done
 
-build: docker-ready wheelhouse ## build every image
+build: docker-ready wheelhouse env ## build every image
 	$(BUILD_ENV) $(COMPOSE) build
 
-build-%: docker-ready wheelhouse ## build one service's image, e.g. make build-green-tint
+build-%: docker-ready wheelhouse env ## build one service's image, e.g. make build-green-tint
 	$(BUILD_ENV) $(COMPOSE) build $*
 
 # The whisper image's torch, fetched on the host (whose pip knows the proxy and its CA) for the
@@ -71,7 +76,7 @@ docker-setup: ## install and start a Docker engine and compose v2 (Debian hosts 
 docker-ready:
 	@docker info >/dev/null 2>&1 && $(COMPOSE) version >/dev/null 2>&1 || scripts/setup-docker.sh
 
-docker-test: venv ## end-to-end tests against the compose topology (starts it if needed)
+docker-test: venv env ## end-to-end and chaos tests against the compose topology (starts it if needed)
 	$(PY) -m pytest tests/docker -m docker $(PYTEST_ARGS)
 
 # --- the same topology as local processes ----------------------------------------------------
@@ -120,5 +125,5 @@ bench-whisper: venv ## whisper real-time factor in process and through the topol
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help up down logs ps test-job test-jobs build wheelhouse base-image docker-setup docker-ready \
+.PHONY: help env up down logs ps test-job test-jobs build wheelhouse base-image docker-setup docker-ready \
 	docker-test up-local down-local venv test lint format bench bench-whisper clean
