@@ -14,14 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-import uvicorn
-
 from .app import Settings, create_app
 from .http import DEFAULT_MAX_BODY_BYTES
 from .logs import configure_logging
 from .malloc import keep_freed_memory
 from .processor import BaseProcessor, ImageProcessor, Processor
 from .registration import Registration
+from .server import serve
 
 log = logging.getLogger("serve")
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         registration_from_env(cls.model_id, port),
     )
     log.info("%s (%s) listening on %s:%d", cls.model_id, cls.__name__, args.host, port)
-    uvicorn.run(app, host=args.host, port=port, access_log=False, log_level="warning")
+    serve(app, args.host, port)
 
 
 if __name__ == "__main__":

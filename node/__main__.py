@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from common.http import DEFAULT_MAX_BODY_BYTES
 from common.logs import configure_logging
 from common.malloc import keep_freed_memory
+from common.server import serve
 
 from .gateway import GatewayConfig, create_gateway_app
 from .orchestrator import OrchestratorConfig, create_orchestrator_app
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         app = create_orchestrator_app(config, registry)
         log.info("orchestrator listening on %s:%d, service address %s", host, port, config.service_addr)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    serve(app, host, port)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""Deadlines and the connection cap of every server (``common/server.py``), over raw sockets.
+
+A container, an orchestrator and a gateway run as real processes with a 1 s head deadline, a
+1 s body idle deadline and a cap of 50 connections. Each attack runs against each of the three;
+afterwards 8 concurrent jobs with unique bodies through the gateway must each get their own
+body back from the passthrough container.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import select
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from harness import CLIENT_OPTIONS, NODE_READY, ServerProcess, node_argv, processor_argv
+
+TOKEN = "test-token"  # the containers' bearer token (BYOC_TOKEN) and the orchestrator's
+HEADER_TIMEOUT = 1.0
+BODY_IDLE_TIMEOUT = 1.0
+MAX_CONNECTIONS = 50
+LIMITS_ENV = {
+    "HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+    "BODY_IDLE_TIMEOUT": str(BODY_IDLE_TIMEOUT),
+    "MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+}
+SLACK = 2.0  # how late after its deadline an answer may come on a busy 2-core host
+MODEL = "passthrough-cpu"
+
+
+@dataclass
+class Servers:
+    container: ServerProcess
+    orchestrator: ServerProcess
+    gateway: ServerProcess
+
+    def by_role(self, role: str) -> ServerProcess:
+        return getattr(self, role)
+
+
+ROLES = ("container", "orchestrator", "gateway")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    logs = tmp_path_factory.mktemp("server-limits")
+    with ExitStack() as stack:
+
+        def start(argv: list[str], env: dict[str, str], ready: str) -> ServerProcess:
+            server = ServerProcess.start(argv, env={**LIMITS_ENV, **env}, ready_status=ready, log_dir=logs)
+            stack.callback(server.stop)
+            return server
+
+        container = start(processor_argv("passthrough"), {"BYOC_TOKEN": TOKEN}, "IDLE")
+        orchestrator = start(
+            node_argv(
+                "orchestrator",
+                "-byocModelID",
+                MODEL,
+                "-byocContainerURL",
+                container.url,
+                "-byocCapacity",
+                "8",
+            ),
+            # As environment variables, these reach the node only once it has such flags.
+            {"LP_ORCHSECRET": secrets.token_hex(16), "LP_BYOCTOKEN": TOKEN},
+            NODE_READY,
+        )
+        gateway = start(node_argv("gateway", "-orchAddr", orchestrator.url), {}, NODE_READY)
+        yield Servers(container, orchestrator, gateway)
+
+
+# -- raw HTTP/1.1 -------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    seconds: float  # from the call until the whole answer was read
+    closed: bool  # the server closed the connection right after it
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.settimeout(HEADER_TIMEOUT + BODY_IDLE_TIMEOUT + SLACK)
+    return sock
+
+
+def read_answer(sock: socket.socket, started: float) -> Answer:
+    """One response (``Content-Length`` bodies only), then whether EOF follows at once."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed without an answer after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of the body"
+        body += chunk
+    seconds = time.monotonic() - started
+    timeout = sock.gettimeout()
+    sock.settimeout(0.5)
+    try:
+        closed = sock.recv(1) == b""
+    except TimeoutError:
+        closed = False
+    sock.settimeout(timeout)
+    return Answer(int(status_line.split()[1]), headers, body, seconds, closed)
+
+
+def request_head(server: ServerProcess, method: str = "GET", path: str = "/health", **extra: str) -> bytes:
+    headers = {"Host": f"127.0.0.1:{server.port}", "Authorization": f"Bearer {TOKEN}", **extra}
+    lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def job_head(server: ServerProcess, role: str, content_length: int) -> bytes:
+    """A one-shot job's request head as each role wants it (a body of ``content_length`` follows)."""
+    if role == "container":
+        return request_head(server, "POST", "/echo", **{"Content-Length": str(content_length)})
+    if role == "gateway":
+        job = {"X-Model-Id": MODEL}
+    else:  # the orchestrator wants go-livepeer's Livepeer header: base64 of JSON
+        fields = {"request": "{}", "parameters": "{}", "capability": MODEL, "timeout_seconds": 30}
+        job = {"Livepeer": base64.b64encode(json.dumps(fields).encode()).decode()}
+    return request_head(
+        server, "POST", "/process/request/echo", **job, **{"Content-Length": str(content_length)}
+    )
+
+
+def assert_json_error(answer: Answer, status: int, code: str) -> None:
+    assert answer.status == status, answer
+    assert answer.headers["content-type"] == "application/json", answer
+    assert answer.headers["connection"] == "close", answer
+    body = json.loads(answer.body)
+    assert set(body) == {"error", "detail"} and body["error"] == code and body["detail"], body
+    assert answer.closed, "the server must close the connection after the error"
+
+
+def assert_jobs_get_their_own_bodies(servers: Servers, jobs: int = 8) -> None:
+    """``jobs`` concurrent jobs through the gateway, each with a unique body, each echoed back."""
+    bodies = [f"job {i} ".encode() + secrets.token_bytes(2048) for i in range(jobs)]
+    with httpx.Client(**CLIENT_OPTIONS) as client:
+
+        def send(body: bytes) -> httpx.Response:
+            return client.post(
+                f"{servers.gateway.url}/process/request/echo",
+                content=body,
+                headers={"X-Model-Id": MODEL, "Content-Type": "application/octet-stream"},
+            )
+
+        with ThreadPoolExecutor(jobs) as pool:
+            responses = list(pool.map(send, bodies))
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.content == body
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_the_topology_serves_jobs(servers: Servers) -> None:
+    assert_jobs_get_their_own_bodies(servers)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_slow_request_head_gets_408_and_is_closed(servers: Servers, role: str) -> None:
+    server = servers.by_role(role)
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        answer = read_answer(sock, started)
+    assert_json_error(answer, 408, "header_timeout")
+    assert HEADER_TIMEOUT - 0.1 <= answer.seconds <= HEADER_TIMEOUT + SLACK, answer.seconds
+    assert_jobs_get_their_own_bodies(servers)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_head_dripped_byte_by_byte_still_meets_the_deadline(servers: Servers, role: str) -> None:
+    server = servers.by_role(role)
+    head = request_head(server)
+    with connect(server) as sock:
+        started = time.monotonic()
+        for byte in head[:-2]:  # the drip never ends the head
+            sock.sendall(bytes([byte]))
+            if select.select([sock], [], [], 0.1)[0]:
+                break  # the server answered
+        else:
+            pytest.fail("the whole head was dripped without the server answering")
+        answer = read_answer(sock, started)
+    assert_json_error(answer, 408, "header_timeout")
+    assert answer.seconds <= HEADER_TIMEOUT + SLACK, answer.seconds
+    assert_jobs_get_their_own_bodies(servers)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_body_shorter_than_its_content_length_gets_408(servers: Servers, role: str) -> None:
+    server = servers.by_role(role)
+    with connect(server) as sock:
+        sock.sendall(job_head(server, role, 1000) + b"0123456789")
+        started = time.monotonic()
+        answer = read_answer(sock, started)
+    assert_json_error(answer, 408, "body_timeout")
+    assert BODY_IDLE_TIMEOUT - 0.1 <= answer.seconds <= BODY_IDLE_TIMEOUT + SLACK, answer.seconds
+    assert_jobs_get_their_own_bodies(servers)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_slow_but_steady_body_is_accepted(servers: Servers, role: str) -> None:
+    """The body deadline is per gap between chunks, not for the whole body."""
+    server = servers.by_role(role)
+    chunks = [f"chunk {i};".encode() for i in range(5)]
+    body = b"".join(chunks)
+    with connect(server) as sock:
+        sock.sendall(job_head(server, role, len(body)))
+        for chunk in chunks:  # 5 gaps of 0.6 s: 3 s in all, each gap under the 1 s deadline
+            time.sleep(BODY_IDLE_TIMEOUT * 0.6)
+            sock.sendall(chunk)
+        answer = read_answer(sock, time.monotonic())
+    assert answer.status == 200, answer
+    assert answer.body == body
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_keep_alive_connection_gets_the_head_deadline_for_each_request(servers: Servers, role: str) -> None:
+    server = servers.by_role(role)
+    with connect(server) as sock:
+        # Idle longer than the head deadline between requests: quiet keep-alive connections are
+        # left to uvicorn's keep-alive timeout (5 s), which clients' connection pools expect.
+        for _ in range(2):
+            sock.sendall(request_head(server))
+            assert read_answer(sock, time.monotonic()).status == 200
+            time.sleep(HEADER_TIMEOUT * 1.5)
+        sock.sendall(request_head(server)[:20])  # a second request that never completes its head
+        answer = read_answer(sock, time.monotonic())
+    assert_json_error(answer, 408, "header_timeout")
+    assert answer.seconds <= HEADER_TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_connections_beyond_the_cap_get_503(servers: Servers, role: str) -> None:
+    server = servers.by_role(role)
+    extra = 10
+    with ExitStack() as stack:
+        socks = [stack.enter_context(connect(server)) for _ in range(MAX_CONNECTIONS + extra)]
+        started = time.monotonic()
+        time.sleep(0.3)  # refusals come at once; the admitted wait for a head (408 after 1 s)
+        readable = set(select.select(socks, [], [], 0)[0])
+        assert time.monotonic() - started < HEADER_TIMEOUT, "too slow to tell refusals from 408s"
+        refused = [i for i, sock in enumerate(socks) if sock in readable]
+        for i in refused:
+            assert_json_error(read_answer(socks[i], started), 503, "too_many_connections")
+    # The server's own other connections (pools, health checks) count too: a few more may be
+    # refused, always the newest.
+    assert extra <= len(refused) <= extra + 10, refused
+    assert refused == list(range(refused[0], len(socks))), refused
+    time.sleep(0.2)  # the server sees the closes
+    assert_jobs_get_their_own_bodies(servers)
+    assert f"the cap is {MAX_CONNECTIONS}" in server.output()
