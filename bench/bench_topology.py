@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_green_tint import make_frame, target_line  # noqa: E402
 from common.trickle.protocol import TrickleError  # noqa: E402
-from common.trickle.publisher import TricklePublisher  # noqa: E402
+from common.trickle.publisher import StreamKey, TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
 from node.livepeer import JOB_HEADER, JobRequest  # noqa: E402
 from scripts.topology import PROCESSORS, Processor, services  # noqa: E402
@@ -240,11 +240,12 @@ def percentile(values: list[float], pct: int) -> float:
 # -- streams ----------------------------------------------------------------------------------
 
 
-async def stream_fps(base_url: str, job_id: str, frame: bytes) -> float:
+async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey) -> float:
     """One trickle job of ``STREAM_FRAMES``; the publisher runs ``IN_FLIGHT`` segments ahead.
 
     The reader starts once the first ``PUT`` is answered: a node opens the stream on that ``PUT``
-    (choosing the next hop), and a ``GET`` that overtakes it is a 404, which ends a subscriber.
+    (choosing the next hop), and a ``GET`` that overtakes it is a 404, which ends a subscriber;
+    the answer to that ``PUT`` also brings the stream's key, which ``key`` keeps for both.
     """
     job_url = f"{base_url}/live/{job_id}"
     in_flight = asyncio.Semaphore(IN_FLIGHT)
@@ -252,7 +253,8 @@ async def stream_fps(base_url: str, job_id: str, frame: bytes) -> float:
     received = 0
     # X-Model-Id opens the stream on the gateway; the container ignores it.
     async with httpx.AsyncClient(**CLIENT_OPTIONS, headers={"X-Model-Id": MODEL}) as client:
-        publisher, subscriber = TricklePublisher(client, job_url), TrickleSubscriber(client, job_url)
+        publisher = TricklePublisher(client, job_url, key=key)
+        subscriber = TrickleSubscriber(client, job_url, key=key)
 
         async def publish() -> None:
             for _ in range(STREAM_FRAMES):
@@ -296,14 +298,14 @@ class StreamTarget:
         closed while idle (uvicorn closes after 5 s): each attempt uses up one such connection.
         """
         for attempt in range(1, attempts + 1):
-            job_id = f"bench-{self.name}-{time.time_ns():x}"
+            job_id, key = f"bench-{self.name}-{time.time_ns():x}", StreamKey()
             before = {name: cpu_ms(pid) for name, pid in pids.items()}
             try:
-                self.fps.append(asyncio.run(stream_fps(self.url, job_id, frame)))
+                self.fps.append(asyncio.run(stream_fps(self.url, job_id, frame, key)))
             except (TrickleError, httpx.HTTPError, RuntimeError, asyncio.TimeoutError) as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 print(f"  {self.name} stream failed (attempt {attempt}): {self.errors[-1]}", flush=True)
-                self.end_everywhere(job_id)
+                self.end_everywhere(job_id, key)
                 if attempt == attempts:
                     raise
                 continue
@@ -311,12 +313,15 @@ class StreamTarget:
                 self.cpu_ms[name] += cpu_ms(pid) - before[name]
             return
 
-    def end_everywhere(self, job_id: str) -> None:
+    def end_everywhere(self, job_id: str, key: StreamKey) -> None:
         """``DELETE`` the job at each hop: a hop that dropped its pin cannot pass the ``DELETE`` on,
-        and the one behind it would hold the capacity until its idle sweep (300 s)."""
+        and the one behind it would hold the capacity until its idle sweep. Only the first hop
+        knows ``key``; a node behind it answers 404 and frees the job at its own sweep."""
         for url in self.hops:
             with contextlib.suppress(httpx.HTTPError):
-                httpx.delete(f"{url}/live/{job_id}", timeout=5, verify=CLIENT_OPTIONS["verify"])
+                httpx.delete(
+                    f"{url}/live/{job_id}", headers=key.headers(), timeout=5, verify=CLIENT_OPTIONS["verify"]
+                )
 
 
 # -- profile ----------------------------------------------------------------------------------

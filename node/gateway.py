@@ -4,30 +4,43 @@ A job names its model with ``X-Model-Id`` (or ``?model_id=``, or a go-livepeer `
 header). The gateway asks every ``-orchAddr`` for a token (``GET /process/token``), forwards the
 job with a go-livepeer ``Livepeer`` header to those with capacity, one after another until one
 answers, and never answers 200 with an empty body when all of them failed.
+
+It faces the network, so everything a client sends is checked before it goes on: names, paths,
+timeouts (capped by ``max_job_timeout``), ``X-Params``; the job's timeout is one deadline for
+every call the job causes; bodies stream through instead of being held whole; and error details
+name no internal address unless the client is on this host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import re
 import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ApiError
-from common.http import DEFAULT_MAX_BODY_BYTES, params_header, read_body
+from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length, params_header
 from common.names import check_model_id
 from common.service import service_app
 from common.trickle.protocol import PARAMS_HEADER
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, SENDER_HEADER, JobRequest, sender_header
-from .relay import new_client
+from .relay import Deadline, forward_path, forwardable, new_client, pick
 from .streams import Stream, StreamRoutes
 
 log = logging.getLogger("gateway")
@@ -35,6 +48,8 @@ log = logging.getLogger("gateway")
 MODEL_ID_HEADER = "X-Model-Id"
 TIMEOUT_HEADER = "X-Timeout-Seconds"
 ORCHESTRATOR_URL_HEADER = "X-Orchestrator-Url"
+JOB_PREFIX = "/process/request/"
+_TIMEOUT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²'
 
 
 @dataclass(frozen=True)
@@ -42,11 +57,16 @@ class GatewayConfig:
     orch_addrs: list[str]
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     default_timeout: int = 30
+    max_job_timeout: int = 300  # seconds; a job or stream asking for more gets this much
     search_timeout: float = 2.0
     # How long a search that found capacity is reused. go-livepeer asks every orchestrator for a
     # token on every job; reusing a fresh answer saves a round trip per job, and stays correct
     # because an orchestrator that has filled up since answers 503 and the next one is tried.
     search_ttl: float = 1.0
+    search_cache_size: int = 256  # capabilities x orchestrator filters remembered at once
+    # A body up to this size is held so that a job can be retried on the next orchestrator; a
+    # bigger one streams to the first orchestrator only, so uploads never sit whole in memory.
+    retry_buffer_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass
@@ -59,9 +79,102 @@ class Search:
     failures: list[str] = field(default_factory=list)
 
 
+SearchKey = tuple[str, tuple[str, ...]]  # (capability, the candidate orchestrators)
+
+
+class SearchCache:
+    """Recent searches that found capacity, bounded in size (oldest out first) and in age."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._entries: OrderedDict[SearchKey, tuple[float, list[str]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: SearchKey) -> list[str] | None:
+        entry = self._entries.get(key)
+        if entry is None or time.monotonic() - entry[0] >= self.ttl:
+            return None
+        return entry[1]
+
+    def put(self, key: SearchKey, addrs: list[str]) -> None:
+        now = time.monotonic()
+        self._entries.pop(key, None)
+        self._entries[key] = (now, addrs)
+        # Insertion order is age order: drop what has expired, then what is over the size.
+        while self._entries and (
+            len(self._entries) > self.size or now - next(iter(self._entries.values()))[0] >= self.ttl
+        ):
+            self._entries.popitem(last=False)
+
+    def forget(self, key: SearchKey) -> None:
+        self._entries.pop(key, None)
+
+
 def _failure_status(failures: list[tuple[int, str]]) -> int:
     statuses = {status for status, _ in failures}
     return statuses.pop() if len(statuses) == 1 and statuses <= {503, 504} else 502
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class Upload:
+    """A job's body on its way to an orchestrator, read only after the job was admitted.
+
+    Up to ``keep`` bytes are held, which lets a small job be sent again to the next
+    orchestrator; past that the body streams through (counted against ``limit``) and can be
+    sent once only.
+    """
+
+    def __init__(self, request: Request, limit: int) -> None:
+        self._chunks = request.stream()
+        self.limit = limit
+        self.size = 0
+        self._held: list[bytes] = []
+        self.complete = False
+        self._sent = False
+
+    def _count(self, chunk: bytes) -> bytes:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the body is over the limit of {self.limit} bytes; send a smaller one",
+            )
+        return chunk
+
+    async def hold(self, keep: int) -> None:
+        """Read ahead until the body ends or ``keep`` bytes are held."""
+        while self.size <= keep:
+            chunk = await anext(self._chunks, None)
+            if chunk is None:
+                self.complete = True
+                return
+            self._held.append(self._count(chunk))
+
+    @property
+    def retryable(self) -> bool:
+        return self.complete
+
+    def content(self) -> bytes | AsyncIterator[bytes]:
+        if self.complete:
+            return b"".join(self._held)
+        if self._sent:
+            raise RuntimeError("a streamed body can be sent once only")
+        self._sent = True
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        held, self._held = self._held, []
+        for chunk in held:
+            yield chunk
+        async for chunk in self._chunks:
+            yield self._count(chunk)
 
 
 class Gateway:
@@ -69,13 +182,16 @@ class Gateway:
         self.config = config
         self.client = new_client()
         self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
-        self._recent: dict[str, tuple[float, list[str]]] = {}
+        self.searches = SearchCache(config.search_cache_size, config.search_ttl)
 
     def job_from(self, request: Request) -> JobRequest:
-        """The job's model id and timeout, from the tutorial's headers or go-livepeer's."""
+        """The job's model id and timeout, from the tutorial's headers or go-livepeer's; its
+        timeout capped by ``max_job_timeout``."""
         header = request.headers.get(JOB_HEADER)
         job = JobRequest.decode(header) if header is not None else None
         model_id = request.headers.get(MODEL_ID_HEADER) or request.query_params.get("model_id")
+        if model_id:
+            check_model_id(model_id, MODEL_ID_HEADER)
         if job is not None:
             if model_id and model_id != job.capability:
                 raise ApiError(
@@ -84,56 +200,72 @@ class Gateway:
                     f"{MODEL_ID_HEADER} {model_id!r} differs from the Livepeer header's capability "
                     f"{job.capability!r}; send one of them",
                 )
-            return job
+            return job.capped(self.config.max_job_timeout)
         if not model_id:
             raise ApiError(
                 400,
                 "missing_model_id",
                 f"name the model with the {MODEL_ID_HEADER} header (e.g. green-tint-cpu) or ?model_id=",
             )
-        check_model_id(model_id, MODEL_ID_HEADER)
-        timeout = request.headers.get(TIMEOUT_HEADER, str(self.config.default_timeout))
-        if not timeout.isdigit() or int(timeout) == 0:
-            raise ApiError(400, "invalid_timeout", f"{TIMEOUT_HEADER} must be a positive integer of seconds")
-        return JobRequest(capability=model_id, timeout_seconds=int(timeout), id=f"gw-{time.time_ns():x}")
+        return JobRequest(
+            capability=model_id, timeout_seconds=self._timeout(request), id=f"gw-{time.time_ns():x}"
+        )
+
+    def _timeout(self, request: Request) -> int:
+        text = request.headers.get(TIMEOUT_HEADER)
+        if text is None:
+            return min(self.config.default_timeout, self.config.max_job_timeout)
+        if not _TIMEOUT.fullmatch(text) or int(text) == 0:
+            raise ApiError(
+                400,
+                "invalid_timeout",
+                f"{TIMEOUT_HEADER} must be a positive whole number of seconds in ASCII digits, e.g. 30 "
+                f"(at most {self.config.max_job_timeout} is used)",
+            )
+        return min(int(text), self.config.max_job_timeout)
 
     # -- orchestrator discovery -------------------------------------------------------------
 
-    async def search(self, job: JobRequest) -> Search:
-        wanted = job.parameters.get("orchestrators") or {}
-        include, exclude = set(wanted.get("include") or []), set(wanted.get("exclude") or [])
-        candidates = [o for o in self.config.orch_addrs if (not include or o in include) and o not in exclude]
+    def candidates(self, job: JobRequest) -> list[str]:
+        """The ``-orchAddr`` that ``parameters.orchestrators`` leaves for ``job``."""
+        wanted = job.orchestrators()
+        candidates = [o for o in self.config.orch_addrs if wanted.allows(o)]
         if not candidates:  # go-livepeer: 400 "No orchestrators found"; say which filter did it
             raise ApiError(
                 400,
                 "no_orchestrator",
-                f"parameters.orchestrators (include {sorted(include)}, exclude {sorted(exclude)}) leaves "
-                f"none of the gateway's -orchAddr: {', '.join(self.config.orch_addrs)}",
+                f"parameters.orchestrators (include {list(wanted.include)}, exclude {list(wanted.exclude)}) "
+                f"leaves none of the gateway's -orchAddr: {', '.join(self.config.orch_addrs)}",
             )
-        random.shuffle(candidates)  # spread equal orchestrators, as go-livepeer does
+        return candidates
+
+    async def search(self, job: JobRequest, candidates: list[str], deadline: Deadline) -> Search:
+        """Ask every candidate at once, each within the search timeout and the job's deadline."""
+        candidates = random.sample(candidates, len(candidates))  # spread equal ones, as go-livepeer
+        timeout = deadline.timeout(cap=self.config.search_timeout)
+        answers = await asyncio.gather(*(self._token(o, job.capability, timeout) for o in candidates))
         result = Search()
-        answers = await asyncio.gather(*(self._token(o, job.capability) for o in candidates))
         tokens: list[tuple[int, str]] = []
         for orch, (status, body) in zip(candidates, answers, strict=True):
-            if status == 200 and isinstance(body, dict) and body.get("service_addr"):
-                available = int(body.get("available_capacity") or 0)
+            if status == 200 and isinstance(body, dict) and isinstance(body.get("service_addr"), str):
+                available = _count(body.get("available_capacity"))
                 if available > 0:
-                    tokens.append((available, str(body["service_addr"]).rstrip("/")))
+                    tokens.append((available, body["service_addr"].rstrip("/")))
                 else:
                     result.full.append(orch)
-            elif status == 404 and isinstance(body, dict) and "registered" in body:
-                result.registered.update(body["registered"])
+            elif status == 404 and isinstance(body, dict) and isinstance(body.get("registered"), list):
+                result.registered.update(str(name) for name in body["registered"][:1000])
             else:
                 result.failures.append(f"{orch}: {body if isinstance(body, str) else status}")
         result.service_addrs = [addr for _, addr in sorted(tokens, key=lambda t: -t[0])]
         return result
 
-    async def _token(self, orch: str, capability: str) -> tuple[int, object]:
+    async def _token(self, orch: str, capability: str, timeout: httpx.Timeout) -> tuple[int, object]:
         try:
             response = await self.client.get(
                 f"{orch}/process/token",
                 headers={SENDER_HEADER: sender_header(), CAPABILITY_HEADER: capability},
-                timeout=self.config.search_timeout,
+                timeout=timeout,
             )
         except httpx.HTTPError as exc:
             return 0, f"unreachable ({exc!r})"
@@ -142,19 +274,17 @@ class Gateway:
         except ValueError:
             return response.status_code, f"{response.status_code} {response.text[:200]}"
 
-    def _search_key(self, job: JobRequest) -> str:
-        return f"{job.capability} {job.parameters.get('orchestrators')}"
-
-    async def choose(self, job: JobRequest) -> list[str]:
+    async def choose(self, job: JobRequest, deadline: Deadline) -> list[str]:
         """Orchestrators to try for ``job``, or the error that tells the client why there are none."""
-        key = self._search_key(job)
-        if (recent := self._recent.get(key)) and time.monotonic() - recent[0] < self.config.search_ttl:
-            return recent[1]
-        found = await self.search(job)
+        candidates = self.candidates(job)
+        key = (job.capability, tuple(candidates))
+        if (recent := self.searches.get(key)) is not None:
+            return recent
+        found = await self.search(job, candidates, deadline)
         if found.service_addrs:
-            self._recent[key] = (time.monotonic(), found.service_addrs)
+            self.searches.put(key, found.service_addrs)
             return found.service_addrs
-        self._recent.pop(key, None)
+        self.searches.forget(key)
         if found.full:
             raise ApiError(
                 503,
@@ -178,49 +308,86 @@ class Gateway:
 
     # -- request/response jobs --------------------------------------------------------------
 
-    async def process_request(self, request: Request) -> Response:
-        job = self.job_from(request)
-        params_header(request)  # refuse a malformed X-Params here, with the same 400
-        body = await read_body(request, self.config.max_body_bytes)
-        started = time.monotonic()
-        headers = {JOB_HEADER: job.encode(), "Content-Type": request.headers.get("content-type", "")}
-        if PARAMS_HEADER.lower() in request.headers:
-            headers[PARAMS_HEADER] = request.headers[PARAMS_HEADER]
-        failures: list[tuple[int, str]] = []
-        for orch in await self.choose(job):
+    def _forward_headers(self, request: Request) -> dict[str, str]:
+        """Content-Type and X-Params as they may go on: printable ASCII, X-Params a JSON object."""
+        headers = forwardable(request.headers, ("content-type", PARAMS_HEADER.lower()))
+        if PARAMS_HEADER.lower() in headers:
             try:
-                response = await self.client.post(
-                    f"{orch}{request.url.path}",
-                    content=body,
-                    headers=headers,
-                    timeout=job.timeout_seconds + 5,
-                )
-            except httpx.TimeoutException:
-                failures.append((504, f"{orch}: no answer within {job.timeout_seconds + 5} s"))
+                params_header(request)
+            except (ValueError, RecursionError):  # digits over Python's limit, deep nesting
+                detail = f"{PARAMS_HEADER} must be a JSON object such as " + '{"strength": 0.5}'
+                raise ApiError(400, "invalid_params", detail) from None
+        return headers
+
+    async def process_request(self, request: Request) -> Response:
+        path = forward_path(request, JOB_PREFIX)
+        job = self.job_from(request)
+        headers = self._forward_headers(request)
+        check_declared_length(request, self.config.max_body_bytes)
+        deadline = Deadline.after(job.timeout_seconds)
+        started = time.monotonic()
+        orchestrators = await self.choose(job, deadline)  # admission before the body is read
+        upload = Upload(request, self.config.max_body_bytes)
+        try:
+            await upload.hold(self.config.retry_buffer_bytes if len(orchestrators) > 1 else 0)
+            return await self._send(request, job, path, headers, orchestrators, upload, deadline, started)
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client left before its body arrived") from None
+
+    async def _send(
+        self,
+        request: Request,
+        job: JobRequest,
+        path: str,
+        headers: dict[str, str],
+        orchestrators: list[str],
+        upload: Upload,
+        deadline: Deadline,
+        started: float,
+    ) -> Response:
+        failures: list[tuple[int, str]] = []
+        for orch in orchestrators:
+            if failures and not upload.retryable:
+                break
+            left = deadline.remaining()
+            if left <= 0:
+                failures.append((504, f"{orch}: not tried, timeout_seconds={job.timeout_seconds} passed"))
+                break
+            # The orchestrator gets what is left of the job's time, so its own timeout fires first.
+            sent = {**headers, JOB_HEADER: job.capped(max(int(left), 1)).encode()}
+            outgoing = self.client.build_request(
+                "POST", f"{orch}{JOB_PREFIX}{path}", content=upload.content(), headers=sent,
+                timeout=deadline.timeout(),
+            )  # fmt: skip
+            try:
+                response = await asyncio.wait_for(self.client.send(outgoing, stream=True), left)
+            except (httpx.TimeoutException, asyncio.TimeoutError):
+                failures.append((504, f"{orch}: no answer within timeout_seconds={job.timeout_seconds}"))
                 continue
             except httpx.TransportError as exc:
                 failures.append((502, f"{orch}: unreachable ({exc!r})"))
                 continue
             if response.status_code >= 500:  # go-livepeer: 5xx means try the next orchestrator
-                failures.append(
-                    (response.status_code, f"{orch}: {response.status_code} {response.text[:300]}")
-                )
+                detail = await _short_text(response)
+                failures.append((response.status_code, f"{orch}: {response.status_code} {detail}"))
                 continue
             log.info(
-                "job %s %s via %s: %d, %d -> %d bytes in %.1f ms",
+                "job %s %s via %s: %d, %d bytes in, answered in %.1f ms",
                 job.id,
                 job.capability,
                 orch,
                 response.status_code,
-                len(body),
-                len(response.content),
+                upload.size,
                 (time.monotonic() - started) * 1000,
             )
-            passed = {k: v for k, v in response.headers.items() if k in ("content-type", "x-metadata")}
-            return Response(
-                response.content, response.status_code, headers={**passed, ORCHESTRATOR_URL_HEADER: orch}
+            passed = pick(response.headers, ("content-type", "content-length", "x-metadata"))
+            return StreamingResponse(
+                _until(response, deadline),
+                response.status_code,
+                headers={**passed, ORCHESTRATOR_URL_HEADER: orch},
+                background=BackgroundTask(response.aclose),
             )
-        self._recent.pop(self._search_key(job), None)  # search afresh next time
+        self.searches.forget((job.capability, tuple(self.candidates(job))))  # search afresh next time
         status = _failure_status(failures)
         log.warning(
             "job %s %s failed everywhere: %s", job.id, job.capability, "; ".join(d for _, d in failures)
@@ -235,23 +402,146 @@ class Gateway:
     async def open_stream(self, request: Request, job_id: str) -> Stream:
         job = self.job_from(request)
         job.id = job_id
-        orch = (await self.choose(job))[0]
+        deadline = Deadline.after(job.timeout_seconds)
+        orch = (await self.choose(job, deadline))[0]
         return Stream(
             job_id, job.capability, orch, float(job.timeout_seconds), headers={JOB_HEADER: job.encode()}
         )
 
     async def status(self, _: Request) -> Response:
         return JSONResponse(
-            {"role": "gateway", "orchestrators": self.config.orch_addrs, "streams": len(self.streams.streams)}
+            {
+                "role": "gateway",
+                "orchestrators": self.config.orch_addrs,
+                "streams": len(self.streams.streams),
+                "searches_cached": len(self.searches),
+            }
         )
 
     async def health(self, _: Request) -> Response:
         return JSONResponse({"status": "OK"})
 
+    async def close(self) -> None:
+        await self.streams.background.close()
+        await self.client.aclose()
+
+
+async def _short_text(response: httpx.Response, limit: int = 300) -> str:
+    """The start of an error answer, read without holding more than ``limit`` bytes of it."""
+    try:
+        head = b""
+        async for chunk in response.aiter_bytes():
+            head += chunk
+            if len(head) >= limit:
+                break
+        return head[:limit].decode("utf-8", "replace")
+    except httpx.HTTPError as exc:
+        return f"(answer unreadable: {exc!r})"
+    finally:
+        await response.aclose()
+
+
+async def _until(response: httpx.Response, deadline: Deadline) -> AsyncIterator[bytes]:
+    """The answer's body, cut off when the job's deadline passes."""
+    async for chunk in response.aiter_bytes():
+        yield chunk
+        if deadline.remaining() <= 0:
+            log.warning("answer from %s cut off at the job's deadline", response.request.url)
+            return
+
+
+# -- what clients see of internal addresses ------------------------------------------------------
+
+_INTERNAL = re.compile(
+    rb"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'\\<>;,)]+"  # URLs
+    rb"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"  # bare IPv4 with an optional port
+    rb"|\blocalhost:\d+\b"
+)
+_HIDDEN = b"<internal address>"
+_MAX_ERROR_BODY = 64 * 1024
+
+
+def is_loopback(client: tuple[str, int] | None) -> bool:
+    if client is None:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class HideInternalAddresses:
+    """JSON error answers to clients off this host have internal URLs and addresses replaced.
+
+    Orchestrator and container addresses in an error detail help whoever runs the node and no
+    one else; a client on the node's own host (loopback) still gets them whole, and the log
+    always does.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_loopback(scope.get("client")):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        held: list[bytes] = []
+
+        async def hiding(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                content_type = Headers(raw=message["headers"]).get("content-type", "")
+                if message["status"] >= 400 and content_type.startswith("application/json"):
+                    start = message
+                    return
+            elif message["type"] == "http.response.body" and start is not None:
+                held.append(message.get("body", b""))
+                size = sum(map(len, held))
+                if message.get("more_body", False) and size <= _MAX_ERROR_BODY:
+                    return
+                body = b"".join(held)
+                hidden = _INTERNAL.sub(_HIDDEN, body) if size <= _MAX_ERROR_BODY else body
+                if hidden != body:
+                    log.info("error %d to %s (addresses hidden): %s", start["status"], scope.get("client"),
+                             body[:2000].decode("utf-8", "replace"))  # fmt: skip
+                headers = MutableHeaders(raw=list(start["headers"]))
+                more = message.get("more_body", False)
+                if not more:
+                    headers["content-length"] = str(len(hidden))
+                await send({**start, "headers": headers.raw})
+                start = None
+                await send({"type": "http.response.body", "body": hidden, "more_body": more})
+                return
+            await send(message)
+
+        await self.app(scope, receive, hiding)
+
+
+_CONTROL = re.compile(rb"%(?:[01][0-9a-fA-F]|7[fF])|[\x00-\x20\x7f]")
+
+
+class RefuseControlCharacters:
+    """400 ``invalid_path`` for a path holding a control character, raw or percent-encoded.
+
+    Routes match the decoded path, and a route pattern never matches across a newline, so
+    without this ``/process/request/a%0D%0Ab`` would be a 404 that looks like a missing route.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _CONTROL.search(scope.get("raw_path") or scope["path"].encode()):
+            error = ApiError(400, "invalid_path", "the path holds a control character (NUL, CR, LF...)")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
 
 def create_gateway_app(config: GatewayConfig) -> Starlette:
     gateway = Gateway(config)
-    return service_app(
+    app = service_app(
         [
             Route("/process/request/{path:path}", gateway.process_request, methods=["POST"]),
             *gateway.streams.routes(),
@@ -259,5 +549,8 @@ def create_gateway_app(config: GatewayConfig) -> Starlette:
             Route("/health", gateway.health, methods=["GET"]),
         ],
         background=lambda: [gateway.streams.sweep_forever()],
-        on_shutdown=gateway.client.aclose,
+        on_shutdown=gateway.close,
     )
+    app.add_middleware(RefuseControlCharacters)
+    app.add_middleware(HideInternalAddresses)  # added last: it sees every answer, also the above
+    return app

@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8935"
+STREAM_KEY_HEADER = "Lp-Stream-Key"  # what the gateway answers the first PUT of a stream with
 
 
 class CheckFailed(Exception):
@@ -165,21 +166,27 @@ def run_one(args: argparse.Namespace, check: ModelCheck, data: bytes, content_ty
 async def run_stream(
     args: argparse.Namespace, check: ModelCheck, data: bytes, content_type: str
 ) -> tuple[bytes, str]:
-    """Push ``--stream`` frames as one trickle stream, four in flight, and check every result."""
+    """Push ``--stream`` frames as one trickle stream, four in flight, and check every result.
+
+    The first frame goes alone: its answer carries the stream's key (``Lp-Stream-Key``), which
+    every later request of the stream must send, or the gateway answers 404 as for no stream.
+    """
     job_url = f"{args.gateway}/live/test-{uuid.uuid4().hex[:12]}"
     headers = {"X-Model-Id": args.model, "Content-Type": content_type, "X-Timeout-Seconds": str(args.timeout)}
     if args.params:
         headers["X-Params"] = args.params
     in_flight = asyncio.Semaphore(4)
-    last = b""
+    key: dict[str, str] = {}
     async with httpx.AsyncClient(timeout=args.timeout + 10) as client:
 
         async def one(i: int) -> bytes:
             async with in_flight:
-                put = await client.put(f"{job_url}/source", content=data, headers=headers)
+                put = await client.put(f"{job_url}/source", content=data, headers={**headers, **key})
                 if put.status_code != 200:
                     raise CheckFailed(f"frame {i}: gateway answered {_error_detail(put)}")
-                got = await client.get(f"{job_url}/output/{put.headers['lp-trickle-seq']}")
+                if not key:
+                    key[STREAM_KEY_HEADER] = put.headers.get(STREAM_KEY_HEADER, "")
+                got = await client.get(f"{job_url}/output/{put.headers['lp-trickle-seq']}", headers=key)
                 if got.status_code != 200:
                     raise CheckFailed(f"frame {i}: output {_error_detail(got)}")
                 check.check(data, got.content)
@@ -187,9 +194,11 @@ async def run_stream(
 
         started = time.perf_counter()
         try:
-            results = await asyncio.gather(*(one(i) for i in range(args.stream)))
+            first = await one(0)
+            results = [first, *await asyncio.gather(*(one(i) for i in range(1, args.stream)))]
         finally:
-            await client.delete(job_url)
+            if key:
+                await client.delete(job_url, headers=key)
         elapsed = time.perf_counter() - started
         last = results[-1]
     summary = check.check(data, last)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 
 from .protocol import CLOSED_HEADER, LATEST_HEADER, SEQ_HEADER, STATUS_UNAVAILABLE, TrickleError
+from .publisher import StreamKey
 
 
 @dataclass(frozen=True)
@@ -27,32 +29,54 @@ class TrickleSubscriber:
     """Reads segments in order, following go-livepeer's subscriber rules.
 
     The next seq is ``Lp-Trickle-Seq + 1``; a 470 (segment gone) jumps to ``Lp-Trickle-Latest``;
-    a 404 or ``Lp-Trickle-Closed`` ends the stream; transport errors are retried a few times.
+    a 404 or ``Lp-Trickle-Closed`` ends the stream; transport errors are retried a few times,
+    all within ``timeout`` seconds per segment: a long-poll GET that keeps timing out ends in
+    ``httpx.ReadTimeout`` after that long, not after ``retries`` full client timeouts.
     """
 
     def __init__(
-        self, client: httpx.AsyncClient, job_url: str, *, start_seq: int = 0, retries: int = 3
+        self,
+        client: httpx.AsyncClient,
+        job_url: str,
+        *,
+        start_seq: int = 0,
+        retries: int = 3,
+        timeout: float = 30.0,
+        key: StreamKey | None = None,
     ) -> None:
         self.client = client
         self.job_url = job_url.rstrip("/")
         self.seq = start_seq
         self.retries = retries
+        self.timeout = timeout
+        self.key = key or StreamKey()  # the publisher's, when the stream is on a node
         self.skipped = 0  # segments lost to 470 jumps, for callers that must report them
 
-    async def _get(self) -> httpx.Response:
+    async def _get(self, deadline: float) -> httpx.Response:
         for attempt in range(self.retries + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                return await self.client.get(f"{self.job_url}/output/{self.seq}")
+                return await asyncio.wait_for(
+                    self.client.get(
+                        f"{self.job_url}/output/{self.seq}", headers=self.key.headers(), timeout=left
+                    ),
+                    left,
+                )
+            except asyncio.TimeoutError:
+                break
             except httpx.TransportError:
-                if attempt == self.retries:
+                if attempt == self.retries or time.monotonic() >= deadline:
                     raise
-                await asyncio.sleep(0.1 * 2**attempt)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(min(0.1 * 2**attempt, max(deadline - time.monotonic(), 0)))
+        raise httpx.ReadTimeout(f"no segment {self.seq} from {self.job_url} within {self.timeout} s")
 
     async def next(self) -> ReceivedSegment | None:
         """The next segment, or ``None`` once the stream is over."""
+        deadline = time.monotonic() + self.timeout
         while True:
-            response = await self._get()
+            response = await self._get(deadline)
             if response.status_code == 404 or response.headers.get(CLOSED_HEADER):
                 return None
             if response.status_code == STATUS_UNAVAILABLE:
