@@ -1,18 +1,26 @@
 """One error shape for every component: ``{"error": "<code>", "detail": "<what and how to fix>"}``.
 
 Handlers raise :class:`ApiError`; :func:`install_error_handlers` turns it (and Starlette's own
-404/405) into that JSON body, so a bad request never takes the process down.
+404/405) into that JSON body, and turns any other exception into a JSON 500, so that neither a bad
+request nor a bug takes the process down or leaves the client with a plain-text page.
 """
 
 from __future__ import annotations
+
+import ipaddress
+import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("errors")
 
 _CODES_BY_STATUS = {
     400: "bad_request",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -58,6 +66,53 @@ def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+def from_loopback(scope: Scope) -> bool:
+    """Whether the peer is this host: only then may an error detail show internals."""
+    client = scope.get("client")
+    try:
+        return client is not None and ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:  # a unix socket path, or a name
+        return False
+
+
+def internal_error(exc: BaseException, scope: Scope) -> ApiError:
+    """The 500 for an exception nobody expected; its message only goes to a local client."""
+    what = f"{type(exc).__name__}: {str(exc)[:300]}" if from_loopback(scope) else type(exc).__name__
+    return ApiError(500, "internal_error", f"unexpected error ({what}); the server log has the traceback")
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler took becomes a JSON 500, logged with its traceback.
+
+    Starlette's own last-resort handler answers in plain text and re-raises, and uvicorn then
+    closes the connection; here the exception ends with the answer, so a keep-alive connection
+    stays usable. Once a response has started nothing can be said any more: that one re-raises.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.exception("%s %s failed", scope["method"], scope["path"][:200])
+            if started:
+                raise
+            await internal_error(exc, scope).response()(scope, receive, send)
+
+
 def install_error_handlers(app: Starlette) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_exception)
+    app.add_middleware(CatchAll)

@@ -2,13 +2,18 @@
 
 Headers are read before any pixel is decoded so that a hostile header (50000x50000) is refused
 without allocating it, and truncated files are refused instead of being decoded as half-grey
-pictures (libjpeg "recovers" from truncation silently).
+pictures (libjpeg "recovers" from truncation silently). For the same reason a JPEG's scan data
+is checked for what its structure forbids (stray markers, restart markers out of order) before
+decoding: libjpeg only prints a warning for it and returns a garbled picture. Corruption that
+keeps the structure intact (a flipped bit in a Huffman code) cannot be told without decoding
+the entropy codes, which OpenCV does without reporting.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -22,11 +27,16 @@ DEFAULT_JPEG_QUALITY = 90
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+# Segments that may stand between two scans (DHT, DAC, DNL, DQT, DRI, SOS, APPn, COM).
+_JPEG_BETWEEN_SCANS = {0xC4, 0xCC, 0xDC, 0xDB, 0xDD, _JPEG_SOS, *range(0xE0, 0xF0), 0xFE}
+
+ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 @dataclass(frozen=True)
 class ImageInfo:
-    format: str  # "png" | "jpeg" | "webp"
+    format: ImageFormat
     width: int
     height: int
 
@@ -63,6 +73,8 @@ def _jpeg_info(data: bytes) -> ImageInfo:
             pos += 2
             continue
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise _invalid(f"JPEG segment at byte {pos} has length {length}")
         if marker in _JPEG_SOF:
             if pos + 9 > len(data):
                 break
@@ -70,6 +82,60 @@ def _jpeg_info(data: bytes) -> ImageInfo:
             return ImageInfo("jpeg", width, height)
         pos += 2 + length
     raise _invalid("JPEG has no frame header (SOF)")
+
+
+def _corrupt(what: str) -> ApiError:
+    return ApiError(422, "corrupt_image", f"JPEG scan data is corrupt: {what}; send the file as encoded")
+
+
+def _first_scan(data: bytes) -> int:
+    """Where the entropy-coded data of the first scan starts (after its SOS header)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        marker = data[pos + 1]
+        if data[pos] != 0xFF:
+            raise _invalid(f"JPEG marker expected at byte {pos}")
+        if marker == 0xFF or marker in _JPEG_STANDALONE:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise _invalid(f"JPEG segment at byte {pos} has length {length}")
+        pos += 2 + length
+        if marker == _JPEG_SOS:
+            return pos
+    raise _invalid("JPEG has no scan (SOS)")
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """Refuse scan data with a marker where none may be, or restart markers out of order.
+
+    In entropy-coded data a 0xFF byte is followed only by 0x00 (a stuffed 0xFF), a restart
+    marker RST0-7 (in turn), more 0xFF fill, or the segments that may start the next scan.
+    Vectorised with numpy: about 0.1 ms on a 250 KB 720p frame.
+    """
+    start, stop = _first_scan(data), len(data.rstrip(b"\x00")) - 2  # stop: the final EOI
+    if start > stop:
+        raise _invalid("JPEG scan starts past its end-of-image marker")
+    raw = np.frombuffer(data, np.uint8)
+    ffs = start + np.flatnonzero(raw[start:stop] == 0xFF)
+    following = raw[ffs + 1]
+    restart = (following >= 0xD0) & (following <= 0xD7)
+    marker = ~(restart | (following == 0x00) | (following == 0xFF))
+    skip_until = start
+    for pos in ffs[marker].tolist():
+        if pos < skip_until:  # inside a table segment between two scans: not scan data
+            continue
+        code = data[pos + 1]
+        if code not in _JPEG_BETWEEN_SCANS or pos + 4 > stop:
+            raise _corrupt(f"marker 0x{code:02X} inside the scan data at byte {pos}")
+        skip_until = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    if skip_until == start:  # one scan: its restart markers must count 0, 1, ..., 7, 0, ...
+        seen = following[restart].astype(np.int64) - 0xD0
+        wrong = np.flatnonzero(seen != np.arange(len(seen)) % 8)
+        if len(wrong):
+            pos = int(ffs[restart][wrong[0]])
+            raise _corrupt(f"restart marker RST{seen[wrong[0]]} out of order at byte {pos}")
 
 
 def _webp_info(data: bytes) -> ImageInfo:
@@ -116,7 +182,12 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageInfo]:
     """Decode to an RGB ``uint8`` array of shape (height, width, 3)."""
     info = probe(data, max_pixels)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if info.format == "jpeg":
+        check_jpeg_scans(data)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    except cv2.error:
+        image = None
     if image is None:
         raise _invalid(f"the {info.format} data could not be decoded")
     return image, info

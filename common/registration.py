@@ -24,9 +24,10 @@ class Registration:
     url: str  # where the orchestrator reaches this container
     capacity: int = 1
     interval: float = 10.0
+    token: str | None = None  # the bearer token the orchestrator must send us (go-livepeer's field)
 
     def body(self) -> dict[str, object]:
-        return {
+        body: dict[str, object] = {
             "name": self.name,
             "url": self.url,
             "capacity": self.capacity,
@@ -36,6 +37,9 @@ class Registration:
             "price_scaling": 1,
             "currency": "wei",
         }
+        if self.token:
+            body["token"] = self.token
+        return body
 
     async def keep_registered(self) -> None:
         registered = False

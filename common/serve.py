@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -47,7 +48,28 @@ def load_processor_class(path: str) -> type[BaseProcessor]:
     return found[0]
 
 
-def registration_from_env(model_id: str, port: int) -> Registration | None:
+def token_from_env() -> str | None:
+    """The bearer token every route but /health and /version will need.
+
+    BYOC_TOKEN when set; else, for a container that registers itself (ORCH_URL and ORCH_SECRET),
+    a random one it registers with; else none only when ALLOW_NO_TOKEN=1 says so (development).
+    """
+    token = os.environ.get("BYOC_TOKEN", "")
+    if token:
+        return token
+    if os.environ.get("ORCH_URL") and os.environ.get("ORCH_SECRET"):
+        return secrets.token_urlsafe(32)
+    if os.environ.get("ALLOW_NO_TOKEN") == "1":
+        log.warning("ALLOW_NO_TOKEN=1: every route is open to anyone who can reach this port")
+        return None
+    raise SystemExit(
+        "serve: no BYOC_TOKEN. Set BYOC_TOKEN to the bearer token the orchestrator sends (its "
+        "-byocToken), or ORCH_URL and ORCH_SECRET to register with a generated one; "
+        "ALLOW_NO_TOKEN=1 serves without a token (development only)."
+    )
+
+
+def registration_from_env(model_id: str, port: int, token: str | None) -> Registration | None:
     """Self-register when ORCH_URL and ORCH_SECRET are set (CONTAINER_URL: how to reach us).
 
     REGISTER_INTERVAL (seconds, default 10) is how often the registration is renewed.
@@ -56,6 +78,7 @@ def registration_from_env(model_id: str, port: int) -> Registration | None:
     if not (orch_url and secret):
         return None
     return Registration(
+        token=token,
         orch_url=orch_url,
         secret=secret,
         name=model_id,
@@ -69,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.serve", description=__doc__)
     parser.add_argument("processor", help="path to the processor module")
     parser.add_argument("--model-id", default=os.environ.get("MODEL_ID"))
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=os.environ.get("PORT"))
     parser.add_argument(
         "--max-body-bytes",
@@ -88,11 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         cls.model_id = args.model_id
     configure_logging(cls.model_id, args.verbose)
     port = args.port or cls.default_port
-    app = create_app(
-        cls(),
-        Settings(max_body_bytes=args.max_body_bytes, job_idle_seconds=args.job_idle_seconds),
-        registration_from_env(cls.model_id, port),
+    token = token_from_env()
+    settings = Settings(
+        max_body_bytes=args.max_body_bytes,
+        job_idle_seconds=args.job_idle_seconds,
+        max_jobs=int(os.environ.get("MAX_JOBS", "64")),
+        token=token,
     )
+    app = create_app(cls(), settings, registration_from_env(cls.model_id, port, token))
     log.info("%s (%s) listening on %s:%d", cls.model_id, cls.__name__, args.host, port)
     serve(app, args.host, port)
 

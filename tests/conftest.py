@@ -10,7 +10,14 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import ASYNC_TEST_TIMEOUT, CLIENT_OPTIONS, ServerProcess, StartServer, running_processors
+from harness import (
+    ASYNC_TEST_TIMEOUT,
+    AUTH_HEADERS,
+    CLIENT_OPTIONS,
+    ServerProcess,
+    StartServer,
+    running_processors,
+)
 
 
 @pytest.fixture
@@ -37,8 +44,8 @@ def processors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, S
 
 @pytest.fixture(scope="session")
 def http() -> Iterator[httpx.Client]:
-    """One keep-alive client for one-off requests to any server (full URLs)."""
-    with httpx.Client(**CLIENT_OPTIONS) as client:
+    """One keep-alive client for one-off requests to any server (full URLs), with the test token."""
+    with httpx.Client(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         yield client
 
 

@@ -30,6 +30,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC_TEST_TIMEOUT = 30.0
 PROCESSORS = ("green-tint", "grayscale", "passthrough")
+# Every server started here gets BYOC_TOKEN=TEST_TOKEN (processors require it; nodes ignore it),
+# and every client made here sends it.
+TEST_TOKEN = "test-token"
+AUTH_HEADERS = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
 # httpx loads the CA bundle for every new client (~40 ms); these servers speak plain HTTP, so
@@ -74,10 +78,13 @@ class ServerProcess:
         return self.process.pid
 
     def client(self, **options: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, **{**CLIENT_OPTIONS, **options})
+        """A client that sends ``Authorization: Bearer TEST_TOKEN`` (plus any ``headers`` given)."""
+        headers = {**AUTH_HEADERS, **options.pop("headers", {})}
+        return httpx.Client(base_url=self.url, headers=headers, **{**CLIENT_OPTIONS, **options})
 
     def async_client(self, **options: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, **{**CLIENT_OPTIONS, **options})
+        headers = {**AUTH_HEADERS, **options.pop("headers", {})}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, **{**CLIENT_OPTIONS, **options})
 
     def output(self) -> str:
         self._log.flush()
@@ -118,7 +125,7 @@ class ServerProcess:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "BYOC_TOKEN": TEST_TOKEN, **(env or {})},
         )
         # A log in a caller's folder (pytest's tmp_path) outlives the server; one in /tmp does not.
         return cls(args, port, process, log, keep_log=log_dir is not None)

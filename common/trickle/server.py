@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -109,6 +110,12 @@ class Job:
         self._outputs: dict[int, Segment] = {}
         self._changed = _Signal()
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._publish())]
+        for task in self._tasks:
+            task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("job %s: %s failed", self.id, task.get_coro().__qualname__, exc_info=exc)
 
     @property
     def active(self) -> bool:
@@ -171,7 +178,12 @@ class Job:
     async def _publish(self) -> None:
         while (task := await self._queue.get()) is not None:
             self._append(await task)
-        if self._finish is not None and (last := await self._finish(self.state)) is not None:
+        try:
+            last = None if self._finish is None else await self._finish(self.state)
+        except Exception as exc:  # the end-of-stream flush failed: say so, and still end the job
+            log.exception("job %s: end of stream failed", self.id)
+            last = Segment.from_error(ApiError(500, "processing_failed", repr(exc)))
+        if last is not None:
             self._append(last)
         self.closed = True
         self._changed.notify()
@@ -251,8 +263,10 @@ class JobStore:
         max_pending: int = 16,
         concurrency: int = 1,
         idle_seconds: float = 300.0,
+        max_jobs: int = 64,
     ) -> None:
         self.jobs: dict[str, Job] = {}
+        self.max_jobs = max_jobs
         self._handler = handler
         self._finish = finish
         self._ring_size = ring_size
@@ -270,6 +284,14 @@ class JobStore:
     def get_or_create(self, job_id: str) -> Job:
         job = self.jobs.get(check_job_id(job_id))
         if job is None:
+            if len(self.jobs) >= self.max_jobs:
+                raise ApiError(
+                    503,
+                    "too_many_jobs",
+                    f"{len(self.jobs)} jobs are open, the limit (MAX_JOBS); DELETE /live/<id> finished "
+                    "jobs or retry later",
+                    {"Retry-After": "1"},
+                )
             job = Job(
                 job_id, self._handler, self._ring_size, self._max_pending, self._concurrency, self._finish
             )
@@ -298,14 +320,26 @@ class JobStore:
             self.sweep()
 
 
+_SEQ = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
+
+
 def _seq_param(request: Request) -> int | None:
     text = request.path_params.get("seq")
     if text is None:
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ApiError(400, "invalid_seq", f"segment number must be an integer, got {text!r}") from None
+    if _SEQ.fullmatch(text) is None:
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        raise ApiError(400, "invalid_seq", f"segment number must be an integer of 1-18 digits, got {shown}")
+    return int(text)
+
+
+def _upload_error(exc: BaseException, seq: int) -> ApiError:
+    """What the output says of a segment whose upload failed."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (ClientDisconnect, asyncio.CancelledError)):
+        return ApiError(400, "upload_incomplete", f"segment {seq} upload was cut off")
+    return ApiError(500, "internal_error", f"segment {seq} upload failed ({type(exc).__name__})")
 
 
 class TrickleEndpoints:
@@ -345,17 +379,14 @@ class TrickleEndpoints:
         seq, future = await job.open_input(None if expected == SEQ_NEXT else expected)
         if overrides:
             job.params.update(overrides)
+        last = CLOSED_HEADER.lower() in request.headers  # the writer says: nothing follows this one
+        # Whatever happens to the upload, the reserved seq gets an input or an error: the job's
+        # dispatcher waits for each seq in turn, so an unresolved one would wedge the whole input.
         try:
             data = await read_body(request, self.max_body_bytes)
-        except ApiError as exc:
-            future.set_result(Segment.from_error(exc))
+        except BaseException as exc:
+            future.set_result(Segment.from_error(_upload_error(exc, seq)))
             raise
-        except ClientDisconnect:
-            future.set_result(
-                Segment.from_error(ApiError(400, "upload_incomplete", f"segment {seq} upload was cut off"))
-            )
-            raise
-        last = CLOSED_HEADER.lower() in request.headers  # the writer says: nothing follows this one
         # A job whose first segment is also its last is a one-shot job (how an orchestrator sends a
         # request/response job): its processor sees the input as complete, not as a stream.
         stream = None if last and seq == 0 else job.state

@@ -288,8 +288,8 @@ def test_malformed_x_params_are_400(
 
 @pytest.mark.parametrize(
     "data",
-    [os.urandom(4096), encode_image(sample_image(), "jpeg")[:500], b"", png_claiming(50_000, 50_000)],
-    ids=["random", "truncated-jpeg", "empty", "huge-header"],
+    [os.urandom(4096), encode_image(sample_image(), "jpeg")[:500], png_claiming(50_000, 50_000)],
+    ids=["random", "truncated-jpeg", "huge-header"],
 )
 def test_passthrough_accepts_any_bytes(
     http: httpx.Client, servers: dict[str, ServerProcess], data: bytes

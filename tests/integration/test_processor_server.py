@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from harness import (
+    AUTH_HEADERS,
     CLIENT_OPTIONS,
     PROCESSORS,
     ServerProcess,
@@ -147,7 +148,7 @@ async def test_a_100_frame_stream_with_4_segments_in_flight(processors: dict[str
     written, peak = 0, 0
     received: list[tuple[int, bytes]] = []
     job_url = f"{processors['green-tint'].url}/live/{new_job_id('stream')}"
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher, subscriber = TricklePublisher(client, job_url), TrickleSubscriber(client, job_url)
 
         async def publish() -> None:
@@ -214,7 +215,7 @@ async def test_concurrent_jobs_keep_their_own_segments_and_strengths(
 ) -> None:
     strengths = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     colour = (200, 40, 120)
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
 
         async def run_job(strength: float) -> list[bytes]:
             job_url = f"{processors['green-tint'].url}/live/{new_job_id('concurrent')}"

@@ -8,7 +8,15 @@ import uuid
 
 import httpx
 import pytest
-from harness import CLIENT_OPTIONS, ServerProcess, decode_image, encode_image, free_port, sample_image
+from harness import (
+    AUTH_HEADERS,
+    CLIENT_OPTIONS,
+    ServerProcess,
+    decode_image,
+    encode_image,
+    free_port,
+    sample_image,
+)
 
 from common.trickle.protocol import TrickleError
 from common.trickle.publisher import TricklePublisher
@@ -23,7 +31,7 @@ async def test_subscriber_follows_the_publishers_seqs_to_the_end(
     processors: dict[str, ServerProcess],
 ) -> None:
     url = job_url(processors["passthrough"])
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher = TricklePublisher(client, url)
         assert [await publisher.write(b"segment %d" % i) for i in range(5)] == [0, 1, 2, 3, 4]
         await publisher.close()
@@ -35,7 +43,7 @@ async def test_subscriber_reads_while_the_publisher_is_still_writing(
     processors: dict[str, ServerProcess],
 ) -> None:
     url = job_url(processors["passthrough"])
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         subscriber = TrickleSubscriber(client, url, start_seq=0)
         publisher = TricklePublisher(client, url)
         await publisher.write(b"first")  # the job exists once its first segment is written
@@ -52,7 +60,7 @@ async def test_subscriber_jumps_to_the_latest_on_470_and_counts_the_gap(
     processors: dict[str, ServerProcess],
 ) -> None:
     url = job_url(processors["passthrough"])
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher = TricklePublisher(client, url)
         for i in range(12):
             await publisher.write(b"%d" % i)
@@ -70,7 +78,7 @@ async def test_subscriber_jumps_to_the_latest_on_470_and_counts_the_gap(
 
 async def test_subscriber_waits_when_it_is_ahead_of_the_writer(processors: dict[str, ServerProcess]) -> None:
     url = job_url(processors["passthrough"])
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher = TricklePublisher(client, url)
         await publisher.write(b"0")
         subscriber = TrickleSubscriber(client, url, start_seq=3)  # 470 "not reachable yet" at first
@@ -88,7 +96,7 @@ async def test_subscriber_ends_on_404_for_unknown_and_deleted_jobs(
 ) -> None:
     server = processors["passthrough"]
     url = job_url(server)
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         assert await TrickleSubscriber(client, job_url(server)).next() is None
         await TricklePublisher(client, url).write(b"x")
         subscriber = TrickleSubscriber(client, url)
@@ -103,7 +111,7 @@ async def test_subscriber_ends_on_404_for_unknown_and_deleted_jobs(
 async def test_error_segments_are_delivered_not_dropped(processors: dict[str, ServerProcess]) -> None:
     url = job_url(processors["green-tint"])
     frame = encode_image(sample_image(), "png")
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher = TricklePublisher(client, url)
         for data in (frame, b"not an image", frame):
             await publisher.write(data, "image/png")
@@ -116,7 +124,7 @@ async def test_error_segments_are_delivered_not_dropped(processors: dict[str, Se
 
 async def test_publisher_params_reach_the_processor(processors: dict[str, ServerProcess]) -> None:
     url = job_url(processors["green-tint"])
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         await TricklePublisher(client, url, params={"strength": 1.0}).write(
             encode_image(sample_image(), "png")
         )
@@ -133,7 +141,7 @@ async def test_publisher_streams_a_body_it_does_not_hold_whole(processors: dict[
             yield part
             await asyncio.sleep(0)
 
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         assert await TricklePublisher(client, url).write(produce()) == 0
         segment = await TrickleSubscriber(client, url).next()
     assert segment.body == b"".join(parts)
@@ -141,7 +149,7 @@ async def test_publisher_streams_a_body_it_does_not_hold_whole(processors: dict[
 
 async def test_publisher_raises_the_servers_error(processors: dict[str, ServerProcess]) -> None:
     url = job_url(processors["green-tint"])
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher = TricklePublisher(client, url)
         await publisher.write(b"")
         await publisher.close()
@@ -159,7 +167,7 @@ async def test_publisher_raises_the_servers_error(processors: dict[str, ServerPr
 
 async def test_publisher_retries_connecting_a_bounded_number_of_times() -> None:
     url = f"http://127.0.0.1:{free_port()}/live/nobody"  # nothing listens there
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         started = time.monotonic()
         with pytest.raises(httpx.ConnectError):
             await TricklePublisher(client, url, connect_retries=2).write(b"x")

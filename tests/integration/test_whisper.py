@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from harness import ServerProcess, StartServer, assert_error, processor_argv, require_whisper
+from harness import AUTH_HEADERS, ServerProcess, StartServer, assert_error, processor_argv, require_whisper
 
 from common.audio import decode_audio
 from scripts.test_byoc_job import SPEECH_KEYWORDS, speech_wav, words
@@ -96,7 +96,7 @@ def test_health_goes_from_loading_to_idle(start_server: StartServer) -> None:
         if not seen or seen[-1] != status:
             seen.append(status)
             if status == "LOADING":  # jobs are refused meanwhile, with a hint to retry
-                refused = httpx.post(server.url + "/job", content=b"x", timeout=5)
+                refused = httpx.post(server.url + "/job", content=b"x", headers=AUTH_HEADERS, timeout=5)
                 assert_error(refused, 503, "not_ready")
                 assert refused.headers["retry-after"] == "1"
         time.sleep(0.05)
@@ -110,7 +110,8 @@ def test_missing_weights_report_error_with_a_clear_log(start_server: StartServer
         processor_argv("whisper-tiny"), env={"WHISPER_MODEL": str(missing)}, ready_status="ERROR"
     )
     assert f"WHISPER_MODEL={missing}: no such file or directory" in server.output()
-    assert_error(httpx.post(server.url + "/job", content=b"x", timeout=5), 503, "not_ready")
+    refused = httpx.post(server.url + "/job", content=b"x", headers=AUTH_HEADERS, timeout=5)
+    assert_error(refused, 503, "not_ready")
 
 
 def test_corrupt_weights_report_error_with_a_clear_log(start_server: StartServer, tmp_path: Path) -> None:
@@ -261,3 +262,56 @@ def test_silence_is_an_empty_transcript_not_an_error(server: ServerProcess) -> N
     response = post(server, wav(np.zeros(3 * RATE, np.float32)))
     assert response.status_code == 200, response.text
     assert response.json()["text"] == "" and response.json()["segments"] == []
+
+
+def test_an_empty_one_shot_job_is_400(server: ServerProcess, speech: bytes) -> None:
+    assert_error(post(server, b""), 400, "empty_input")
+    assert_transcribes(server, speech)
+
+
+# -- cancellation: work whose client left still holds the model until it really ends -------------
+
+
+def health(server: ServerProcess) -> str:
+    return httpx.get(server.url + "/health", timeout=5).json()["status"]
+
+
+def wait_until_idle(server: ServerProcess, within: float = 60.0) -> float:
+    """Poll /health until IDLE; return how long it said OK (busy) meanwhile."""
+    started = time.monotonic()
+    while (status := health(server)) == "OK":
+        assert time.monotonic() - started < within, "still busy"
+        time.sleep(0.02)
+    assert status == "IDLE", status
+    return time.monotonic() - started
+
+
+def test_a_job_whose_client_timed_out_holds_the_model_until_it_ends(
+    server: ServerProcess, speech: bytes
+) -> None:
+    long_speech = speech_wav(STREAM_TEXT)
+    with server.client(timeout=0.3) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/process/request/slow", content=long_speech, headers={"Content-Type": "audio/wav"})
+    # The client has gone; its transcription has not: /health says busy, not IDLE.
+    assert health(server) == "OK"
+    # The next job waits for the model instead of running on it at the same time.
+    response = post(server, speech)
+    assert response.status_code == 200, response.text
+    assert SPEECH_KEYWORDS <= words(response.json()["text"]), response.text
+    wait_until_idle(server)
+    assert "cannot reshape" not in server.output()
+
+
+def test_a_deleted_stream_holds_the_model_until_its_segment_ends(
+    server: ServerProcess, speech: bytes
+) -> None:
+    job = f"/live/deleted-{uuid.uuid4().hex[:8]}"
+    with server.client(timeout=60) as client:
+        client.put(f"{job}/source", content=speech_wav(STREAM_TEXT), headers={"Content-Type": "audio/wav"})
+        time.sleep(0.2)  # the segment is being transcribed
+        assert client.delete(job).status_code == 200
+        assert health(server) == "OK"
+        response = post(server, speech)
+    assert response.status_code == 200, response.text
+    assert SPEECH_KEYWORDS <= words(response.json()["text"]), response.text
+    wait_until_idle(server)

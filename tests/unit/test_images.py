@@ -150,3 +150,82 @@ def test_header_only_png_within_limits_still_fails_cleanly() -> None:
     with pytest.raises(ApiError) as caught:
         images.decode(png_header_only(32, 32))
     assert caught.value.status == 422
+
+
+# -- corrupt JPEG scan data ---------------------------------------------------------------------
+
+
+def bgr_jpeg(params: list[int], image: np.ndarray | None = None) -> bytes:
+    image = sample_image(160, 120) if image is None else image
+    ok, buffer = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    assert ok
+    return buffer.tobytes()
+
+
+VALID_JPEGS = {
+    "baseline-q90": [cv2.IMWRITE_JPEG_QUALITY, 90],
+    "q100": [cv2.IMWRITE_JPEG_QUALITY, 100],
+    "q5": [cv2.IMWRITE_JPEG_QUALITY, 5],
+    "progressive": [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+    "optimized": [cv2.IMWRITE_JPEG_OPTIMIZE, 1],
+    "restart-interval": [cv2.IMWRITE_JPEG_RST_INTERVAL, 2],
+    "progressive-restarts": [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_RST_INTERVAL, 3],
+    "444": [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],
+}
+
+
+@pytest.mark.parametrize("params", VALID_JPEGS.values(), ids=VALID_JPEGS.keys())
+def test_valid_jpegs_of_every_kind_pass_the_scan_check(params: list[int]) -> None:
+    data = bgr_jpeg(params)
+    images.check_jpeg_scans(data)
+    assert images.decode(data)[0].shape == (120, 160, 3)
+
+
+def test_a_grayscale_jpeg_passes_the_scan_check() -> None:
+    ok, buffer = cv2.imencode(".jpg", sample_image(160, 120)[..., 0])
+    assert ok
+    assert images.decode(buffer.tobytes())[0].shape == (120, 160, 3)
+
+
+def scan_start(data: bytes) -> int:
+    return data.index(b"\xff\xda") + 2 + struct.unpack(">H", data[data.index(b"\xff\xda") + 2 :][:2])[0]
+
+
+@pytest.mark.parametrize("marker", [0x48, 0xC0, 0xD9, 0x01])
+def test_a_stray_marker_in_the_scan_data_is_corrupt_image(marker: int) -> None:
+    data = bytearray(bgr_jpeg([cv2.IMWRITE_JPEG_QUALITY, 90]))
+    where = (scan_start(bytes(data)) + len(data)) // 2
+    data[where : where + 2] = bytes([0xFF, marker])
+    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV: fine
+    with pytest.raises(ApiError) as caught:
+        images.decode(bytes(data))
+    assert (caught.value.status, caught.value.code) == (422, "corrupt_image")
+    assert f"0x{marker:02X}" in caught.value.detail
+
+
+def test_restart_markers_out_of_order_are_corrupt_image() -> None:
+    data = bgr_jpeg([cv2.IMWRITE_JPEG_RST_INTERVAL, 2])
+    first, second = data.index(b"\xff\xd0"), data.index(b"\xff\xd1")
+    swapped = bytearray(data)
+    swapped[first + 1], swapped[second + 1] = 0xD1, 0xD0
+    with pytest.raises(ApiError) as caught:
+        images.decode(bytes(swapped))
+    assert caught.value.code == "corrupt_image" and "RST1 out of order" in caught.value.detail
+
+
+def test_random_damage_to_scan_data_is_a_valid_image_or_a_422() -> None:
+    """Damage the decoder cannot see through is decoded; nothing else ever escapes as a crash."""
+    clean = bgr_jpeg([cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    rng = np.random.default_rng(3)
+    outcomes = set()
+    for _ in range(60):
+        data = bytearray(clean)
+        at = int(rng.integers(scan_start(clean), len(clean) - 2))
+        size = int(rng.integers(1, 64))
+        data[at : at + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()[: len(data) - 2 - at]
+        try:
+            outcomes.add(images.decode(bytes(data))[0].shape)
+        except ApiError as exc:
+            assert exc.status == 422, exc
+            outcomes.add(exc.code)
+    assert "corrupt_image" in outcomes
