@@ -3,6 +3,10 @@
 
 Same programs, ports and model ids as ``compose.yaml``; logs go to ``.run/logs/<service>.log``.
 The integration tests start the same topology through :func:`services`, on free ports.
+
+The orchestrator's secret and the containers' bearer token are never published defaults:
+``make up-local`` uses the ones in ``.env`` (``scripts/make-env.sh`` creates it, as for
+``make up``), and :func:`services` makes random ones when it is given none.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
-ORCH_SECRET = "orch-secret"
+ENV_FILE = ROOT / ".env"
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,9 @@ class Processor:
     name: str  # folder under processors/
     model_id: str
     port: int
+    # Jobs the orchestrator runs on it at once: what it really runs in parallel on a 2-core host
+    # (image codecs release the GIL: 2; passthrough does no work: 4; whisper uses every core: 1).
+    capacity: int = 1
 
     @property
     def module(self) -> str:
@@ -36,11 +44,11 @@ class Processor:
 
 
 PROCESSORS = [
-    Processor("green-tint", "green-tint-cpu", 8000),
-    Processor("grayscale", "grayscale-cpu", 8001),
-    Processor("passthrough", "passthrough-cpu", 8002),
+    Processor("green-tint", "green-tint-cpu", 8000, capacity=2),
+    Processor("grayscale", "grayscale-cpu", 8001, capacity=2),
+    Processor("passthrough", "passthrough-cpu", 8002, capacity=4),
 ]
-WHISPER = Processor("whisper-tiny", "whisper-tiny-cpu", 8003)
+WHISPER = Processor("whisper-tiny", "whisper-tiny-cpu", 8003, capacity=1)
 
 
 def whisper_available() -> bool:
@@ -61,27 +69,51 @@ class Service:
     port: int
 
 
+@dataclass(frozen=True)
+class Secrets:
+    orch_secret: str  # what containers register with (-orchSecret)
+    byoc_token: str  # what the orchestrator sends containers (-byocToken, their BYOC_TOKEN)
+
+    @classmethod
+    def random(cls) -> Secrets:
+        return cls(secrets.token_hex(32), secrets.token_hex(32))
+
+
+def with_env(env: dict[str, str], argv: list[str]) -> list[str]:
+    """``argv`` run through env(1): whoever launches a service's argv starts it with its secrets,
+    and they stay out of the process's command line (``ps`` shows it to every user)."""
+    return ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
+
+
 def services(
     processors: list[Processor] = PROCESSORS,
     gateway_port: int = GATEWAY_PORT,
     orchestrator_port: int = ORCHESTRATOR_PORT,
     extra_orchestrator_flags: tuple[str, ...] = (),
+    keys: Secrets | None = None,
 ) -> list[Service]:
-    """Every process of the topology, containers first, in start order."""
+    """Every process of the topology, containers first, in start order; random secrets unless
+    ``keys`` are given."""
     py = sys.executable
-    pairs = [
+    keys = keys or Secrets.random()
+    flags = [
         flag
         for p in processors
-        for flag in ("-byocModelID", p.model_id, "-byocContainerURL", f"http://127.0.0.1:{p.port}")
-    ]
+        for flag in ("-byocModelID", p.model_id, "-byocContainerURL", f"http://127.0.0.1:{p.port}",
+                     "-byocCapacity", f"{p.model_id}={p.capacity}")
+    ]  # fmt: skip
+    token = {"BYOC_TOKEN": keys.byoc_token}
+    orchestrator_env = {"LP_ORCHSECRET": keys.orch_secret, "LP_BYOCTOKEN": keys.byoc_token}
+    orch_addr = f"127.0.0.1:{orchestrator_port}"
     return [
-        *(Service(p.name, [py, "-m", "common.serve", p.module, "--port", str(p.port)], p.port)
+        *(Service(p.name, with_env(token, [py, "-m", "common.serve", p.module, "--port", str(p.port)]),
+                  p.port)
           for p in processors),
         Service(
             "orchestrator",
-            [py, "-m", "node", "-orchestrator", "-network", "offchain",
-             "-httpAddr", f"127.0.0.1:{orchestrator_port}", "-serviceAddr", f"127.0.0.1:{orchestrator_port}",
-             "-orchSecret", ORCH_SECRET, *pairs, *extra_orchestrator_flags],
+            with_env(orchestrator_env, [
+                py, "-m", "node", "-orchestrator", "-network", "offchain",
+                "-httpAddr", orch_addr, "-serviceAddr", orch_addr, *flags, *extra_orchestrator_flags]),
             orchestrator_port,
         ),
         Service(
@@ -105,9 +137,25 @@ def wait_healthy(port: int, timeout: float = 30.0) -> bool:
     return False
 
 
+def env_file_secrets() -> Secrets:
+    """ORCH_SECRET and BYOC_TOKEN from ``.env``, created first by ``scripts/make-env.sh`` (random
+    values, once, mode 0600), so the local and the Docker topology share them."""
+    if not ENV_FILE.exists():
+        subprocess.run([str(ROOT / "scripts" / "make-env.sh")], cwd=ROOT, check=True)
+    values = dict(
+        line.split("=", 1)
+        for line in ENV_FILE.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    try:
+        return Secrets(values["ORCH_SECRET"].strip(), values["BYOC_TOKEN"].strip())
+    except KeyError as exc:
+        raise SystemExit(f"up-local: {ENV_FILE} lacks {exc}; run scripts/make-env.sh") from None
+
+
 def up() -> int:
     (RUN_DIR / "logs").mkdir(parents=True, exist_ok=True)
-    for service in services():
+    for service in services(keys=env_file_secrets()):
         log = open(RUN_DIR / "logs" / f"{service.name}.log", "ab")  # the child process keeps it open
         process = subprocess.Popen(
             service.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -27,7 +27,10 @@ from harness import (
     sample_image,
 )
 
-# Every flag issue 3 names, plus the two the node adds.
+SECRET = "test-orch-secret"
+TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
+
+# The tutorial's flags, plus the node's own.
 FLAGS = [
     "gateway",
     "orchestrator",
@@ -39,6 +42,12 @@ FLAGS = [
     "byocModelID",
     "byocContainerURL",
     "byocCapacity",
+    "byocToken",
+    "byocQueue",
+    "byocQueueTimeout",
+    "maxJobTimeout",
+    "streamIdleTimeout",
+    "insecureDefaults",
     "maxBodyBytes",
     "v",
 ]
@@ -96,7 +105,7 @@ def test_help_documents_every_flag() -> None:
 def test_a_network_other_than_offchain_is_a_clear_error() -> None:
     cases: list[tuple[list[str], dict[str, str] | None]] = [
         (["-gateway", "-network", "arbitrum-one-mainnet"], None),
-        (["-orchestrator", "-orchSecret", "s", "-network=arbitrum-one-mainnet"], None),
+        (["-orchestrator", "-orchSecret", SECRET, "-network=arbitrum-one-mainnet"], None),
         (["-gateway"], {"LP_NETWORK": "arbitrum-one-mainnet"}),
     ]
     for result in run_nodes(cases):
@@ -119,7 +128,7 @@ def test_model_ids_and_container_urls_must_pair_up() -> None:
         (["-byocContainerURL", "http://127.0.0.1:1"], "0", "1"),
         (["-byocModelID", "a"], "1", "0"),
     ]
-    results = run_nodes([(["-orchestrator", "-orchSecret", "s", *flags], None) for flags, _, _ in cases])
+    results = run_nodes([(["-orchestrator", "-orchSecret", SECRET, *flags], None) for flags, _, _ in cases])
     for (flags, ids, urls), result in zip(cases, results, strict=True):
         assert result.returncode != 0, flags
         assert f"{ids} -byocModelID but {urls} -byocContainerURL" in result.stderr, result.stderr
@@ -132,6 +141,63 @@ def test_an_orchestrator_needs_a_secret() -> None:
     assert "-orchSecret" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_bad_queue_timeout_and_capacity_flags_are_clear_errors() -> None:
+    pair = ["-byocModelID", "a", "-byocContainerURL", "http://127.0.0.1:1"]
+    cases: list[tuple[list[str], dict[str, str] | None, str]] = [
+        (["-byocQueueTimeout", "soon"], None, "-byocQueueTimeout"),
+        (["-byocQueueTimeout", "0s"], None, "-byocQueueTimeout"),
+        (["-byocQueueTimeout", "infs"], None, "-byocQueueTimeout"),
+        (["-byocQueue", "-1"], None, "-byocQueue"),
+        (["-maxJobTimeout", "0"], None, "-maxJobTimeout"),
+        (["-streamIdleTimeout", "1.5"], None, "-streamIdleTimeout"),
+        (["-byocCapacity", "0"], None, "-byocCapacity"),
+        (["-byocCapacity", "2000"], None, "-byocCapacity"),
+        (["-byocCapacity", "b=2"], None, "names no -byocModelID"),
+        ([], {"LP_BYOCQUEUETIMEOUT": "ten"}, "LP_BYOCQUEUETIMEOUT"),
+        ([], {"LP_MAXJOBTIMEOUT": "x"}, "LP_MAXJOBTIMEOUT"),
+    ]
+    results = run_nodes(
+        [(["-orchestrator", "-orchSecret", SECRET, *pair, *flags], env) for flags, env, _ in cases]
+    )
+    for (flags, env, named), result in zip(cases, results, strict=True):
+        assert result.returncode != 0, (flags, env)
+        assert named in result.stderr and "Traceback" not in result.stderr, (flags, env, result.stderr)
+
+
+def test_per_model_capacity_queue_and_timeout_flags(
+    start_server: StartServer, processors: dict[str, ServerProcess]
+) -> None:
+    pairs = [
+        flag
+        for name in ("passthrough", "grayscale", "green-tint")
+        for flag in ("-byocModelID", f"{name}-cpu", "-byocContainerURL", processors[name].url)
+    ]
+    orch = start_server(
+        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN, *pairs,
+                  "-byocCapacity", "2", "-byocCapacity", "passthrough-cpu=4,grayscale-cpu=3",
+                  "-byocQueue", "5", "-byocQueueTimeout", "3s"),
+        ready_status=NODE_READY,
+    )  # fmt: skip
+    found = capabilities(orch)
+    assert {n: c["capacity"] for n, c in found.items()} == {
+        "passthrough-cpu": 4,
+        "grayscale-cpu": 3,
+        "green-tint-cpu": 2,
+    }
+    sender = "eyJhZGRyIjogIjB4MDAiLCAic2lnIjogIiJ9"  # base64 of {"addr": "0x00", "sig": ""}
+    token = httpx.get(
+        f"{orch.url}/process/token",
+        headers={"Livepeer-Eth-Address": sender, "Livepeer-Capability": "grayscale-cpu"},
+    ).json()
+    assert token["available_capacity"] == 3 + 5, token  # free units and the -byocQueue places
+    for value in ("3", "3.0s"):  # a bare number is seconds too
+        plain = start_server(
+            node_argv("orchestrator", "-orchSecret", SECRET, "-byocQueueTimeout", value),
+            ready_status=NODE_READY,
+        )
+        assert plain.process.poll() is None
+
+
 # -- the tutorial's command lines ---------------------------------------------------------------
 
 
@@ -141,7 +207,7 @@ def test_the_tutorials_single_pair_registers_logs_and_serves_a_job(
     green = processors["green-tint"]
     # README's command, ports aside: one -byocModelID / -byocContainerURL pair, as written.
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", "orch-secret",
+        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
                   "-byocModelID", "green-tint-cpu", "-byocContainerURL", green.url),
         ready_status=NODE_READY,
     )  # fmt: skip
@@ -176,7 +242,7 @@ def test_orch_secret_can_be_a_file(
     secret_file.write_text("secret-from-a-file\n")
     orch = start_server(node_argv("orchestrator", f"-orchSecret={secret_file}"), ready_status=NODE_READY)
     url = processors["passthrough"].url
-    assert_error(register(orch, str(secret_file), "from-file", url), 400, "invalid_authorization")
+    assert_error(register(orch, str(secret_file), "from-file", url), 401, "invalid_authorization")
     ok = register(orch, "secret-from-a-file", "from-file", url)
     assert (ok.status_code, ok.text) == (200, "ok")
     assert "from-file" in capabilities(orch)
@@ -198,6 +264,10 @@ def test_every_flag_can_come_from_an_lp_variable(
             "LP_BYOCMODELID": "passthrough-cpu,grayscale-cpu",
             "LP_BYOCCONTAINERURL": f"{processors['passthrough'].url},{processors['grayscale'].url}",
             "LP_BYOCCAPACITY": "3",
+            "LP_BYOCTOKEN": TOKEN,
+            "LP_BYOCQUEUE": "4",
+            "LP_BYOCQUEUETIMEOUT": "2s",
+            "LP_MAXJOBTIMEOUT": "60",
             "LP_MAXBODYBYTES": "1000",
         },
         ready_status=NODE_READY,
@@ -214,6 +284,12 @@ def test_every_flag_can_come_from_an_lp_variable(
         "grayscale-cpu": (processors["grayscale"].url, 3),
     }
     assert register(orch, "secret-from-env", "env-registered", processors["passthrough"].url).text == "ok"
+    sender = "eyJhZGRyIjogIjB4MDAiLCAic2lnIjogIiJ9"  # base64 of {"addr": "0x00", "sig": ""}
+    token = httpx.get(
+        f"{orch.url}/process/token",
+        headers={"Livepeer-Eth-Address": sender, "Livepeer-Capability": "grayscale-cpu"},
+    ).json()
+    assert token["available_capacity"] == 3 + 4, token  # LP_BYOCCAPACITY units, LP_BYOCQUEUE places
 
     headers = {"X-Model-Id": "passthrough-cpu"}
     job = httpx.post(f"{gateway.url}/process/request/x", content=b"via env", headers=headers)
@@ -228,7 +304,7 @@ def test_command_line_flags_override_their_lp_variables(
 ) -> None:
     passthrough = processors["passthrough"].url
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", "from-flag",
+        node_argv("orchestrator", "-orchSecret", "from-flag", "-byocToken", TOKEN,
                   "-byocModelID", "passthrough-cpu", "-byocContainerURL", passthrough),
         env={
             "LP_ORCHSECRET": "from-env",
@@ -239,5 +315,5 @@ def test_command_line_flags_override_their_lp_variables(
         ready_status=NODE_READY,
     )  # fmt: skip
     assert list(capabilities(orch)) == ["passthrough-cpu"]
-    assert_error(register(orch, "from-env", "x", passthrough), 400, "invalid_authorization")
+    assert_error(register(orch, "from-env", "x", passthrough), 401, "invalid_authorization")
     assert register(orch, "from-flag", "x", passthrough).text == "ok"
