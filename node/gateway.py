@@ -34,7 +34,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ApiError
-from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length, params_header
+from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length
 from common.names import check_model_id
 from common.service import service_app
 from common.trickle.protocol import PARAMS_HEADER
@@ -118,7 +118,7 @@ def _failure_status(failures: list[tuple[int, str]]) -> int:
     return statuses.pop() if len(statuses) == 1 and statuses <= {503, 504} else 502
 
 
-def _count(value: Any) -> int:
+def _int_or_zero(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
@@ -248,7 +248,7 @@ class Gateway:
         tokens: list[tuple[int, str]] = []
         for orch, (status, body) in zip(candidates, answers, strict=True):
             if status == 200 and isinstance(body, dict) and isinstance(body.get("service_addr"), str):
-                available = _count(body.get("available_capacity"))
+                available = _int_or_zero(body.get("available_capacity"))
                 if available > 0:
                     tokens.append((available, body["service_addr"].rstrip("/")))
                 else:
@@ -308,21 +308,10 @@ class Gateway:
 
     # -- request/response jobs --------------------------------------------------------------
 
-    def _forward_headers(self, request: Request) -> dict[str, str]:
-        """Content-Type and X-Params as they may go on: printable ASCII, X-Params a JSON object."""
-        headers = forwardable(request.headers, ("content-type", PARAMS_HEADER.lower()))
-        if PARAMS_HEADER.lower() in headers:
-            try:
-                params_header(request)
-            except (ValueError, RecursionError):  # digits over Python's limit, deep nesting
-                detail = f"{PARAMS_HEADER} must be a JSON object such as " + '{"strength": 0.5}'
-                raise ApiError(400, "invalid_params", detail) from None
-        return headers
-
     async def process_request(self, request: Request) -> Response:
         path = forward_path(request, JOB_PREFIX)
         job = self.job_from(request)
-        headers = self._forward_headers(request)
+        headers = forwardable(request.headers, ("content-type", PARAMS_HEADER.lower()))
         check_declared_length(request, self.config.max_body_bytes)
         deadline = Deadline.after(job.timeout_seconds)
         started = time.monotonic()

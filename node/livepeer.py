@@ -49,7 +49,7 @@ def _depth(value: Any, limit: int) -> int:
     return depth
 
 
-def loads_bounded(text: str | bytes, what: str) -> Any:
+def loads_bounded(text: str | bytes, what: str, code: str = "invalid_livepeer_header") -> Any:
     """``json.loads`` that fails with a 400 for every input Python refuses: malformed JSON,
     integers over Python's digit limit (a ``ValueError``) and nesting deeper than the stack
     (a ``RecursionError``) or than :data:`MAX_JSON_DEPTH`."""
@@ -57,9 +57,9 @@ def loads_bounded(text: str | bytes, what: str) -> Any:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
-        raise _bad_header(f"{what} is not valid JSON ({reason})") from None
+        raise ApiError(400, code, f"{what} is not valid JSON ({reason})") from None
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise _bad_header(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+        raise ApiError(400, code, f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 

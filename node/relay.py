@@ -23,6 +23,8 @@ from common.errors import ApiError
 from common.http import read_body
 from common.trickle.protocol import CLOSED_HEADER, LATEST_HEADER, PARAMS_HEADER, SEQ_HEADER
 
+from .livepeer import loads_bounded
+
 log = logging.getLogger("relay")
 
 _REQUEST_HEADERS = ("content-type", PARAMS_HEADER.lower())
@@ -111,18 +113,24 @@ def check_plain_path(request: Request) -> None:
 
 
 def forwardable(headers: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
-    """``names`` from ``headers``, refused with a 400 when a value cannot go on as an HTTP header.
+    """``names`` from ``headers``, refused with a 400 when a value cannot go on as an HTTP header
+    (or, for ``X-Params``, is not a JSON object that every hop can parse).
 
     A server decodes header bytes as latin-1; httpx sends only ASCII, and would fail with a 500
     on a value it cannot encode. Printable ASCII is what every header we forward needs.
     """
     picked = pick(headers, names)
     for name, value in picked.items():
+        params = name == PARAMS_HEADER.lower()
         if not (value.isascii() and value.isprintable()):
             raise ApiError(
                 400,
-                "invalid_params" if name == PARAMS_HEADER.lower() else "invalid_header",
+                "invalid_params" if params else "invalid_header",
                 f"the {name} header must be printable ASCII (JSON escapes non-ASCII text as \\uXXXX)",
+            )
+        if params and not isinstance(loads_bounded(value, PARAMS_HEADER, "invalid_params"), dict):
+            raise ApiError(
+                400, "invalid_params", f'{PARAMS_HEADER} must be a JSON object such as {{"strength": 0.5}}'
             )
     return picked
 

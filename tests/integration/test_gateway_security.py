@@ -201,8 +201,16 @@ def test_timeouts_over_the_maximum_are_capped(nodes: Nodes) -> None:
     header = livepeer_header(capability="passthrough-cpu", timeout_seconds=10**30, request="{}")
     for headers in ({"X-Model-Id": "passthrough-cpu", "X-Timeout-Seconds": "100000"}, {"Livepeer": header}):
         assert httpx.post(url, content=b"t", headers=headers, timeout=10).status_code == 200
-    records = [r for r in seen(nodes.standin) if r["path"] == "/process/request/capped"]
-    assert len(records) == 2 and all(forwarded_timeout(r) <= 300 for r in records), records
+    # A stream too: it would hold its capacity for as long as it asks.
+    stream = f"/live/capped-{uuid.uuid4().hex[:8]}"
+    put = httpx.put(
+        f"{nodes.recorded.url}{stream}/source",
+        content=b"t",
+        headers={"X-Model-Id": "passthrough-cpu", "X-Timeout-Seconds": "100000"},
+    )
+    assert put.status_code == 200, put.text
+    records = [r for r in seen(nodes.standin) if r["path"] in ("/process/request/capped", f"{stream}/source")]
+    assert len(records) == 3 and all(forwarded_timeout(r) <= 300 for r in records), records
 
 
 BAD_LIVEPEER_HEADERS = {
@@ -252,6 +260,12 @@ def test_non_ascii_x_params_are_400_and_never_forwarded(nodes: Nodes) -> None:
             headers={"X-Model-Id": "passthrough-cpu", "X-Params": value},
         )
         assert_error(response, 400, "invalid_params")
+        stream = httpx.put(
+            f"{nodes.recorded.url}/live/params-{uuid.uuid4().hex[:8]}/source",
+            content=b"x",
+            headers={"X-Model-Id": "passthrough-cpu", "X-Params": value},
+        )
+        assert_error(stream, 400, "invalid_params")
     assert len(seen(nodes.standin)) == before
 
 
