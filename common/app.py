@@ -208,7 +208,9 @@ class ProcessorApp:
         started = time.monotonic()
         item = Input(data, request.headers.get("content-type"), params)
         output = await self.work.run(self._run(item), self.settings.work_wait_seconds)
-        log.info(
+        # DEBUG: at hundreds of jobs a second a line each costs more than the job's HTTP parsing,
+        # and the orchestrator in front already logs every job.
+        log.debug(
             "POST %s: %d -> %d bytes in %.1f ms",
             request.url.path,
             len(data),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal
 
 import numpy as np
 
@@ -22,6 +23,9 @@ ACCEPTED = (
 _MIN_RATE, _MAX_RATE = 1_000, 768_000
 _KSDATAFORMAT_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # GUID after the format tag
 _KAISER_BETA = 7.857  # 0.1102 * (80 - 8.7): about 80 dB stopband attenuation
+
+SampleFormat = Literal["pcm8", "pcm16", "pcm24", "pcm32", "float32", "L16"]
+_PCM_FORMATS: dict[int, SampleFormat] = {8: "pcm8", 16: "pcm16", 24: "pcm24", 32: "pcm32"}
 
 
 class AudioError(ValueError):
@@ -38,7 +42,7 @@ class DecodedAudio:
     source_rate: int
     source_channels: int
     duration: float  # seconds of source audio
-    source_format: str  # "pcm8" | "pcm16" | "pcm24" | "pcm32" | "float32" | "L16"
+    source_format: SampleFormat
     sample_rate: int = TARGET_RATE
 
 
@@ -83,7 +87,7 @@ def _wav_chunks(data: bytes) -> tuple[bytes, memoryview]:
     return fmt, body
 
 
-def _wav_format(fmt: bytes) -> tuple[str, int, int, int]:
+def _wav_format(fmt: bytes) -> tuple[SampleFormat, int, int, int]:
     """Return (kind, rate, channels, frame bytes) after checking the header is self-consistent."""
     tag, channels, rate, byte_rate, align, bits = struct.unpack_from("<HHIIHH", fmt)
     if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the SubFormat GUID
@@ -92,8 +96,9 @@ def _wav_format(fmt: bytes) -> tuple[str, int, int, int]:
         if fmt[26:40] != _KSDATAFORMAT_TAIL:
             raise AudioError(415, "unsupported_sample_format", "unknown extensible SubFormat GUID")
         tag = struct.unpack_from("<H", fmt, 24)[0]
-    if tag == 1 and bits in (8, 16, 24, 32):
-        kind = f"pcm{bits}"
+    kind: SampleFormat
+    if tag == 1 and bits in _PCM_FORMATS:
+        kind = _PCM_FORMATS[bits]
     elif tag == 3 and bits == 32:
         kind = "float32"
     else:
@@ -111,7 +116,7 @@ def _wav_format(fmt: bytes) -> tuple[str, int, int, int]:
     return kind, rate, channels, align
 
 
-def _samples(raw: memoryview | bytes, kind: str, channels: int) -> np.ndarray:
+def _samples(raw: memoryview | bytes, kind: SampleFormat, channels: int) -> np.ndarray:
     """Interleaved integers/floats -> float32 frames x channels, full scale mapped to [-1, 1)."""
     if kind == "pcm8":  # 8-bit WAV is unsigned with 128 as zero
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
@@ -192,7 +197,8 @@ def decode_audio(
             rate, channels = int(params["rate"]), int(params.get("channels", "1"))
         except (KeyError, ValueError):
             raise _invalid("audio/L16 needs integer rate=<hz> and channels=<n> parameters") from None
-        kind, body, frame = "L16", memoryview(data), 2 * channels
+        kind: SampleFormat = "L16"
+        body, frame = memoryview(data), 2 * channels
     elif len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         fmt, body = _wav_chunks(data)
         kind, rate, channels, frame = _wav_format(fmt)

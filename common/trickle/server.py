@@ -109,13 +109,16 @@ class Job:
         self._queue: asyncio.Queue[asyncio.Task[Segment] | None] = asyncio.Queue(concurrency)
         self._outputs: dict[int, Segment] = {}
         self._changed = _Signal()
-        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._publish())]
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="dispatch"),
+            asyncio.create_task(self._publish(), name="publish"),
+        ]
         for task in self._tasks:
             task.add_done_callback(self._log_failure)
 
     def _log_failure(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("job %s: %s failed", self.id, task.get_coro().__qualname__, exc_info=exc)
+            log.error("job %s: %s failed", self.id, task.get_name(), exc_info=exc)
 
     @property
     def active(self) -> bool:
