@@ -10,7 +10,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -244,4 +243,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -197,8 +197,10 @@ def check_container_url(value: Any) -> str:
 
 
 def _check_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str) -> None:
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    for candidate in filter(None, (address, mapped)):
+    candidates = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        candidates.append(address.ipv4_mapped)  # ::ffff:169.254.169.254 is 169.254.169.254
+    for candidate in candidates:
         if candidate in METADATA_ADDRESSES:
             raise _invalid(f"url host {host!r} is a cloud metadata address, not a container")
         if candidate.is_link_local or candidate.is_unspecified or candidate.is_multicast:
@@ -224,7 +226,7 @@ async def check_resolved_host(url: str) -> None:
             f"url host {host!r} does not resolve; register an address the orchestrator can reach"
         ) from None
     for info in infos:
-        _check_address(ipaddress.ip_address(info[4][0].split("%", 1)[0]), host)
+        _check_address(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]), host)
 
 
 def registration_from_json(body: Any) -> Registration:
