@@ -36,10 +36,10 @@ class Supervisor:
 
     def start(self) -> None:
         for index, loop in enumerate(self._loops()):
-            self._tasks.append(asyncio.create_task(self._run(index, loop), name=loop.__qualname__))
+            self._tasks.append(asyncio.create_task(self._run(index, loop), name=_name(loop)))
 
     async def _run(self, index: int, loop: Coroutine[Any, Any, None]) -> None:
-        name, delay, clock = loop.__qualname__, self._restart_delay, asyncio.get_running_loop().time
+        name, delay, clock = _name(loop), self._restart_delay, asyncio.get_running_loop().time
         while True:
             started = clock()
             try:
@@ -70,6 +70,11 @@ class Supervisor:
             for task in pending:
                 log.warning("background loop %s did not stop within %g s", task.get_name(), timeout)
         self._tasks.clear()
+
+
+def _name(loop: Coroutine[Any, Any, None]) -> str:
+    """``Class.method`` of a coroutine object, for log lines and task names."""
+    return str(getattr(loop, "__qualname__", type(loop).__name__))
 
 
 def service_app(
