@@ -28,6 +28,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -109,7 +110,7 @@ class _Flow(FlowControl):
     a quiet client is not stalling.
     """
 
-    def __init__(self, transport: asyncio.Transport, on_wanted: Any) -> None:
+    def __init__(self, transport: asyncio.Transport, on_wanted: Callable[[], None]) -> None:
         super().__init__(transport)
         self._on_wanted = on_wanted
 
