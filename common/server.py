@@ -132,6 +132,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # ends the linger after a refusal
         self._last_data = 0.0  # loop time of the last bytes received or of the app asking for more
         self._in_head = False  # a request has begun and its head is not complete
         self._in_body = False  # a request head is complete and its body is not
@@ -292,13 +293,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()  # drain what the client still sends, so the close is clean
-        self._head_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        self._close_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self._close_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head_timer = self._body_timer = self._close_timer = None
 
 
 def raise_open_file_limit() -> int:
@@ -307,12 +308,16 @@ def raise_open_file_limit() -> int:
     Every connection is a file handle and the usual soft limit (1024) is far below what a
     server under attack must hold open before its connection cap answers.
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
+    unlimited = 1 << 20  # Linux's usual ceiling (fs.nr_open) stands in for "infinity"
+    soft, hard = (
+        unlimited if value == resource.RLIM_INFINITY else value
+        for value in resource.getrlimit(resource.RLIMIT_NOFILE)
+    )
+    wanted = min(hard, unlimited)
+    if soft >= wanted:
         return soft
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     except (ValueError, OSError) as exc:
         log.warning("open files: cannot raise the limit from %d to %d (%s)", soft, wanted, exc)
         return soft

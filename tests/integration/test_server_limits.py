@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import resource
 import secrets
 import select
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -270,3 +274,35 @@ def test_connections_beyond_the_cap_get_503(servers: Servers, role: str) -> None
     time.sleep(0.2)  # the server sees the closes
     assert_jobs_get_their_own_bodies(servers)
     assert f"the cap is {MAX_CONNECTIONS}" in server.output()
+
+
+def test_the_open_file_limit_is_raised_at_start(tmp_path: Path) -> None:
+    """A soft limit of 1024 would cap a server near 1,000 connections; it starts at the hard limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard open-file limit is {hard}: nothing to raise")
+    low_soft_limit = ["bash", "-c", 'ulimit -Sn 1024 && exec "$@"', "bash"]
+    server = ServerProcess.start(
+        [*low_soft_limit, *processor_argv("passthrough")], env={"BYOC_TOKEN": TOKEN}, log_dir=tmp_path
+    )
+    try:
+        soft = int(Path(f"/proc/{server.pid}/limits").read_text().split("Max open files")[1].split()[0])
+        assert soft > 1024
+        assert f"limits: open files {soft}, connections {min(20000, soft - 1024)}" in server.output()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "name, value", [("HEADER_TIMEOUT", "soon"), ("BODY_IDLE_TIMEOUT", "-1"), ("MAX_CONNECTIONS", "1e3")]
+)
+def test_a_bad_limit_stops_the_server_with_the_reason(name: str, value: str) -> None:
+    result = subprocess.run(
+        [a.replace("{port}", "0") for a in processor_argv("passthrough")],
+        env={**os.environ, "BYOC_TOKEN": TOKEN, name: value},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert f"server: {name} must be" in result.stderr and repr(value) in result.stderr, result.stderr
