@@ -64,9 +64,11 @@ class GatewayConfig:
     # because an orchestrator that has filled up since answers 503 and the next one is tried.
     search_ttl: float = 1.0
     search_cache_size: int = 256  # capabilities x orchestrator filters remembered at once
-    # A body up to this size is held so that a job can be retried on the next orchestrator; a
-    # bigger one streams to the first orchestrator only, so uploads never sit whole in memory.
-    retry_buffer_bytes: int = 4 * 1024 * 1024
+    # Bodies up to these sizes are held whole: sent with their length (cheaper than streaming)
+    # and, with several orchestrators, again to the next one if the first fails. Bigger ones
+    # stream through to one orchestrator, so uploads never sit whole in memory.
+    held_body_bytes: int = 1024 * 1024
+    retry_buffer_bytes: int = 4 * 1024 * 1024  # when there is more than one orchestrator
 
 
 @dataclass
@@ -318,7 +320,8 @@ class Gateway:
         orchestrators = await self.choose(job, deadline)  # admission before the body is read
         upload = Upload(request, self.config.max_body_bytes)
         try:
-            await upload.hold(self.config.retry_buffer_bytes if len(orchestrators) > 1 else 0)
+            many = len(orchestrators) > 1
+            await upload.hold(self.config.retry_buffer_bytes if many else self.config.held_body_bytes)
             return await self._send(request, job, path, headers, orchestrators, upload, deadline, started)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client left before its body arrived") from None
@@ -344,6 +347,8 @@ class Gateway:
                 break
             # The orchestrator gets what is left of the job's time, so its own timeout fires first.
             sent = {**headers, JOB_HEADER: job.capped(max(int(left), 1)).encode()}
+            if not upload.complete and (length := request.headers.get("content-length", "")).isdigit():
+                sent["Content-Length"] = length  # streamed with its length rather than chunked
             outgoing = self.client.build_request(
                 "POST", f"{orch}{JOB_PREFIX}{path}", content=upload.content(), headers=sent,
                 timeout=deadline.timeout(),
@@ -369,13 +374,7 @@ class Gateway:
                 upload.size,
                 (time.monotonic() - started) * 1000,
             )
-            passed = pick(response.headers, ("content-type", "content-length", "x-metadata"))
-            return StreamingResponse(
-                _until(response, deadline),
-                response.status_code,
-                headers={**passed, ORCHESTRATOR_URL_HEADER: orch},
-                background=BackgroundTask(response.aclose),
-            )
+            return await self._answer(response, orch, deadline)
         self.searches.forget((job.capability, tuple(self.candidates(job))))  # search afresh next time
         status = _failure_status(failures)
         log.warning(
@@ -387,6 +386,27 @@ class Gateway:
             f"every orchestrator failed for {job.capability}: " + "; ".join(d for _, d in failures),
             {"Retry-After": "1"} if status == 503 else None,
         )
+
+    async def _answer(self, response: httpx.Response, orch: str, deadline: Deadline) -> Response:
+        """The orchestrator's answer for the client: a small one whole (cheaper), a big one
+        streamed through and cut off at the job's deadline."""
+        headers = {**pick(response.headers, ("content-type", "content-length", "x-metadata")),
+                   ORCHESTRATOR_URL_HEADER: orch}  # fmt: skip
+        length = response.headers.get("content-length", "")
+        if not (length.isdigit() and int(length) <= self.config.held_body_bytes):
+            return StreamingResponse(
+                _until(response, deadline),
+                response.status_code,
+                headers=headers,
+                background=BackgroundTask(response.aclose),
+            )
+        try:
+            content = await asyncio.wait_for(response.aread(), deadline.remaining())
+        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            raise ApiError(502, "orchestrator_failed", f"{orch} broke off its answer ({exc!r})") from None
+        finally:
+            await response.aclose()
+        return Response(content, response.status_code, headers=headers)
 
     async def open_stream(self, request: Request, job_id: str) -> Stream:
         job = self.job_from(request)

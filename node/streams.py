@@ -171,7 +171,13 @@ class StreamRoutes:
             await self._opened(job_id)
             stream = self._owned(job_id, request)
         stream.last_active = time.monotonic()
-        response = await self._relay(request, stream, opening=opening)
+        try:
+            response = await self._relay(request, stream, opening=opening)
+        except BaseException as exc:
+            if opening:  # its key never reached anyone: nobody could use or end this stream
+                sent = not isinstance(exc, ApiError) or exc.status >= 500  # a 4xx is ours, unsent
+                self._finish(stream, "failed to open", downstream=sent)
+            raise
         if response.status_code < 400:
             stream.segments += 1
         elif opening:  # refused at the next hop: do not keep a pin (or capacity) for it
