@@ -417,15 +417,15 @@ class Gateway:
             job_id, job.capability, orch, float(job.timeout_seconds), headers={JOB_HEADER: job.encode()}
         )
 
-    async def status(self, _: Request) -> Response:
-        return JSONResponse(
-            {
-                "role": "gateway",
-                "orchestrators": self.config.orch_addrs,
-                "streams": len(self.streams.streams),
-                "searches_cached": len(self.searches),
-            }
-        )
+    async def status(self, request: Request) -> Response:
+        status: dict[str, Any] = {
+            "role": "gateway",
+            "streams": len(self.streams.streams),
+            "searches_cached": len(self.searches),
+        }
+        if is_loopback(request.scope.get("client")):  # addresses only for this host (see below)
+            status["orchestrators"] = self.config.orch_addrs
+        return JSONResponse(status)
 
     async def health(self, _: Request) -> Response:
         return JSONResponse({"status": "OK"})

@@ -521,6 +521,8 @@ def test_error_details_hide_internal_addresses_from_other_hosts(start_server: St
     assert dead not in detail and "127.0.0.1" not in detail, detail
     assert "<internal address>" in detail
     assert dead in gateway.output(), "the log keeps the full detail"
+    assert "orchestrators" not in httpx.get(f"http://{address}:{gateway.port}/status").json()
+    assert httpx.get(f"{gateway.url}/status").json()["orchestrators"] == [f"http://{dead}"]
 
 
 # -- 7. background work has an owner --------------------------------------------------------------
