@@ -16,6 +16,7 @@ import secrets
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import CLIENT_OPTIONS, NODE_READY, ServerProcess, node_argv, processor_argv
+from harness import CLIENT_OPTIONS, NODE_READY, ROOT, ServerProcess, node_argv, processor_argv
 
 TOKEN = "test-token"  # the containers' bearer token (BYOC_TOKEN) and the orchestrator's
 HEADER_TIMEOUT = 1.0
@@ -306,3 +307,78 @@ def test_a_bad_limit_stops_the_server_with_the_reason(name: str, value: str) -> 
     )
     assert result.returncode != 0
     assert f"server: {name} must be" in result.stderr and repr(value) in result.stderr, result.stderr
+
+
+# -- a server that is slow to read is not a client that is slow to send ----------------------------
+
+LATE_READER = """
+import asyncio, sys
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from common.server import serve
+
+async def health(_):
+    return JSONResponse({"status": "IDLE"})
+
+async def late(request):  # like a job queued for admission before its body is read
+    await asyncio.sleep(float(request.query_params["wait"]))
+    return Response(await request.body())
+
+serve(Starlette(routes=[Route("/health", health), Route("/late", late, methods=["POST"])]), "127.0.0.1",
+      int(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def late_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("late-reader")
+    (folder / "late_reader.py").write_text(LATE_READER)
+    server = ServerProcess.start(
+        [sys.executable, str(folder / "late_reader.py"), "{port}"],
+        env={**LIMITS_ENV, "PYTHONPATH": str(ROOT)},
+        log_dir=folder,
+    )
+    yield server
+    server.stop()
+
+
+def test_a_body_the_server_has_not_asked_for_yet_is_not_timed_out(late_reader: ServerProcess) -> None:
+    """1 MiB sent at once fills the server's buffer; it reads 3 s later: no 408, the whole body."""
+    body = secrets.token_bytes(1 << 20)
+    wait = BODY_IDLE_TIMEOUT * 3
+    head = request_head(late_reader, "POST", f"/late?wait={wait}", **{"Content-Length": str(len(body))})
+    with connect(late_reader) as sock:
+        sock.settimeout(wait + SLACK)
+        started = time.monotonic()
+        sock.sendall(head + body)
+        answer = read_answer(sock, started)
+    assert answer.status == 200, answer
+    assert answer.body == body
+    assert answer.seconds >= wait
+
+
+def test_a_client_waiting_for_100_continue_is_not_timed_out(late_reader: ServerProcess) -> None:
+    wait = BODY_IDLE_TIMEOUT * 3
+    head = request_head(
+        late_reader, "POST", f"/late?wait={wait}", **{"Content-Length": "5", "Expect": "100-continue"}
+    )
+    with connect(late_reader) as sock:
+        sock.settimeout(wait + SLACK)
+        sock.sendall(head)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 "), "the server asks for the body when it reads"
+        sock.sendall(b"hello")
+        answer = read_answer(sock, time.monotonic())
+    assert (answer.status, answer.body) == (200, b"hello")
+
+
+def test_a_client_stalling_while_the_server_has_not_read_yet_still_gets_408(
+    late_reader: ServerProcess,
+) -> None:
+    """Bytes that the server would take at once but that never come: the client is late."""
+    head = request_head(late_reader, "POST", "/late?wait=0.1", **{"Content-Length": "1000"})
+    with connect(late_reader) as sock:
+        sock.sendall(head + b"0123456789")
+        answer = read_answer(sock, time.monotonic())
+    assert_json_error(answer, 408, "body_timeout")
+    assert answer.seconds <= BODY_IDLE_TIMEOUT + SLACK
