@@ -191,7 +191,7 @@ def test_a_bad_x_timeout_seconds_is_400(nodes: Nodes, value: str) -> None:
     response = httpx.post(
         f"{nodes.gateway.url}/process/request/x",
         content=b"t",
-        headers={"X-Model-Id": "passthrough-cpu", "X-Timeout-Seconds": value.encode("latin-1")},
+        headers={b"X-Model-Id": b"passthrough-cpu", b"X-Timeout-Seconds": value.encode("latin-1")},
     )
     assert "X-Timeout-Seconds" in assert_error(response, 400, "invalid_timeout")["detail"]
 
@@ -257,13 +257,13 @@ def test_non_ascii_x_params_are_400_and_never_forwarded(nodes: Nodes) -> None:
         response = httpx.post(
             f"{nodes.recorded.url}/process/request/x",
             content=b"x",
-            headers={"X-Model-Id": "passthrough-cpu", "X-Params": value},
+            headers={b"X-Model-Id": b"passthrough-cpu", b"X-Params": value},
         )
         assert_error(response, 400, "invalid_params")
         stream = httpx.put(
             f"{nodes.recorded.url}/live/params-{uuid.uuid4().hex[:8]}/source",
             content=b"x",
-            headers={"X-Model-Id": "passthrough-cpu", "X-Params": value},
+            headers={b"X-Model-Id": b"passthrough-cpu", b"X-Params": value},
         )
         assert_error(stream, 400, "invalid_params")
     assert len(seen(nodes.standin)) == before
@@ -339,8 +339,9 @@ def test_only_the_opener_can_read_write_or_end_a_stream(nodes: Nodes) -> None:
         assert put.status_code == 200, put.text
         key = put.headers[STREAM_KEY_HEADER]
         assert len(key) >= 24
-        for headers in ({}, {STREAM_KEY_HEADER: "wrong"}, {STREAM_KEY_HEADER: key + "x"},
-                        {STREAM_KEY_HEADER: "é".encode()}):  # fmt: skip
+        name = STREAM_KEY_HEADER.encode()
+        wrong: list[dict[bytes, bytes]] = [{}, {name: b"no"}, {name: key.encode() + b"x"}, {name: b"\xe9"}]
+        for headers in wrong:
             assert_error(other.get(f"{job}/output/0", headers=headers), 404, "unknown_job")
             assert_error(other.put(f"{job}/source", content=b"theirs", headers=headers), 404, "unknown_job")
             assert_error(other.delete(f"{job}/source", headers=headers), 404, "unknown_job")
