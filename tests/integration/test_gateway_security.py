@@ -213,6 +213,17 @@ def test_timeouts_over_the_maximum_are_capped(nodes: Nodes) -> None:
     assert len(records) == 3 and all(forwarded_timeout(r) <= 300 for r in records), records
 
 
+def test_max_job_timeout_sets_the_cap(start_server: StartServer, nodes: Nodes) -> None:
+    gateway = start_server(
+        node_argv("gateway", "-orchAddr", nodes.standin.url, "-maxJobTimeout", "7"), ready_status=NODE_READY
+    )
+    path = f"/process/request/cap-{uuid.uuid4().hex[:8]}"
+    headers = {"X-Model-Id": "passthrough-cpu", "X-Timeout-Seconds": "60"}
+    assert httpx.post(f"{gateway.url}{path}", content=b"t", headers=headers, timeout=10).status_code == 200
+    (record,) = [r for r in seen(nodes.standin) if r["path"] == path]
+    assert forwarded_timeout(record) <= 7, record
+
+
 BAD_LIVEPEER_HEADERS = {
     "a 5,000-digit integer in request": livepeer_header(
         capability="passthrough-cpu", timeout_seconds=5, request='{"n": ' + "7" * 5000 + "}"
