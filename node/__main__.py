@@ -19,8 +19,10 @@ from common.malloc import keep_freed_memory
 from common.server import serve
 
 from .gateway import GatewayConfig, create_gateway_app
+from .jobs import JobLimits
 from .orchestrator import OrchestratorConfig, create_orchestrator_app
-from .registry import MAX_CAPACITY, Protocol, QueuePolicy, Registration, Registry
+from .registration import MAX_CAPACITY, Protocol, Registration
+from .registry import QueuePolicy, Registry
 
 log = logging.getLogger("node")
 
@@ -233,9 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         config = OrchestratorConfig(
             service_addr=_url(args.serviceAddr or f"127.0.0.1:{port}"),
             secret=_secret(args.orchSecret, args.insecureDefaults and args.network == "offchain"),
-            max_body_bytes=args.maxBodyBytes,
-            max_job_timeout=args.maxJobTimeout,
-            stream_idle_timeout=args.streamIdleTimeout,
+            limits=JobLimits(
+                max_body_bytes=args.maxBodyBytes,
+                max_job_timeout=args.maxJobTimeout,
+                stream_idle_timeout=args.streamIdleTimeout,
+            ),
         )
         app = create_orchestrator_app(config, registry)
         log.info("orchestrator listening on %s:%d, service address %s", host, port, config.service_addr)

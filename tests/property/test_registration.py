@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from common.errors import ApiError
 from common.names import is_model_id
 from node.__main__ import _count, _seconds
-from node.registry import (
+from node.registration import (
     MAX_CAPACITY,
     Protocol,
     Registration,
