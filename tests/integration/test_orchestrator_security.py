@@ -22,6 +22,7 @@ import pytest
 from harness import NODE_READY, ROOT, ServerProcess, StartServer, assert_error, free_port, node_argv
 
 SECRET = "test-orch-secret"
+TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 
 # Someone else's container: ``redirect`` answers every request (or only POSTs, with ``post``) with
 # a 307 to ``target``; ``-`` as target answers 200 IDLE and counts the requests it got (GET /hits).
@@ -345,3 +346,25 @@ def test_errors_show_container_addresses_only_to_loopback(orch: ServerProcess) -
     assert dead in httpx.get(f"{orch.url}/status").text
     assert "s3cret-token" not in httpx.get(f"{orch.url}/status").text
     assert dead in orch.output(), "the log keeps the full detail"
+
+
+# -- the containers' token ----------------------------------------------------------------------
+
+
+def test_byoc_token_reaches_the_container_and_a_wrong_one_is_named(
+    start_server: StartServer, processors: dict[str, ServerProcess]
+) -> None:
+    url = processors["passthrough"].url
+    pair = ["-byocModelID", "passthrough-cpu", "-byocContainerURL", url]
+    right, wrong = (
+        start_server(node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", token, *pair),
+                     ready_status=NODE_READY)
+        for token in (TOKEN, "not-the-token")
+    )  # fmt: skip
+    header = {"Livepeer": job_header("passthrough-cpu")}
+    ok = httpx.post(f"{right.url}/process/request/x", content=b"with the token", headers=header)
+    assert (ok.status_code, ok.content) == (200, b"with the token"), ok.text
+    refused = httpx.post(f"{wrong.url}/process/request/x", content=b"x", headers=header)
+    detail = assert_error(refused, 502, "container_unauthorized")["detail"]
+    assert "-byocToken" in detail and "BYOC_TOKEN" in detail
+    assert registered(wrong)["passthrough-cpu"]["load"] == 0
