@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -53,7 +53,7 @@ from common.trickle.protocol import TrickleError  # noqa: E402
 from common.trickle.publisher import StreamKey, TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
 from node.livepeer import JOB_HEADER, JobRequest  # noqa: E402
-from scripts.topology import PROCESSORS, Processor, services  # noqa: E402
+from scripts.topology import PROCESSORS, Secrets, env_file_secrets, services  # noqa: E402
 from tests.harness import CLIENT_OPTIONS, ServerProcess, free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "topology.json"
@@ -83,6 +83,10 @@ class Topology:
     how: str  # "local processes" or "docker compose"
     urls: dict[str, str]  # container, orchestrator, gateway
     pids: dict[str, int]  # green-tint, orchestrator, gateway
+    token: str  # the container's BYOC_TOKEN, for the direct calls
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
 
 def rss_mb(pid: int) -> float:
@@ -113,8 +117,9 @@ def local_topology() -> Iterator[Topology]:
     """Container, then orchestrator, then gateway, each waited for, as ``make up-local`` does."""
     # Only the processor under test: the others would idle (whisper's torch would load for nothing).
     container_port, orch_port, gateway_port = topology_ports()
-    processors = [Processor(p.name, p.model_id, container_port) for p in PROCESSORS if p.model_id == MODEL]
-    plan = services(processors, gateway_port=gateway_port, orchestrator_port=orch_port)
+    processors = [replace(p, port=container_port) for p in PROCESSORS if p.model_id == MODEL]
+    keys = Secrets.random()
+    plan = services(processors, gateway_port=gateway_port, orchestrator_port=orch_port, keys=keys)
     servers: dict[str, ServerProcess] = {}
     with ExitStack() as stack:
         for service in plan:  # in start order, each ready before the next starts
@@ -130,6 +135,7 @@ def local_topology() -> Iterator[Topology]:
                 "gateway": servers["gateway"].url,
             },
             {name: servers[name].pid for name in ("green-tint", *NODE_ROLES)},
+            keys.byoc_token,
         )
 
 
@@ -155,7 +161,7 @@ def compose_topology() -> Topology:
         if inspect.returncode != 0 or not inspect.stdout.strip().isdigit():
             raise SystemExit(f"--compose: docker inspect byoc-{name} failed: {inspect.stderr.strip()}")
         pids[name] = int(inspect.stdout)
-    return Topology("docker compose", urls, pids)
+    return Topology("docker compose", urls, pids, env_file_secrets().byoc_token)
 
 
 # -- one-job latency --------------------------------------------------------------------------
@@ -225,7 +231,10 @@ def post_targets(topology: Topology, stack: ExitStack) -> list[PostTarget]:
     return [
         kind(
             name,
-            stack.enter_context(httpx.Client(base_url=topology.urls[hop], **CLIENT_OPTIONS)),
+            # The container wants its bearer token on every request; the nodes ignore it.
+            stack.enter_context(
+                httpx.Client(base_url=topology.urls[hop], headers=topology.auth(), **CLIENT_OPTIONS)
+            ),
             path,
             {"Content-Type": "image/jpeg", **headers},
         )
@@ -240,7 +249,7 @@ def percentile(values: list[float], pct: int) -> float:
 # -- streams ----------------------------------------------------------------------------------
 
 
-async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey) -> float:
+async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey, auth: dict[str, str]) -> float:
     """One trickle job of ``STREAM_FRAMES``; the publisher runs ``IN_FLIGHT`` segments ahead.
 
     The reader starts once the first ``PUT`` is answered: a node opens the stream on that ``PUT``
@@ -252,7 +261,7 @@ async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey) -
     opened = asyncio.Event()
     received = 0
     # X-Model-Id opens the stream on the gateway; the container ignores it.
-    async with httpx.AsyncClient(**CLIENT_OPTIONS, headers={"X-Model-Id": MODEL}) as client:
+    async with httpx.AsyncClient(**CLIENT_OPTIONS, headers={"X-Model-Id": MODEL, **auth}) as client:
         publisher = TricklePublisher(client, job_url, key=key)
         subscriber = TrickleSubscriber(client, job_url, key=key)
 
@@ -287,6 +296,7 @@ class StreamTarget:
     name: str
     url: str
     hops: list[str]  # every node the stream passes, to end a failed one everywhere
+    auth: dict[str, str]  # the container's bearer token (the nodes ignore it)
     fps: list[float] = field(default_factory=list)
     cpu_ms: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     errors: list[str] = field(default_factory=list)
@@ -301,7 +311,7 @@ class StreamTarget:
             job_id, key = f"bench-{self.name}-{time.time_ns():x}", StreamKey()
             before = {name: cpu_ms(pid) for name, pid in pids.items()}
             try:
-                self.fps.append(asyncio.run(stream_fps(self.url, job_id, frame, key)))
+                self.fps.append(asyncio.run(stream_fps(self.url, job_id, frame, key, self.auth)))
             except (TrickleError, httpx.HTTPError, RuntimeError, asyncio.TimeoutError) as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 print(f"  {self.name} stream failed (attempt {attempt}): {self.errors[-1]}", flush=True)
@@ -320,7 +330,10 @@ class StreamTarget:
         for url in self.hops:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.delete(
-                    f"{url}/live/{job_id}", headers=key.headers(), timeout=5, verify=CLIENT_OPTIONS["verify"]
+                    f"{url}/live/{job_id}",
+                    headers={**key.headers(), **self.auth},
+                    timeout=5,
+                    verify=CLIENT_OPTIONS["verify"],
                 )
 
 
@@ -454,9 +467,12 @@ def measure(topology: Topology, frame: bytes) -> dict:
         if len(set(outputs.values())) != 1:
             raise RuntimeError(f"results differ by path: { {k: len(v) for k, v in outputs.items()} }")
         streams = [
-            StreamTarget("direct", topology.urls["container"], [topology.urls["container"]]),
+            StreamTarget("direct", topology.urls["container"], [topology.urls["container"]], topology.auth()),
             StreamTarget(
-                "topology", topology.urls["gateway"], [topology.urls[h] for h in ("gateway", "orchestrator")]
+                "topology",
+                topology.urls["gateway"],
+                [topology.urls[h] for h in ("gateway", "orchestrator")],
+                topology.auth(),
             ),
         ]
         block = 0
