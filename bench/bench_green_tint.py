@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from common.serve import load_processor_class  # noqa: E402
 from common.trickle.publisher import TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
-from tests.harness import CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
+from tests.harness import AUTH_HEADERS, CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "green_tint.json"
 COMMAND = "make bench  # or: .venv/bin/python bench/bench_green_tint.py"
@@ -107,7 +107,7 @@ async def stream_fps(server: ServerProcess, frame: bytes) -> float:
     job_url = f"{server.url}/live/bench-{int(time.time())}"
     in_flight = asyncio.Semaphore(IN_FLIGHT)
     received = 0
-    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher, subscriber = TricklePublisher(client, job_url), TrickleSubscriber(client, job_url)
 
         async def publish() -> None:

@@ -12,7 +12,7 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -105,6 +105,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:  # nobody is left to answer: not a fault of ours
+            log.info("%s %s: the client left before the answer", scope["method"], scope["path"][:200])
         except Exception as exc:
             log.exception("%s %s failed", scope["method"], scope["path"][:200])
             if started:

@@ -1,7 +1,9 @@
 """``python -m common.serve processors/green-tint/green_tint.py``: run one processor as a server.
 
 The processor module defines one processor class; its ``model_id`` and ``default_port`` are the
-defaults, overridden by ``--model-id/--host/--port`` or ``MODEL_ID/HOST/PORT``.
+defaults, overridden by ``--model-id/--host/--port`` or ``MODEL_ID/HOST/PORT`` (HOST defaults to
+127.0.0.1). ``BYOC_TOKEN`` is the bearer token every route but /health and /version requires
+(see :func:`token_from_env`); ``MAX_JOBS`` caps the open trickle jobs (default 64).
 """
 
 from __future__ import annotations

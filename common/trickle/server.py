@@ -14,9 +14,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -36,6 +36,8 @@ from .protocol import (
 )
 
 log = logging.getLogger("trickle")
+
+T = TypeVar("T")
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -222,6 +224,16 @@ class Job:
             # tried again next time instead of pushing the cursor further ahead.
             self.read_cursor = max(self.read_cursor, self.next_output) if seq < self.next_output else seq
             raise
+        except asyncio.CancelledError:
+            # The reader left before its segment came: the next reader gets that segment.
+            if self.read_cursor == seq + 1:
+                self.read_cursor = seq
+            raise
+
+    def answers_now(self, seq: int | None) -> bool:
+        """Whether reading ``seq`` (None: at the cursor) answers without waiting for a segment."""
+        seq = self.read_cursor if seq is None else seq
+        return seq in self._outputs or seq < self.next_output or seq > self.next_input or self.closed
 
     async def read(self, seq: int) -> Segment | None:
         """Wait for output ``seq``; ``None`` means the stream is over."""
@@ -345,6 +357,40 @@ def _upload_error(exc: BaseException, seq: int) -> ApiError:
     return ApiError(500, "internal_error", f"segment {seq} upload failed ({type(exc).__name__})")
 
 
+async def _with_seq(seq: int, reading: Awaitable[Segment | None]) -> tuple[int, Segment | None]:
+    return seq, await reading
+
+
+async def _client_left(request: Request) -> None:
+    """Return when the client disconnects: in ASGI, once the body is read, the next message."""
+    message = await request.receive()
+    while message["type"] == "http.request" and message.get("more_body", False):
+        message = await request.receive()
+    if message["type"] != "http.disconnect":
+        message = await request.receive()
+    if message["type"] != "http.disconnect":  # a server outside the rule: never say the client left
+        await asyncio.Event().wait()
+
+
+async def _unless_client_leaves(request: Request, reading: Coroutine[Any, Any, T]) -> T:
+    """Wait for a long-poll's segment, but stop waiting when its client disconnects.
+
+    Otherwise a reader that gave up stays parked until the segment comes or the job ends (and
+    at its cursor takes that segment from the next reader): a cost any client could pile up.
+    """
+    read = asyncio.ensure_future(reading)
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait((read, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not read.done():
+            read.cancel()
+    if not read.done() or read.cancelled():
+        raise ClientDisconnect()
+    return read.result()
+
+
 class TrickleEndpoints:
     """The ``/live/{job_id}/...`` routes of a processor container."""
 
@@ -401,11 +447,12 @@ class TrickleEndpoints:
     async def get_output(self, request: Request) -> Response:
         job = self.store.get(request.path_params["job_id"])
         requested = _seq_param(request)
-        if requested is None:
-            seq, segment = await job.read_next()
+        seq = None if requested is None else job.resolve(requested)
+        reading = job.read_next() if seq is None else _with_seq(seq, job.read(seq))
+        if job.answers_now(seq):
+            seq, segment = await reading
         else:
-            seq = job.resolve(requested)
-            segment = await job.read(seq)
+            seq, segment = await _unless_client_leaves(request, reading)
         headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(job.next_output)}
         if segment is None:
             return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})

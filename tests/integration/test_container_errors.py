@@ -9,11 +9,13 @@ from __future__ import annotations
 import http.client
 import json
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from harness import (
@@ -241,3 +243,20 @@ def test_open_jobs_are_capped_by_max_jobs(start_server: StartServer) -> None:
 def assert_error_free_health(server: ServerProcess) -> None:
     with server.client() as client:
         assert client.get("/health").json()["status"] in ("IDLE", "OK")
+
+
+def test_a_long_poll_whose_client_left_does_not_take_the_next_readers_segment(
+    servers: dict[str, ServerProcess],
+) -> None:
+    server = servers["passthrough"]
+    job = f"/live/poll-{uuid.uuid4().hex[:8]}"
+    with server.client() as client:
+        client.put(f"{job}/source", content=b"first")
+        assert client.get(f"{job}/output").content == b"first"
+        with pytest.raises(httpx.ReadTimeout):  # waits for segment 1, then gives up
+            client.get(f"{job}/output", timeout=0.3)
+        time.sleep(0.2)
+        client.put(f"{job}/source", content=b"second")
+        response = client.get(f"{job}/output", timeout=5)
+    assert (response.headers["lp-trickle-seq"], response.content) == ("1", b"second")
+    assert "the client left before the answer" in server.output()

@@ -44,7 +44,14 @@ def body_then(failure: BaseException | None, first: bytes = b"abc") -> Receive:
 
 
 def whole(body: bytes) -> Receive:
+    """The body in one message; then, as a server does, nothing until the client leaves."""
+    sent = False
+
     async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()
+        sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
