@@ -25,7 +25,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ApiError
-from .http import DEFAULT_MAX_BODY_BYTES, MAX_PARAMS_BYTES, params_header, parse_params, read_body
+from .http import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_PARAMS_BYTES,
+    params_header,
+    parse_params,
+    read_body,
+    unless_client_leaves,
+)
 from .processor import BaseProcessor, ImageProcessor, Output
 from .registration import Registration
 from .service import service_app
@@ -207,7 +214,9 @@ class ProcessorApp:
             raise ApiError(400, "empty_input", "the body is empty: send the input to process as the body")
         started = time.monotonic()
         item = Input(data, request.headers.get("content-type"), params)
-        output = await self.work.run(self._run(item), self.settings.work_wait_seconds)
+        output = await unless_client_leaves(
+            request, self.work.run(self._run(item), self.settings.work_wait_seconds)
+        )
         # DEBUG: at hundreds of jobs a second a line each costs more than the job's HTTP parsing,
         # and the orchestrator in front already logs every job.
         log.debug(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import ApiError
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+T = TypeVar("T")
 MAX_PARAMS_BYTES = 4096  # a parameter object is a few numbers; a bigger one is a mistake or an attack
 _PARAMS_EXAMPLE = '{"strength": 0.5}'
 
@@ -36,6 +39,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
+        if not chunk:  # Starlette ends every stream with b"": joining it would copy the body
+            continue
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
@@ -71,3 +76,34 @@ def params_header(request: Request) -> dict[str, Any] | None:
     """Parse ``X-Params`` (a JSON object), or ``None`` when the header is absent."""
     raw = request.headers.get("x-params")
     return None if raw is None else parse_params(raw)
+
+
+async def _client_left(request: Request) -> None:
+    """Return when the client disconnects: in ASGI, once the body is read, the next message."""
+    message = await request.receive()
+    while message["type"] == "http.request" and message.get("more_body", False):
+        message = await request.receive()
+    if message["type"] != "http.disconnect":
+        message = await request.receive()
+    if message["type"] != "http.disconnect":  # a server outside the rule: never say the client left
+        await asyncio.Event().wait()
+
+
+async def unless_client_leaves(request: Request, waiting: Coroutine[Any, Any, T]) -> T:
+    """Await ``waiting`` unless the client disconnects first; then cancel it: ClientDisconnect.
+
+    Starlette does not cancel a handler whose client has gone. A long-poll would stay parked
+    until its segment comes (and, at the job's cursor, take it from the next reader); a job
+    queued for a work slot would still run once it got one, on a model nobody waits for.
+    """
+    read = asyncio.ensure_future(waiting)
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait((read, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not read.done():
+            read.cancel()
+    if not read.done() or read.cancelled():
+        raise ClientDisconnect()
+    return read.result()

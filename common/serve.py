@@ -3,7 +3,9 @@
 The processor module defines one processor class; its ``model_id`` and ``default_port`` are the
 defaults, overridden by ``--model-id/--host/--port`` or ``MODEL_ID/HOST/PORT`` (HOST defaults to
 127.0.0.1). ``BYOC_TOKEN`` is the bearer token every route but /health and /version requires
-(see :func:`token_from_env`); ``MAX_JOBS`` caps the open trickle jobs (default 64).
+(see :func:`token_from_env`); ``MAX_JOBS`` caps the open trickle jobs (default 64);
+``WORK_WAIT_SECONDS`` is how long a one-shot job waits for a busy processor (default 30) before
+it is answered 503 ``busy``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_bytes,
         job_idle_seconds=args.job_idle_seconds,
         max_jobs=int(os.environ.get("MAX_JOBS", "64")),
+        work_wait_seconds=float(os.environ.get("WORK_WAIT_SECONDS", "30")),
         token=token,
     )
     app = create_app(cls(), settings, registration_from_env(cls.model_id, port, token))

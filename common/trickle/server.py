@@ -14,16 +14,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ApiError
-from ..http import check_declared_length, params_header, read_body
+from ..http import check_declared_length, params_header, read_body, unless_client_leaves
 from ..names import check_job_id
 from .protocol import (
     CLOSED_HEADER,
@@ -36,8 +36,6 @@ from .protocol import (
 )
 
 log = logging.getLogger("trickle")
-
-T = TypeVar("T")
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -361,36 +359,6 @@ async def _with_seq(seq: int, reading: Awaitable[Segment | None]) -> tuple[int, 
     return seq, await reading
 
 
-async def _client_left(request: Request) -> None:
-    """Return when the client disconnects: in ASGI, once the body is read, the next message."""
-    message = await request.receive()
-    while message["type"] == "http.request" and message.get("more_body", False):
-        message = await request.receive()
-    if message["type"] != "http.disconnect":
-        message = await request.receive()
-    if message["type"] != "http.disconnect":  # a server outside the rule: never say the client left
-        await asyncio.Event().wait()
-
-
-async def _unless_client_leaves(request: Request, reading: Coroutine[Any, Any, T]) -> T:
-    """Wait for a long-poll's segment, but stop waiting when its client disconnects.
-
-    Otherwise a reader that gave up stays parked until the segment comes or the job ends (and
-    at its cursor takes that segment from the next reader): a cost any client could pile up.
-    """
-    read = asyncio.ensure_future(reading)
-    left = asyncio.ensure_future(_client_left(request))
-    try:
-        await asyncio.wait((read, left), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        left.cancel()
-        if not read.done():
-            read.cancel()
-    if not read.done() or read.cancelled():
-        raise ClientDisconnect()
-    return read.result()
-
-
 class TrickleEndpoints:
     """The ``/live/{job_id}/...`` routes of a processor container."""
 
@@ -452,7 +420,7 @@ class TrickleEndpoints:
         if job.answers_now(seq):
             seq, segment = await reading
         else:
-            seq, segment = await _unless_client_leaves(request, reading)
+            seq, segment = await unless_client_leaves(request, reading)
         headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(job.next_output)}
         if segment is None:
             return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
