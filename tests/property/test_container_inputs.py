@@ -231,7 +231,7 @@ header_values = params_text.map(lambda t: t.strip(" \t").encode("latin-1", "repl
 def test_x_params_over_http(
     servers: dict[str, ServerProcess], client: httpx.Client, value: bytes, body: bytes
 ) -> None:
-    headers = {"X-Params": value, "Content-Type": "image/png"}
+    headers = {b"X-Params": value, b"Content-Type": b"image/png"}
     assert_answer(
         client.post(servers["green-tint"].url + "/process/request/x", content=body, headers=headers)
     )
