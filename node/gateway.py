@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import random
 import re
@@ -35,11 +36,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length
-from common.names import check_model_id
+from common.names import check_model_id, is_model_id
 from common.service import service_app
 from common.trickle.protocol import PARAMS_HEADER
 
-from .livepeer import CAPABILITY_HEADER, JOB_HEADER, SENDER_HEADER, JobRequest, sender_header
+from .livepeer import CAPABILITY_HEADER, JOB_HEADER, JOB_PREFIX, SENDER_HEADER, JobRequest, sender_header
 from .relay import Deadline, forward_path, forwardable, new_client, pick
 from .streams import Stream, StreamRoutes
 
@@ -48,7 +49,6 @@ log = logging.getLogger("gateway")
 MODEL_ID_HEADER = "X-Model-Id"
 TIMEOUT_HEADER = "X-Timeout-Seconds"
 ORCHESTRATOR_URL_HEADER = "X-Orchestrator-Url"
-JOB_PREFIX = "/process/request/"
 _TIMEOUT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²'
 
 
@@ -118,6 +118,23 @@ class SearchCache:
 def _failure_status(failures: list[tuple[int, str]]) -> int:
     statuses = {status for status, _ in failures}
     return statuses.pop() if len(statuses) == 1 and statuses <= {503, 504} else 502
+
+
+def _failure_code(status: int, codes: set[str]) -> str:
+    """The error code for the client: the orchestrators' own when they all gave the same one (a
+    dead container stays ``container_unhealthy``, never "busy"), else one from the status."""
+    if len(codes) == 1 and (code := next(iter(codes))):
+        return code
+    return {503: "at_capacity", 504: "job_timeout"}.get(status, "all_orchestrators_failed")
+
+
+def _error_code(text: str) -> str:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return ""
+    code = body.get("error") if isinstance(body, dict) else None
+    return code if isinstance(code, str) and is_model_id(code) else ""
 
 
 def _int_or_zero(value: Any) -> int:
@@ -338,6 +355,7 @@ class Gateway:
         started: float,
     ) -> Response:
         failures: list[tuple[int, str]] = []
+        codes: set[str] = set()  # the orchestrators' error codes, from their 5xx answers
         for orch in orchestrators:
             if failures and not upload.retryable:
                 break
@@ -363,6 +381,7 @@ class Gateway:
                 continue
             if response.status_code >= 500:  # go-livepeer: 5xx means try the next orchestrator
                 detail = await _short_text(response)
+                codes.add(_error_code(detail))
                 failures.append((response.status_code, f"{orch}: {response.status_code} {detail}"))
                 continue
             log.info(
@@ -382,7 +401,7 @@ class Gateway:
         )
         raise ApiError(
             status,
-            {503: "at_capacity", 504: "job_timeout"}.get(status, "all_orchestrators_failed"),
+            _failure_code(status, codes),
             f"every orchestrator failed for {job.capability}: " + "; ".join(d for _, d in failures),
             {"Retry-After": "1"} if status == 503 else None,
         )

@@ -26,9 +26,10 @@ from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length, params_he
 from common.names import check_model_id
 from common.trickle.protocol import PARAMS_HEADER, params_json
 
-from .livepeer import JOB_HEADER, JobRequest
+from .livepeer import JOB_HEADER, JOB_PREFIX, JobRequest
 from .registration import Protocol
 from .registry import UNHEALTHY, Capability, Health, Registry
+from .relay import forward_path
 from .streams import Stream
 
 log = logging.getLogger("orchestrator")
@@ -89,6 +90,7 @@ class Jobs:
             raise ApiError(exc.status, exc.code, detail, exc.headers) from None
 
     async def process_request(self, request: Request) -> Response:
+        path = forward_path(request, JOB_PREFIX)
         header = request.headers.get(JOB_HEADER)
         if header is None:
             raise ApiError(400, "missing_livepeer_header", f"the {JOB_HEADER} header is required")
@@ -96,7 +98,6 @@ class Jobs:
         timeout = min(job.timeout_seconds, self.limits.max_job_timeout)
         params = params_header(request)
         check_declared_length(request, self.limits.max_body_bytes)
-        path = request.path_params["path"]
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + timeout
         capability = await self.admit(request, job.capability, timeout)

@@ -17,6 +17,7 @@ from common.errors import ApiError
 from common.names import check_job_id, check_model_id
 
 JOB_HEADER = "Livepeer"
+JOB_PREFIX = "/process/request/"  # + the job's path, forwarded to the container as POST /{path}
 SENDER_HEADER = "Livepeer-Eth-Address"
 CAPABILITY_HEADER = "Livepeer-Capability"
 OFFCHAIN_SENDER = "0x0000000000000000000000000000000000000000"
