@@ -108,9 +108,10 @@ venv: $(VENV)/.installed ## the local virtualenv: runtime, tests, CPU torch, ope
 test: venv ## unit and integration tests (real servers on loopback, no Docker)
 	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
 
-lint: venv ## ruff: lint and formatting check
+lint: venv ## ruff (lint and formatting) and mypy (types of common/, node/, scripts/, processors/)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: venv ## ruff: fix formatting
 	$(VENV)/bin/ruff format .

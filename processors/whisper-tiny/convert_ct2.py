@@ -19,12 +19,13 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 SUPPORTED_VERSION = 6
 _NORM = ("gamma", "beta")  # CT2 layer-norm names for weight, bias
-_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
+_DTYPES: dict[int, Any] = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 
 
 class ConversionError(Exception):
@@ -58,6 +59,7 @@ class _Reader:
 def _array(raw: memoryview, code: int, shape: tuple[int, ...], name: str) -> np.ndarray:
     if code not in _DTYPES:
         raise ConversionError(f"corrupt CTranslate2 file: variable {name!r} has dtype code {code}")
+    arr: np.ndarray
     if _DTYPES[code] == "bfloat16":  # numpy has no bfloat16: widen the top 16 bits into f32
         arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
     else:
@@ -163,8 +165,8 @@ def to_whisper_state_dict(v: dict[str, np.ndarray]) -> tuple[dict[str, int], dic
         "n_text_head": text_heads,
         "n_text_layer": text_layers,
     }
-    for i in ("1", "2"):
-        copy(f"encoder/conv{i}", f"encoder.conv{i}")
+    for conv in ("conv1", "conv2"):
+        copy(f"encoder/{conv}", f"encoder.{conv}")
     sd["encoder.positional_embedding"] = get("encoder/position_encodings/encodings")
     sd["decoder.positional_embedding"] = get("decoder/position_encodings/encodings")
     sd["decoder.token_embedding.weight"] = emb
