@@ -317,13 +317,13 @@ def healthy_before_and_after() -> object:
 
 
 @pytest.mark.parametrize("service", list(PROCESSORS))
-def test_a_paused_processor_times_out_its_jobs_and_recovers_when_unpaused(service: str) -> None:
+def test_a_paused_processor_fails_its_jobs_as_json_and_recovers_when_unpaused(service: str) -> None:
     container = PROCESSORS[service][0]
     run_chaos(service, container, lambda: pause(container), lambda: unpause(container))
 
 
 @pytest.mark.parametrize("service", list(PROCESSORS))
-def test_a_killed_processor_fails_its_jobs_fast_and_recovers_when_started(service: str) -> None:
+def test_a_killed_processor_fails_its_jobs_as_json_and_recovers_when_started(service: str) -> None:
     container = PROCESSORS[service][0]
 
     def bring_back() -> None:
