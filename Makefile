@@ -116,9 +116,11 @@ lint: venv ## ruff (lint and formatting) and mypy (types of common/, node/, scri
 format: venv ## ruff: fix formatting
 	$(VENV)/bin/ruff format .
 
-bench: venv ## run the benchmarks and print their figures
+bench: venv ## run the benchmarks and print their figures (~6 minutes)
 	$(PY) bench/bench_green_tint.py
 	$(PY) bench/bench_topology.py
+	$(PY) bench/bench_load.py
+	$(PY) bench/bench_slow_headers.py
 
 bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
 	$(PY) bench/bench_whisper.py $(BENCH_ARGS)
