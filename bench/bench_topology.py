@@ -113,11 +113,12 @@ def topology_ports() -> list[int]:
 
 
 @contextmanager
-def local_topology() -> Iterator[Topology]:
+def local_topology(model: str = MODEL) -> Iterator[Topology]:
     """Container, then orchestrator, then gateway, each waited for, as ``make up-local`` does."""
     # Only the processor under test: the others would idle (whisper's torch would load for nothing).
     container_port, orch_port, gateway_port = topology_ports()
-    processors = [replace(p, port=container_port) for p in PROCESSORS if p.model_id == MODEL]
+    processors = [replace(p, port=container_port) for p in PROCESSORS if p.model_id == model]
+    container = processors[0].name
     keys = Secrets.random()
     plan = services(processors, gateway_port=gateway_port, orchestrator_port=orch_port, keys=keys)
     servers: dict[str, ServerProcess] = {}
@@ -130,11 +131,11 @@ def local_topology() -> Iterator[Topology]:
         yield Topology(
             "local processes",
             {
-                "container": servers["green-tint"].url,
+                "container": servers[container].url,
                 "orchestrator": servers["orchestrator"].url,
                 "gateway": servers["gateway"].url,
             },
-            {name: servers[name].pid for name in ("green-tint", *NODE_ROLES)},
+            {name: servers[name].pid for name in (container, *NODE_ROLES)},
             keys.byoc_token,
         )
 
