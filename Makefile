@@ -116,11 +116,12 @@ lint: venv ## ruff (lint and formatting) and mypy (types of common/, node/, scri
 format: venv ## ruff: fix formatting
 	$(VENV)/bin/ruff format .
 
-bench: venv ## run the benchmarks and print their figures (~6 minutes)
+bench: venv ## run the benchmarks and print their figures (~8 minutes)
 	$(PY) bench/bench_green_tint.py
 	$(PY) bench/bench_topology.py
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_slow_headers.py
+	$(PY) bench/bench_uploads.py
 
 bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
 	$(PY) bench/bench_whisper.py $(BENCH_ARGS)
