@@ -124,10 +124,10 @@ class Jobs:
         except httpx.TransportError as exc:
             raise self._unreachable(request, capability, exc) from None
         log.info(
-            "job %s %s via %s: %d, %d -> %d bytes in %.1f ms",
+            "job %s %s: POST /%s to its container: %d, %d -> %d bytes in %.1f ms",
             job.id or "-",
             capability.name,
-            capability.protocol.value,
+            path,
             upstream.status,
             len(body),
             len(upstream.content),

@@ -232,7 +232,7 @@ def test_the_tutorials_single_pair_registers_logs_and_serves_a_job(
     assert after[1] > before[1] and after[0] < before[0] and after[2] < before[2]
     # One line per job on each hop, naming the model.
     assert re.search(r"job \S+ green-tint-cpu via \S+: 200", gateway.output()), gateway.output()
-    assert re.search(r"job \S+ green-tint-cpu via trickle: 200", orch.output()), orch.output()
+    assert re.search(r"job \S+ green-tint-cpu: POST /\S* to its container: 200", orch.output()), orch.output()
 
 
 def test_orch_secret_can_be_a_file(
