@@ -107,10 +107,15 @@ def capability(top: Topology, name: str) -> dict[str, object]:
         return {c["name"]: c for c in client.get("/status").json()["capabilities"]}[name]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+    state: Callable[[], object] = lambda: "",
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {state()}"
         time.sleep(0.05)
 
 
@@ -126,15 +131,20 @@ def assert_nodes_alive(top: Topology, pids: tuple[int, int]) -> None:
 async def test_a_job_beyond_capacity_waits_for_a_unit_instead_of_a_503(topology: Topology) -> None:
     async with topology.gateway.async_client(timeout=30) as client:
         busy = [
-            asyncio.create_task(client.post(**job("slow-cpu", b"1.5 busy %d" % i))) for i in range(CAPACITY)
+            asyncio.create_task(client.post(**job("slow-cpu", b"3 busy %d" % i))) for i in range(CAPACITY)
         ]
+        # Both units are taken while the first job sleeps (3 s: long enough to be seen on a busy host).
         await asyncio.to_thread(
-            wait_for, lambda: capability(topology, "slow-cpu")["load"] == CAPACITY, 5, "both jobs running"
+            wait_for,
+            lambda: capability(topology, "slow-cpu")["load"] == CAPACITY,
+            15,
+            "both jobs running",
+            lambda: (capability(topology, "slow-cpu"), [t.result().text for t in busy if t.done()]),
         )
         started = time.monotonic()
         extra = asyncio.create_task(client.post(**job("slow-cpu", b"0 one more")))
         await asyncio.to_thread(
-            wait_for, lambda: capability(topology, "slow-cpu")["queued"] == 1, 5, "the third job queued"
+            wait_for, lambda: capability(topology, "slow-cpu")["queued"] == 1, 15, "the third job queued"
         )
         async with topology.orchestrator.async_client() as orch:
             header = {"Livepeer": livepeer_header("slow-cpu", 10)}
@@ -145,7 +155,7 @@ async def test_a_job_beyond_capacity_waits_for_a_unit_instead_of_a_503(topology:
         assert time.monotonic() - started > 0.5, "it ran after a unit came free, not beside the two"
         for i, task in enumerate(busy):
             done = await task
-            assert (done.status_code, done.content) == (200, b"1.5 busy %d" % i)
+            assert (done.status_code, done.content) == (200, b"3 busy %d" % i)
     assert (capability(topology, "slow-cpu")["load"], capability(topology, "slow-cpu")["queued"]) == (0, 0)
 
 
