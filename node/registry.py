@@ -260,9 +260,13 @@ class Registry:
         """Ask an unhealthy container again now, so one that came back serves at once, with one
         probe at a time and at most one per :data:`RECHECK_AFTER` however many jobs ask."""
         if capability.probe is None or capability.probe.done():
-            if time.monotonic() - capability.checked_at < RECHECK_AFTER:
+            # Asked a moment ago (a container still starting, say): wait out the rest of that
+            # moment rather than refuse on an answer that may already be stale.
+            await asyncio.sleep(max(capability.checked_at + RECHECK_AFTER - time.monotonic(), 0))
+            if capability.health not in UNHEALTHY:
                 return
-            capability.probe = asyncio.create_task(self.check(client, capability))
+            if capability.probe is None or capability.probe.done():
+                capability.probe = asyncio.create_task(self.check(client, capability))
         await asyncio.shield(capability.probe)
 
 
