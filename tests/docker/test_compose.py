@@ -82,7 +82,7 @@ def test_logs_show_registration_and_every_hop_of_a_job() -> None:
         assert f"BYOC capability registered: {model}" in logs
     lines = logs.splitlines()
     assert any(line.startswith("byoc-gateway") and "grayscale-cpu via" in line for line in lines)
-    hop = re.compile(r"grayscale-cpu via \S+: 200")
+    hop = re.compile(r"grayscale-cpu: POST /\S* to its container: 200")
     assert any(line.startswith("byoc-orchestrator") and hop.search(line) for line in lines)
     assert any(line.startswith("byoc-grayscale") for line in lines)
 
