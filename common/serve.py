@@ -74,22 +74,33 @@ def token_from_env() -> str | None:
 
 
 def registration_from_env(model_id: str, port: int, token: str | None) -> Registration | None:
-    """Self-register when ORCH_URL and ORCH_SECRET are set (CONTAINER_URL: how to reach us).
+    """Self-register when ORCH_URL and ORCH_SECRET are set, as a PyTrickle worker does.
 
-    REGISTER_INTERVAL (seconds, default 10) is how often the registration is renewed.
+    pytrickle's variable names are read first, then ours: CAPABILITY_URL (or CONTAINER_URL) is
+    how the orchestrator reaches us, CAPABILITY_NAME the capability (default: the model id),
+    CAPABILITY_CAPACITY (or CAPACITY) its capacity, 1..1024. REGISTER_INTERVAL (seconds, default
+    10) is how often the registration is renewed, so a restarted orchestrator gets us back.
     """
     orch_url, secret = os.environ.get("ORCH_URL"), os.environ.get("ORCH_SECRET")
     if not (orch_url and secret):
         return None
+    capacity_text = _env("CAPABILITY_CAPACITY", "CAPACITY") or "1"
+    if not capacity_text.isdigit() or not 1 <= int(capacity_text) <= 1024:
+        raise SystemExit(f"serve: CAPABILITY_CAPACITY must be an integer 1..1024, got {capacity_text!r}")
     return Registration(
         token=token,
         orch_url=orch_url,
         secret=secret,
-        name=model_id,
-        url=os.environ.get("CONTAINER_URL", f"http://127.0.0.1:{port}"),
-        capacity=int(os.environ.get("CAPACITY", "1")),
+        name=_env("CAPABILITY_NAME") or model_id,
+        url=_env("CAPABILITY_URL", "CONTAINER_URL") or f"http://127.0.0.1:{port}",
+        capacity=int(capacity_text),
         interval=float(os.environ.get("REGISTER_INTERVAL", "10")),
     )
+
+
+def _env(*names: str) -> str | None:
+    """The first of ``names`` set to a non-empty value."""
+    return next((value for name in names if (value := os.environ.get(name))), None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -314,13 +314,14 @@ def test_orchestrator_restart_gateway_recovers_and_containers_re_register(
     container = start_server(
         processor_argv("passthrough"),
         port=port,
-        env={"ORCH_URL": orchestrator.url, "ORCH_SECRET": SECRET, "CONTAINER_URL": f"http://127.0.0.1:{port}",
-             "REGISTER_INTERVAL": "0.5"},
+        # pytrickle's variable names, as a PyTrickle worker's deployment sets them.
+        env={"ORCH_URL": orchestrator.url, "ORCH_SECRET": SECRET, "CAPABILITY_URL": f"http://127.0.0.1:{port}",
+             "CAPABILITY_NAME": "my-passthrough", "CAPABILITY_CAPACITY": "2", "REGISTER_INTERVAL": "0.5"},
     )  # fmt: skip
     gateway = start_server(node_argv("gateway", "-orchAddr", orchestrator.url), ready_status=NODE_READY)
     request = {
         "url": "/process/request/x",
-        "headers": {"X-Model-Id": "passthrough-cpu", "X-Timeout-Seconds": "5"},
+        "headers": {"X-Model-Id": "my-passthrough", "X-Timeout-Seconds": "5"},
     }
 
     def job_passes() -> bool:
@@ -345,7 +346,7 @@ def test_orchestrator_restart_gateway_recovers_and_containers_re_register(
         restarted.wait_ready(ready_status=NODE_READY)
         # Nothing registered it but the container itself: -byocModelID was never given.
         wait_for(job_passes, 10, "the gateway to reach the restarted orchestrator")
-        assert "BYOC capability registered: passthrough-cpu" in restarted.output()
+        assert "BYOC capability registered: my-passthrough" in restarted.output()
         assert (gateway.pid, container.pid) == (gateway_pid, container_pid)
         assert gateway.process.poll() is None and container.process.poll() is None
     finally:
