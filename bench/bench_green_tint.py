@@ -108,19 +108,21 @@ async def stream_fps(server: ServerProcess, frame: bytes) -> float:
     in_flight = asyncio.Semaphore(IN_FLIGHT)
     received = 0
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
-        publisher, subscriber = TricklePublisher(client, job_url), TrickleSubscriber(client, job_url)
+        publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/jpeg")
+        subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0)
 
         async def publish() -> None:
             for _ in range(STREAM_FRAMES):
                 await in_flight.acquire()
-                await publisher.write(frame, "image/jpeg")
+                await publisher.write(frame)
             await publisher.close()
 
         async def subscribe() -> None:
             nonlocal received
             async for segment in subscriber:
-                if not segment.ok:
-                    raise RuntimeError(f"segment {segment.seq}: {segment.status} {segment.body[:200]!r}")
+                await segment.read()
+                if segment.error is not None:
+                    raise RuntimeError(f"segment {segment.seq}: {segment.error}")
                 received += 1
                 in_flight.release()
 

@@ -253,9 +253,9 @@ def percentile(values: list[float], pct: int) -> float:
 async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey, auth: dict[str, str]) -> float:
     """One trickle job of ``STREAM_FRAMES``; the publisher runs ``IN_FLIGHT`` segments ahead.
 
-    The reader starts once the first ``PUT`` is answered: a node opens the stream on that ``PUT``
+    The reader starts once the first write is answered: a node opens the stream on that write
     (choosing the next hop), and a ``GET`` that overtakes it is a 404, which ends a subscriber;
-    the answer to that ``PUT`` also brings the stream's key, which ``key`` keeps for both.
+    the answer to that write also brings the stream's key, which ``key`` keeps for both.
     """
     job_url = f"{base_url}/live/{job_id}"
     in_flight = asyncio.Semaphore(IN_FLIGHT)
@@ -263,13 +263,13 @@ async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey, a
     received = 0
     # X-Model-Id opens the stream on the gateway; the container ignores it.
     async with httpx.AsyncClient(**CLIENT_OPTIONS, headers={"X-Model-Id": MODEL, **auth}) as client:
-        publisher = TricklePublisher(client, job_url, key=key)
-        subscriber = TrickleSubscriber(client, job_url, key=key)
+        publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/jpeg", key=key)
+        subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0, key=key)
 
         async def publish() -> None:
             for _ in range(STREAM_FRAMES):
                 await in_flight.acquire()
-                await publisher.write(frame, "image/jpeg")
+                await publisher.write(frame)
                 opened.set()
             await publisher.close()
 
@@ -277,10 +277,9 @@ async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey, a
             nonlocal received
             await opened.wait()
             async for segment in subscriber:
-                if not segment.ok:
-                    raise RuntimeError(
-                        f"{job_id} segment {segment.seq}: {segment.status} {segment.body[:200]!r}"
-                    )
+                await segment.read()
+                if segment.error is not None:
+                    raise RuntimeError(f"{job_id} segment {segment.seq}: {segment.error}")
                 received += 1
                 in_flight.release()
             if received != STREAM_FRAMES or subscriber.skipped:  # else the publisher waits forever

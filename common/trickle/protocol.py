@@ -12,6 +12,10 @@ SEQ_HEADER = "Lp-Trickle-Seq"
 LATEST_HEADER = "Lp-Trickle-Latest"
 CLOSED_HEADER = "Lp-Trickle-Closed"
 CLOSED_VALUE = "terminated"
+RESET_HEADER = "Lp-Trickle-Reset"  # on a write: close every earlier segment of the channel
+# On a 200 segment: the segment is an error report (its body is {"error", "detail"} JSON), so a
+# reader keeps going; go-livepeer's and pytrickle's readers treat any other status as a fault.
+ERROR_HEADER = "Lp-Trickle-Error"
 PARAMS_HEADER = "X-Params"
 
 STATUS_UNAVAILABLE = 470  # segment gone from the ring, or not reachable yet
@@ -34,6 +38,7 @@ class TrickleError(Exception):
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> TrickleError:
+        """Built from an answer whose body has been read."""
         try:
             body = response.json()
             return cls(response.status_code, str(body["error"]), str(body["detail"]))

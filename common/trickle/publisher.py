@@ -1,19 +1,25 @@
-"""Client side, writing: push input segments to ``{job_url}/source``."""
+"""Client side, writing: segments to a trickle channel as ``POST {url}/{seq}``, seq 0, 1, 2, ...
+
+As go-livepeer's publisher does, the POST for segment n+1 is opened (headers sent, body pending)
+as soon as segment n starts, so the next segment's first bytes go out with no connection set-up.
+The server numbers a segment from its URL, so the two POSTs may reach it in either order.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Mapping
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from .protocol import CLOSED_HEADER, CLOSED_VALUE, PARAMS_HEADER, SEQ_HEADER, TrickleError, params_json
+from .protocol import CLOSED_HEADER, TrickleError
 
 # A node (gateway or orchestrator) gives the client that opens a stream a key in this header on
-# the answer to its first PUT; every later request of that stream must carry it, or the node
-# answers 404 as for a stream that does not exist. A container issues none.
+# the answer to its first write; every later request of that stream must carry it, or the node
+# answers 404 as for a stream that does not exist. A container or a channel server issues none.
 STREAM_KEY_HEADER = "Lp-Stream-Key"
+_QUEUED_CHUNKS = 16  # a segment's chunks waiting for the socket: the writer waits beyond this
 
 
 class StreamKey:
@@ -31,58 +37,186 @@ class StreamKey:
             self.value = value
 
 
-class TricklePublisher:
-    """Appends segments to one job; the server assigns each its seq.
+def _retrieve(task: asyncio.Task[httpx.Response]) -> None:
+    """Mark a POST's outcome as seen: an abandoned one must not warn at garbage collection."""
+    if not task.cancelled():
+        task.exception()
 
-    Only failures to connect are retried: a request that reached the server may have been
-    accepted, and appending it again would process that segment twice.
+
+class _Post:
+    """One segment's POST: a chunked request body fed from a bounded queue as the segment is written."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, url: str, headers: Mapping[str, str], timeout: float, seq: int
+    ):
+        self.seq = seq
+        self.fed = 0  # bytes the writer handed over: once non-zero, this POST is never sent again
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUED_CHUNKS)
+        self._timeout = timeout
+        self.task = asyncio.create_task(
+            client.post(url, content=self._body(), headers=dict(headers), timeout=timeout), name=f"POST {url}"
+        )
+        self.task.add_done_callback(_retrieve)
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._queue.get()) is not None:
+            yield chunk
+
+    def stale(self) -> bool:
+        """Failed on the transport before any byte was handed to it: safe to open again."""
+        return (
+            self.fed == 0
+            and self.task.done()
+            and not self.task.cancelled()
+            and isinstance(self.task.exception(), httpx.TransportError)
+        )
+
+    async def feed(self, chunk: bytes | None) -> None:
+        """Queue ``chunk`` for the body (``None`` ends it); fails at once if the POST has ended."""
+        if self.task.done():
+            self._outcome()  # raises: a POST cannot end before its body does
+        self.fed += len(chunk or b"")
+        try:
+            self._queue.put_nowait(chunk)
+            return
+        except asyncio.QueueFull:
+            pass
+        put = asyncio.ensure_future(self._queue.put(chunk))
+        done, _ = await asyncio.wait(
+            {put, self.task}, timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if put in done:
+            return
+        put.cancel()
+        if self.task.done():
+            self._outcome()
+        raise TimeoutError(f"segment {self.seq}: the server took no bytes for {self._timeout} s")
+
+    def _outcome(self) -> httpx.Response:
+        """The answer of a finished POST, raised as :class:`TrickleError` unless it is a plain 200."""
+        response = self.task.result()  # a transport error raises here, as it is
+        if response.headers.get(CLOSED_HEADER):
+            raise TrickleError(
+                response.status_code, "stream_closed", f"segment {self.seq}: the channel is closed"
+            )
+        if response.status_code != 200:
+            raise TrickleError.from_response(response)
+        return response
+
+    async def finish(self) -> httpx.Response:
+        await self.feed(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), self._timeout)
+        except TimeoutError:
+            self.task.cancel()
+            raise TimeoutError(f"segment {self.seq}: no answer within {self._timeout} s") from None
+        return self._outcome()
+
+    def abort(self) -> None:
+        """Cut the body off mid-way: the server sees an incomplete upload, never a short segment."""
+        self.task.cancel()
+
+
+class SegmentWriter:
+    """The open segment of a :class:`TricklePublisher`; its bytes go out as they are written."""
+
+    def __init__(self, post: _Post) -> None:
+        self._post = post
+        self.seq = post.seq
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``; waits (at most the publisher's timeout) while the connection is full."""
+        if data:
+            await self._post.feed(bytes(data))
+
+
+class TricklePublisher:
+    """Writes segments ``POST {url}/0``, ``/1``, ... to one channel, each streamed as it is written.
+
+    A segment whose POST fails (an error answer, a lost connection) raises in the writer and is
+    not sent again: bytes may have reached the server, and a repeat would show readers the segment
+    twice. The next segment still goes out with the next seq. Only a pre-opened POST that failed
+    before any byte was handed to it is opened again.
     """
 
     def __init__(
         self,
         client: httpx.AsyncClient,
-        job_url: str,
+        url: str,
         *,
-        params: Mapping[str, Any] | None = None,
-        connect_retries: int = 3,
+        content_type: str = "video/mp2t",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
         key: StreamKey | None = None,
     ) -> None:
         self.client = client
-        self.job_url = job_url.rstrip("/")
-        self.params = params
-        self.connect_retries = connect_retries
-        self.key = key or StreamKey()  # give it to the TrickleSubscriber of the same stream
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"Content-Type": content_type, **(headers or {})}
+        # On a node, the first answer brings the stream's key; until then nothing is pre-opened,
+        # as a request without the key would be refused.
+        self.key = key
+        self.next_seq = 0
+        self._pending: _Post | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
 
-    async def write(
-        self, data: bytes | AsyncIterable[bytes], content_type: str | None = None, *, last: bool = False
-    ) -> int:
-        """Send one segment and return the seq the server gave it; ``last`` also ends the input.
+    def _open(self, seq: int) -> _Post:
+        headers = {**self.headers, **(self.key.headers() if self.key else {})}
+        return _Post(self.client, f"{self.url}/{seq}", headers, self.timeout, seq)
 
-        The first write opens the stream on a node; send it alone, before any other request of
-        the stream, so that they can carry the key its answer brings.
+    def _take(self) -> _Post:
+        post, self._pending = self._pending, None
+        if post is None or post.stale():
+            post = self._open(self.next_seq)
+        if self.key is None or self.key.value is not None:
+            self._pending = self._open(post.seq + 1)
+        self.next_seq = post.seq + 1
+        return post
+
+    @contextlib.asynccontextmanager
+    async def segment(self) -> AsyncIterator[SegmentWriter]:
+        """One segment, streamed: ``async with pub.segment() as seg: await seg.write(chunk)``.
+
+        Leaving the block ends the segment and waits for its answer; an exception in the block
+        cuts the upload off instead, so the server never takes a partial segment for a whole one.
         """
-        headers = {"Content-Type": content_type} if content_type else {}
-        if last:
-            headers[CLOSED_HEADER] = CLOSED_VALUE
-        if self.params:
-            headers[PARAMS_HEADER] = params_json(self.params)
-        for attempt in range(self.connect_retries + 1):
+        async with self._lock:
+            if self._closed:
+                raise TrickleError(0, "publisher_closed", f"{self.url}: the publisher is closed")
+            post = self._take()
             try:
-                response = await self.client.put(
-                    f"{self.job_url}/source", content=data, headers={**headers, **self.key.headers()}
-                )
-                break
-            except httpx.ConnectError:
-                if attempt == self.connect_retries or not isinstance(data, bytes):
-                    raise
-                await asyncio.sleep(0.1 * 2**attempt)
-        if response.status_code >= 400:
-            raise TrickleError.from_response(response)
-        self.key.learn(response)
-        return int(response.headers[SEQ_HEADER])
+                yield SegmentWriter(post)
+            except BaseException:
+                post.abort()
+                raise
+            response = await post.finish()
+            if self.key is not None:
+                self.key.learn(response)
+
+    async def write(self, data: bytes) -> int:
+        """Send ``data`` as one whole segment; returns its seq."""
+        async with self.segment() as segment:
+            await segment.write(data)
+        return segment.seq
 
     async def close(self) -> None:
-        """Signal end of input; the job finishes what it holds and closes its output."""
-        response = await self.client.delete(f"{self.job_url}/source", headers=self.key.headers())
-        if response.status_code >= 400 and response.status_code != 404:
+        """``DELETE {url}`` (end of stream), then end the pre-opened POST with no bytes.
+
+        That empty POST is how go-livepeer's publisher ends too; a server adds no segment for it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            response = await self.client.delete(
+                self.url, headers=self.key.headers() if self.key else {}, timeout=self.timeout
+            )
+        finally:
+            if (pending := self._pending) is not None:
+                self._pending = None
+                with contextlib.suppress(httpx.HTTPError, TrickleError, TimeoutError):
+                    await pending.finish()
+        # 404 (a container) or 400 (go-livepeer) for a channel already gone: closed either way.
+        if response.status_code >= 400 and response.status_code not in (400, 404):
             raise TrickleError.from_response(response)

@@ -10,6 +10,7 @@ Outputs sit in a small ring, as in go-livepeer; a reader that falls behind gets 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from ..names import check_job_id
 from .protocol import (
     CLOSED_HEADER,
     CLOSED_VALUE,
+    ERROR_HEADER,
     LATEST_HEADER,
     SEQ_HEADER,
     SEQ_LATEST,
@@ -55,10 +57,11 @@ class Segment:
     status: int
     content_type: str
     body: bytes
+    error: str | None = None  # served as a 200 with Lp-Trickle-Error, so readers keep going
 
     @classmethod
     def from_error(cls, error: ApiError) -> Segment:
-        return cls(error.status, "application/json", json.dumps(error.body()).encode())
+        return cls(error.status, "application/json", json.dumps(error.body()).encode(), error.code)
 
 
 SegmentHandler = Callable[[Input], Awaitable[Segment]]
@@ -103,7 +106,9 @@ class Job:
         self._handler = handler
         self._finish = finish
         self._ring_size = ring_size
-        self._inputs: dict[int, asyncio.Future[Input | Segment]] = {}
+        self._max_pending = max_pending
+        # None: a seq that yields no output (the empty trailing write of a publisher's close).
+        self._inputs: dict[int, asyncio.Future[Input | Segment | None]] = {}
         self._slots = asyncio.Semaphore(max_pending)
         self._busy = asyncio.Semaphore(concurrency)
         self._queue: asyncio.Queue[asyncio.Task[Segment] | None] = asyncio.Queue(concurrency)
@@ -129,8 +134,22 @@ class Job:
 
     # -- input side -------------------------------------------------------------------------
 
-    async def open_input(self, expected_seq: int | None) -> tuple[int, asyncio.Future[Input | Segment]]:
-        """Reserve the next input seq (waiting while the queue is full)."""
+    async def open_input(
+        self, expected_seq: int | None
+    ) -> tuple[int, asyncio.Future[Input | Segment | None]]:
+        """Reserve the next input seq (waiting while the queue is full).
+
+        A writer may open seq n+1 before n's request arrives (go-livepeer's publisher pre-opens
+        the next POST): it waits, a bounded time, for its turn.
+        """
+        deadline = time.monotonic() + 10.0
+        while (
+            expected_seq is not None and self.next_input < expected_seq <= self.next_input + self._max_pending
+        ):
+            if self.input_ended or time.monotonic() >= deadline:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
         await self._slots.acquire()
         if self.input_ended or (expected_seq is not None and expected_seq != self.next_input):
             self._slots.release()
@@ -144,7 +163,7 @@ class Job:
             )
         seq = self.next_input
         self.next_input += 1
-        future: asyncio.Future[Input | Segment] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Input | Segment | None] = asyncio.get_running_loop().create_future()
         self._inputs[seq] = future
         self._changed.notify()
         return seq, future
@@ -163,6 +182,9 @@ class Job:
                 await self._changed.wait()
             item = await self._inputs.pop(seq)
             self._slots.release()
+            if item is None:
+                seq += 1
+                continue
             await self._queue.put(asyncio.create_task(self._process(seq, item)))
             seq += 1
 
@@ -406,6 +428,9 @@ class TrickleEndpoints:
             raise
         # A job whose first segment is also its last is a one-shot job (how an orchestrator sends a
         # request/response job): its processor sees the input as complete, not as a stream.
+        if not data and job.input_ended:  # the empty write that follows a publisher's close
+            future.set_result(None)
+            return JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
         stream = None if last and seq == 0 else job.state
         future.set_result(Input(data, request.headers.get("content-type"), dict(job.params), stream))
         if last:
@@ -424,7 +449,9 @@ class TrickleEndpoints:
         headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(job.next_output)}
         if segment is None:
             return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
-        return Response(segment.body, segment.status, headers=headers, media_type=segment.content_type)
+        if segment.error is not None:
+            headers[ERROR_HEADER] = segment.error
+        return Response(segment.body, 200, headers=headers, media_type=segment.content_type)
 
     async def end_input(self, request: Request) -> Response:
         job = self.store.get(request.path_params["job_id"])

@@ -1,99 +1,197 @@
-"""Client side, reading: pull output segments from ``{job_url}/output/{seq}`` in order."""
+"""Client side, reading: segments of a trickle channel, ``GET {url}/{seq}``, in order."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
-from .protocol import CLOSED_HEADER, LATEST_HEADER, SEQ_HEADER, STATUS_UNAVAILABLE, TrickleError
+from .protocol import (
+    CLOSED_HEADER,
+    ERROR_HEADER,
+    LATEST_HEADER,
+    SEQ_HEADER,
+    SEQ_LATEST,
+    STATUS_UNAVAILABLE,
+    TrickleError,
+)
 from .publisher import StreamKey
 
+RETRY_PAUSE = 0.5  # between attempts after an error answer or a lost connection, as go-livepeer
+AHEAD_PAUSE = 0.1  # between attempts while the reader is ahead of the writer (470, latest <= seq)
+MAX_ERROR_BODY = 64 * 1024  # an error report is a small JSON object; more is not read
 
-@dataclass(frozen=True)
+
+async def _read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk[: limit - len(body)]
+            if len(body) >= limit:
+                break
+    finally:
+        await response.aclose()
+    return bytes(body)
+
+
+def _error_body(code: str, body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        return value
+    return {"error": code, "detail": body.decode("utf-8", "replace")[:300]}
+
+
+def _header_int(response: httpx.Response, name: str) -> int | None:
+    text = response.headers.get(name, "")
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+@dataclass
 class ReceivedSegment:
-    seq: int
-    status: int  # 200, or the error status the processor gave this segment
-    content_type: str
-    body: bytes
+    """One segment as it arrives. Read it (``chunks()``/``read()``) or ``aclose()`` it before the
+    subscriber's next ``next()``, which otherwise closes it."""
 
-    @property
-    def ok(self) -> bool:
-        return self.status < 400
+    seq: int
+    content_type: str
+    error: dict[str, Any] | None  # the JSON body, when the segment carries Lp-Trickle-Error
+    _response: httpx.Response | None = field(default=None, repr=False)
+    _body: bytes | None = field(default=None, repr=False)  # already read (error segments)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; each wait for bytes is bounded by the subscriber's timeout."""
+        if self._body is not None:
+            body, self._body = self._body, b""
+            if body:
+                yield body
+            return
+        response, self._response = self._response, None
+        if response is None:
+            return
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        finally:
+            await response.aclose()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            await response.aclose()
 
 
 class TrickleSubscriber:
-    """Reads segments in order, following go-livepeer's subscriber rules.
+    """Reads one channel's segments in order, by go-livepeer's subscriber rules.
 
-    The next seq is ``Lp-Trickle-Seq + 1``; a 470 (segment gone) jumps to ``Lp-Trickle-Latest``;
-    a 404 or ``Lp-Trickle-Closed`` ends the stream; transport errors are retried a few times,
-    all within ``timeout`` seconds per segment: a long-poll GET that keeps timing out ends in
-    ``httpx.ReadTimeout`` after that long, not after ``retries`` full client timeouts.
+    Starts at ``start_seq`` (-2: the segment being written now; -1: the next one). The next seq
+    is ``Lp-Trickle-Seq + 1``; a 470 jumps to ``Lp-Trickle-Latest``, or waits when that is not
+    ahead of the reader; a 404 or ``Lp-Trickle-Closed`` ends the stream. Other answers and lost
+    connections are retried ``retries`` times, 0.5 s apart. ``next()`` gives up with
+    :class:`httpx.ReadTimeout` when no segment starts within ``timeout`` seconds, leaving the
+    subscriber where it was: calling ``next()`` again keeps waiting.
     """
 
     def __init__(
         self,
         client: httpx.AsyncClient,
-        job_url: str,
+        url: str,
         *,
-        start_seq: int = 0,
-        retries: int = 3,
+        start_seq: int = SEQ_LATEST,
+        headers: Mapping[str, str] | None = None,
         timeout: float = 30.0,
+        retries: int = 5,
         key: StreamKey | None = None,
     ) -> None:
         self.client = client
-        self.job_url = job_url.rstrip("/")
+        self.url = url.rstrip("/")
         self.seq = start_seq
-        self.retries = retries
+        self.headers = dict(headers or {})
         self.timeout = timeout
-        self.key = key or StreamKey()  # the publisher's, when the stream is on a node
+        self.retries = retries
+        self.key = key  # the publisher's, when the stream goes through a node
         self.skipped = 0  # segments lost to 470 jumps, for callers that must report them
+        self.ended = False
+        self._current: ReceivedSegment | None = None
 
     async def _get(self, deadline: float) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            left = deadline - time.monotonic()
+        left = deadline - time.monotonic()
+        headers = {**self.headers, **(self.key.headers() if self.key else {})}
+        request = self.client.build_request(
+            "GET", f"{self.url}/{self.seq}", headers=headers, timeout=self.timeout
+        )
+        try:
             if left <= 0:
-                break
-            try:
-                return await asyncio.wait_for(
-                    self.client.get(
-                        f"{self.job_url}/output/{self.seq}", headers=self.key.headers(), timeout=left
-                    ),
-                    left,
-                )
-            except asyncio.TimeoutError:
-                break
-            except httpx.TransportError:
-                if attempt == self.retries or time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(min(0.1 * 2**attempt, max(deadline - time.monotonic(), 0)))
-        raise httpx.ReadTimeout(f"no segment {self.seq} from {self.job_url} within {self.timeout} s")
+                raise TimeoutError
+            return await asyncio.wait_for(self.client.send(request, stream=True), left)
+        except TimeoutError:
+            raise httpx.ReadTimeout(
+                f"no segment {self.seq} from {self.url} within {self.timeout} s", request=request
+            ) from None
+
+    async def _pause(self, seconds: float, deadline: float) -> None:
+        await asyncio.sleep(max(min(seconds, deadline - time.monotonic()), 0))
 
     async def next(self) -> ReceivedSegment | None:
         """The next segment, or ``None`` once the stream is over."""
+        if self._current is not None:
+            await self._current.aclose()
+            self._current = None
         deadline = time.monotonic() + self.timeout
-        while True:
-            response = await self._get(deadline)
-            if response.status_code == 404 or response.headers.get(CLOSED_HEADER):
-                return None
-            if response.status_code == STATUS_UNAVAILABLE:
-                latest = int(response.headers[LATEST_HEADER])
-                if latest <= self.seq:  # not reachable yet: the writer is behind us
-                    await asyncio.sleep(0.05)
-                    continue
-                self.skipped += latest - self.seq
-                self.seq = latest
+        failures = 0
+        while not self.ended:
+            try:
+                response = await self._get(deadline)
+            except httpx.TimeoutException:
+                raise
+            except httpx.TransportError:
+                failures += 1
+                if failures > self.retries:
+                    raise
+                await self._pause(RETRY_PAUSE, deadline)
                 continue
-            if SEQ_HEADER not in response.headers:
-                raise TrickleError.from_response(response)
-            seq = int(response.headers[SEQ_HEADER])
+            status = response.status_code
+            if status == 404 or response.headers.get(CLOSED_HEADER):
+                await response.aclose()
+                self.ended = True
+                return None
+            if status == STATUS_UNAVAILABLE and (latest := _header_int(response, LATEST_HEADER)) is not None:
+                await response.aclose()
+                if latest > self.seq:
+                    self.skipped += latest - self.seq if self.seq >= 0 else 0
+                    self.seq = latest
+                else:  # the writer is behind the reader: ask again shortly
+                    await self._pause(AHEAD_PAUSE, deadline)
+                continue
+            seq = _header_int(response, SEQ_HEADER)
+            if status != 200 or seq is None:
+                body = _error_body("http_error", await _read_bounded(response))
+                failures += 1
+                if failures > self.retries:
+                    raise TrickleError(status, str(body.get("error")), str(body.get("detail")))
+                await self._pause(RETRY_PAUSE, deadline)
+                continue
             self.seq = seq + 1
-            return ReceivedSegment(
-                seq, response.status_code, response.headers.get("content-type", ""), response.content
-            )
+            self._current = await self._segment(seq, response)
+            return self._current
+        return None
+
+    async def _segment(self, seq: int, response: httpx.Response) -> ReceivedSegment:
+        content_type = response.headers.get("content-type", "")
+        code = response.headers.get(ERROR_HEADER)
+        if code is None:
+            return ReceivedSegment(seq, content_type, None, _response=response)
+        body = await _read_bounded(response)
+        return ReceivedSegment(seq, content_type, _error_body(code, body), _body=body)
 
     async def __aiter__(self) -> AsyncIterator[ReceivedSegment]:
         while (segment := await self.next()) is not None:

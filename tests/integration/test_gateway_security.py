@@ -395,14 +395,16 @@ def test_the_orchestrators_stream_is_not_open_to_whoever_reaches_it(nodes: Nodes
 async def test_the_trickle_clients_carry_the_key(nodes: Nodes) -> None:
     url = f"{nodes.gateway.url}/live/clients-{uuid.uuid4().hex[:8]}"
     async with httpx.AsyncClient(timeout=10, headers={"X-Model-Id": "passthrough-cpu"}) as client:
-        publisher = TricklePublisher(client, url)
-        await publisher.write(b"one", "application/octet-stream")
-        subscriber = TrickleSubscriber(client, url, key=publisher.key)
-        await publisher.write(b"two", "application/octet-stream")
+        publisher = TricklePublisher(
+            client, f"{url}/source", content_type="application/octet-stream", key=StreamKey()
+        )
+        await publisher.write(b"one")
+        subscriber = TrickleSubscriber(client, f"{url}/output", start_seq=0, key=publisher.key)
+        await publisher.write(b"two")
         await publisher.close()
-        segments = [segment.body async for segment in subscriber]
+        segments = [await segment.read() async for segment in subscriber]
         assert segments == [b"one", b"two"]
-        stranger = TrickleSubscriber(client, url, key=StreamKey("guess"))
+        stranger = TrickleSubscriber(client, f"{url}/output", key=StreamKey("guess"))
         assert await stranger.next() is None  # a 404, as for a stream that does not exist
         await client.delete(url, headers=publisher.key.headers())
 
@@ -436,7 +438,7 @@ async def test_a_subscriber_gives_up_at_its_deadline_not_after_minutes() -> None
         async with httpx.AsyncClient(timeout=20) as client:
             started = time.monotonic()
             with pytest.raises(httpx.TimeoutException):
-                await TrickleSubscriber(client, url, timeout=1.0).next()
+                await TrickleSubscriber(client, f"{url}/output", timeout=1.0).next()
             assert time.monotonic() - started < 3
 
 

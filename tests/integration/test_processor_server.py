@@ -28,6 +28,7 @@ from harness import (
     serve_argv,
 )
 
+from common.trickle.protocol import PARAMS_HEADER, params_json
 from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
 
@@ -149,13 +150,14 @@ async def test_a_100_frame_stream_with_4_segments_in_flight(processors: dict[str
     received: list[tuple[int, bytes]] = []
     job_url = f"{processors['green-tint'].url}/live/{new_job_id('stream')}"
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
-        publisher, subscriber = TricklePublisher(client, job_url), TrickleSubscriber(client, job_url)
+        publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/png")
+        subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0)
 
         async def publish() -> None:
             nonlocal written, peak
             for i, colour in enumerate(colours):
                 await in_flight.acquire()
-                assert await publisher.write(solid_png(colour), "image/png") == i
+                assert await publisher.write(solid_png(colour)) == i
                 written += 1
                 peak = max(peak, written - len(received))
                 if written == 4:
@@ -165,8 +167,8 @@ async def test_a_100_frame_stream_with_4_segments_in_flight(processors: dict[str
         async def subscribe() -> None:
             await primed.wait()
             async for segment in subscriber:
-                assert segment.ok and segment.content_type == "image/png"
-                received.append((segment.seq, segment.body))
+                assert segment.error is None and segment.content_type == "image/png"
+                received.append((segment.seq, await segment.read()))
                 in_flight.release()
 
         await asyncio.gather(publish(), subscribe())
@@ -219,11 +221,17 @@ async def test_concurrent_jobs_keep_their_own_segments_and_strengths(
 
         async def run_job(strength: float) -> list[bytes]:
             job_url = f"{processors['green-tint'].url}/live/{new_job_id('concurrent')}"
-            publisher = TricklePublisher(client, job_url, params={"strength": strength})
+            publisher = TricklePublisher(
+                client,
+                f"{job_url}/source",
+                content_type="image/png",
+                headers={PARAMS_HEADER: params_json({"strength": strength})},
+            )
             for _ in range(5):
-                await publisher.write(solid_png(colour), "image/png")
+                await publisher.write(solid_png(colour))
             await publisher.close()
-            return [segment.body async for segment in TrickleSubscriber(client, job_url)]
+            subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0)
+            return [await segment.read() async for segment in subscriber]
 
         results = await asyncio.gather(*(run_job(s) for s in strengths))
     for strength, bodies in zip(strengths, results, strict=True):
@@ -412,7 +420,7 @@ def test_health_says_error_when_load_fails(start_server: StartServer, tmp_path: 
         assert_error(client.post("/job", content=b"abc"), 503, "not_ready")
         job_id = new_job_id()
         client.put(f"/live/{job_id}/source", content=b"abc")
-        assert_error(client.get(f"/live/{job_id}/output/0"), 503, "not_ready")
+        assert_error(client.get(f"/live/{job_id}/output/0"), 200, "not_ready")  # an error segment
     assert "weights missing" in server.output()
 
 

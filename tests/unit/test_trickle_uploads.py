@@ -88,7 +88,7 @@ async def test_a_server_fault_during_an_upload_is_an_error_segment_not_a_wedged_
     assert status == 500 and json.loads(body)["error"] == "internal_error"
     assert (await call(app, "PUT", "/live/j1/source", whole(b"next")))[0] == 200
     status, body = await asyncio.wait_for(call(app, "GET", "/live/j1/output/0", whole(b"")), 5)
-    assert status == 500 and json.loads(body)["error"] == "internal_error"
+    assert status == 200 and json.loads(body)["error"] == "internal_error"  # in band: readers go on
     assert await asyncio.wait_for(call(app, "GET", "/live/j1/output/1", whole(b"")), 5) == (200, b"next")
 
 
@@ -100,5 +100,5 @@ async def test_a_cancelled_upload_is_an_error_segment_not_a_wedged_job() -> None
     await asyncio.gather(upload, return_exceptions=True)
     assert (await call(app, "PUT", "/live/j2/source", whole(b"next")))[0] == 200
     status, body = await asyncio.wait_for(call(app, "GET", "/live/j2/output/0", whole(b"")), 5)
-    assert status == 400 and json.loads(body)["error"] == "upload_incomplete"
+    assert status == 200 and json.loads(body)["error"] == "upload_incomplete"
     assert await asyncio.wait_for(call(app, "GET", "/live/j2/output/1", whole(b"")), 5) == (200, b"next")
