@@ -123,11 +123,20 @@ bench: venv ## run the benchmarks and print their figures (~8 minutes)
 	$(PY) bench/bench_slow_headers.py
 	$(PY) bench/bench_uploads.py
 
+# PyTrickle 0.1.6 in a venv of its own (its opencv-python and pinned CPU torch never touch .venv),
+# for the interop tests and bench-live. Idempotent; scripts/setup-pytrickle.sh says why each step.
+pytrickle-venv: ## make .venv-pytrickle: the real PyTrickle 0.1.6 (CPU torch) for interop tests and bench-live
+	@scripts/setup-pytrickle.sh
+
+bench-live: venv pytrickle-venv ## live 720p30 green tint, ours vs PyTrickle 0.1.6 side by side (BENCH_ARGS=--full)
+	$(PY) bench/bench_live.py $(BENCH_ARGS)
+
 bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
 	$(PY) bench/bench_whisper.py $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-pytrickle .pytest_cache .ruff_cache
 
 .PHONY: help env up down logs ps test-job test-jobs build wheelhouse base-image docker-setup docker-ready \
-	docker-test up-local down-local venv test lint format bench bench-whisper clean
+	docker-test up-local down-local venv test lint format bench bench-whisper clean \
+	pytrickle-venv bench-live
