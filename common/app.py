@@ -13,7 +13,7 @@ import hmac
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from importlib import metadata
 from typing import Any
@@ -27,16 +27,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .errors import ApiError
 from .http import (
     DEFAULT_MAX_BODY_BYTES,
-    MAX_PARAMS_BYTES,
     params_header,
-    parse_params,
     read_body,
     unless_client_leaves,
 )
+from .live.api import LiveApi
+from .live.stream import LiveSettings
 from .processor import BaseProcessor, ImageProcessor, Output
 from .registration import Registration
 from .service import service_app
-from .trickle.server import Input, JobStore, Segment, TrickleEndpoints
+from .trickle.jobs import Input, JobStore, Segment, TrickleEndpoints
 from .work import WorkSlots
 
 log = logging.getLogger("app")
@@ -62,6 +62,7 @@ class Settings:
     # client has gone) before it is refused with 503 busy.
     work_wait_seconds: float = 30.0
     token: str | None = None  # the bearer token every route but /health and /version needs
+    live: LiveSettings = field(default_factory=LiveSettings)  # live streams (POST /stream/start)
 
 
 def _version() -> str:
@@ -124,6 +125,14 @@ class ProcessorApp:
             idle_seconds=settings.job_idle_seconds,
             max_jobs=settings.max_jobs,
         )
+        self.live = LiveApi(
+            processor,
+            self.work,
+            settings.live,
+            lambda: self.state.value,
+            lambda: self.health_status().value,
+            _version(),
+        )
 
     async def load(self) -> None:
         started = time.monotonic()
@@ -179,7 +188,7 @@ class ProcessorApp:
 
     def health_status(self) -> HealthStatus:
         if self.state == HealthStatus.IDLE and (
-            self.work.running or self.work.waiting or self.store.active_count()
+            self.work.running or self.work.waiting or self.store.active_count() or self.live.active_count()
         ):
             return HealthStatus.OK
         return self.state
@@ -198,11 +207,6 @@ class ProcessorApp:
                 "version": _version(),
             }
         )
-
-    async def update_params(self, request: Request) -> Response:
-        body = await read_body(request, MAX_PARAMS_BYTES)
-        self.processor.update_params(parse_params(body, "the body"))
-        return JSONResponse({"params": dict(self.processor.params)})
 
     async def one_shot(self, request: Request) -> Response:
         """``POST /{path}``: input body in, output body out (go-livepeer's request/response job)."""
@@ -237,7 +241,7 @@ def create_app(
     trickle = TrickleEndpoints(state.store, state.settings.max_body_bytes, processor.validate_params)
 
     def background() -> list[Coroutine[Any, Any, None]]:
-        loops = [state.load(), state.store.sweep_forever()]
+        loops = [state.load(), state.store.sweep_forever(), state.live.supervise()]
         if registration is not None:
             loops.append(registration.keep_registered())
         return loops
@@ -246,7 +250,7 @@ def create_app(
         [
             Route("/health", state.health, methods=["GET"]),
             Route("/version", state.version, methods=["GET"]),
-            Route("/stream/params", state.update_params, methods=["POST"]),
+            *state.live.routes(),
             *trickle.routes(),
             Route("/{path:path}", state.one_shot, methods=["POST"]),
         ],

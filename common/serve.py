@@ -5,7 +5,8 @@ defaults, overridden by ``--model-id/--host/--port`` or ``MODEL_ID/HOST/PORT`` (
 127.0.0.1). ``BYOC_TOKEN`` is the bearer token every route but /health and /version requires
 (see :func:`token_from_env`); ``MAX_JOBS`` caps the open trickle jobs (default 64);
 ``WORK_WAIT_SECONDS`` is how long a one-shot job waits for a busy processor (default 30) before
-it is answered 503 ``busy``.
+it is answered 503 ``busy``. Live streams (``POST /stream/start``): ``STREAM_CAPACITY`` streams at
+once (default 1), ``TRICKLE_TIMEOUT`` and ``TRICKLE_VERIFY_TLS`` (see ``common/live/stream.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from .app import Settings, create_app
 from .http import DEFAULT_MAX_BODY_BYTES
+from .live.stream import LiveSettings
 from .logs import configure_logging
 from .malloc import keep_freed_memory
 from .processor import BaseProcessor, ImageProcessor, Processor
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         max_jobs=int(os.environ.get("MAX_JOBS", "64")),
         work_wait_seconds=float(os.environ.get("WORK_WAIT_SECONDS", "30")),
         token=token,
+        live=LiveSettings.from_env(),
     )
     app = create_app(cls(), settings, registration_from_env(cls.model_id, port, token))
     log.info("%s (%s) listening on %s:%d", cls.model_id, cls.__name__, args.host, port)

@@ -1,0 +1,1 @@
+"""Live video in every processor container: pytrickle's stream API, the running stream, its media."""

@@ -1,0 +1,55 @@
+"""Decoded stream audio waiting for a transcriber: filled by the media thread, bounded.
+
+The transcoder hands over 16 kHz mono float32 chunks as it decodes them; the stream takes what
+has gathered after each output segment and sends it through the processor's ``run()`` as
+``audio/L16`` (RFC 2586: big-endian signed 16-bit), the same input a one-shot job may send.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("live")
+
+RATE = 16_000
+L16_CONTENT_TYPE = f"audio/L16; rate={RATE}; channels=1"
+MAX_BUFFERED_SECONDS = 60.0  # a transcriber this far behind loses the oldest audio, not memory
+
+
+class AudioBuffer:
+    """Audio chunks in arrival order, at most ``max_seconds`` of them."""
+
+    def __init__(self, max_seconds: float = MAX_BUFFERED_SECONDS) -> None:
+        self._limit = int(max_seconds * RATE)
+        self._chunks: list[np.ndarray] = []
+        self._size = 0
+        self._lock = threading.Lock()
+        self.origin: float = 0.0  # stream time (s) of the first sample: transcript times count from it
+        self._started = False
+        self.dropped_seconds = 0.0
+
+    def add(self, chunk: Any) -> None:
+        """Take one decoded chunk (``samples``: float32 16 kHz mono, ``start``: seconds)."""
+        samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+        with self._lock:
+            if not self._started:
+                self.origin, self._started = float(chunk.start), True
+            self._chunks.append(samples)
+            self._size += len(samples)
+            while self._size > self._limit and len(self._chunks) > 1:
+                gone = self._chunks.pop(0)
+                self._size -= len(gone)
+                self.dropped_seconds += len(gone) / RATE
+
+    def take(self) -> bytes:
+        """Everything gathered so far as L16 bytes; the buffer is empty afterwards."""
+        with self._lock:
+            chunks, self._chunks, self._size = self._chunks, [], 0
+        if not chunks:
+            return b""
+        samples = np.concatenate(chunks)
+        return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(">i2").tobytes()

@@ -1,0 +1,583 @@
+"""One running live stream: input channel -> processor -> output channel, with its side channels.
+
+Which way the media goes depends on the processor (:class:`LiveInput`):
+
+* an ``ImageProcessor`` sees every decoded video frame (:class:`~common.live.media.LiveTranscoder`
+  decodes the continuous MPEG-TS input, re-encodes H.264 one output segment per input segment);
+* a ``Processor`` whose class sets ``live_input = "audio"`` (a transcriber) gets the stream's audio
+  as 16 kHz mono L16 through its normal ``run()``, and its text goes to the data channel;
+* any other ``Processor`` gets each input segment's bytes, and what it returns is the output
+  segment: no decode, no re-encode.
+
+The stream owns every task it starts; :meth:`LiveStream.stop` cancels and awaits them all. Every
+wait is bounded: the trickle clients by ``trickle_timeout``, the media drain after the input ends
+by ``drain_seconds``, the shutdown by ``stop_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ..errors import ApiError
+from ..processor import BaseProcessor, ImageProcessor, Output, _job_context
+from ..trickle.protocol import SEQ_LATEST
+from ..trickle.publisher import TricklePublisher
+from ..trickle.subscriber import ReceivedSegment, TrickleSubscriber
+from ..work import WorkSlots
+from .audio import L16_CONTENT_TYPE, AudioBuffer
+from .events import STREAM_STATUS, Events
+from .request import StreamRequest, split_params
+
+log = logging.getLogger("live")
+
+MAX_CONTROL_BYTES = 32 * 1024  # one JSON object of parameters
+TRANSCRIPT_CONTENT_TYPE = "application/jsonl"
+
+
+class LiveInput(str, enum.Enum):
+    """What of the stream a processor takes."""
+
+    VIDEO = "video"  # decoded frames, re-encoded output
+    AUDIO = "audio"  # the audio track, text out on the data channel
+    SEGMENTS = "segments"  # each input segment's bytes, as they are
+
+
+def live_input(processor: BaseProcessor) -> LiveInput:
+    if isinstance(processor, ImageProcessor):
+        return LiveInput.VIDEO
+    if getattr(processor, "live_input", None) == LiveInput.AUDIO.value:
+        return LiveInput.AUDIO
+    return LiveInput.SEGMENTS
+
+
+class StreamState(str, enum.Enum):
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    ENDED = "ENDED"  # the input ended and every output was delivered
+    STOPPED = "STOPPED"  # /stream/stop, or the container shutting down
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """Stream limits, from the environment in :meth:`from_env` (see each field)."""
+
+    capacity: int = 1  # STREAM_CAPACITY: streams at once
+    heartbeat_seconds: float = 5.0  # go-livepeer's gateway drops a stream after 30 s without events
+    trickle_timeout: float = 30.0  # TRICKLE_TIMEOUT: a segment must start within this, a POST end
+    drain_seconds: float = 30.0  # after the input ends, the last outputs must be out within this
+    stop_seconds: float = 10.0  # a stop waits this long for the stream's tasks to end
+    max_segment_bytes: int = 32 * 1024 * 1024  # one input segment; a 2 s 1080p GOP is ~1-2 MB
+    # TRICKLE_VERIFY_TLS=1 checks the orchestrator's certificate. Off by default: go-livepeer serves
+    # its trickle channels with a self-signed certificate, and its own trickle clients skip the check.
+    verify_tls: bool = False
+
+    @classmethod
+    def from_env(cls) -> LiveSettings:
+        capacity = int(os.environ.get("STREAM_CAPACITY", "1"))
+        if not 1 <= capacity <= 64:
+            raise SystemExit(f"STREAM_CAPACITY={capacity}: must be 1..64")
+        return cls(
+            capacity=capacity,
+            trickle_timeout=float(os.environ.get("TRICKLE_TIMEOUT", "30")),
+            verify_tls=os.environ.get("TRICKLE_VERIFY_TLS", "0") == "1",
+        )
+
+
+class StreamError(Exception):
+    """A stream cannot go on; its message is what the events channel reports."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, StreamError):
+        return exc.code, exc.detail
+    if isinstance(exc, ApiError):
+        return exc.code, exc.detail
+    if isinstance(exc, httpx.TimeoutException):
+        return "trickle_timeout", f"a trickle channel did not answer in time ({type(exc).__name__})"
+    if isinstance(exc, httpx.TransportError):
+        return "trickle_unreachable", f"a trickle channel is unreachable ({type(exc).__name__}: {exc})"
+    return "stream_failed", f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+class LiveStream:
+    """A stream from start to end; build it, :meth:`start` it, :meth:`stop` it (idempotent)."""
+
+    def __init__(
+        self,
+        request: StreamRequest,
+        processor: BaseProcessor,
+        work: WorkSlots,
+        settings: LiveSettings,
+        tls: ssl.SSLContext | bool,
+    ) -> None:
+        self.request = request
+        self.processor = processor
+        self.kind = live_input(processor)
+        self.settings = settings
+        self._work = work
+        self._tls = tls
+        self._overrides = dict(request.params)
+        self.params: Mapping[str, Any] = processor.with_overrides(self._overrides)
+        self.options = dict(request.options)
+        self.state = StreamState.RUNNING
+        self.error: dict[str, str] | None = None
+        self.started = time.time()
+        self.ended: float | None = None
+        self.segments_in = 0
+        self.segments_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.data_lines = 0
+        self._processor_state: dict[str, Any] = {}  # the processor's per-stream state (``stream``)
+        self._transcoder: Any = None
+        self._events: Events | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.request.stream_id
+
+    @property
+    def active(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self, on_end: Callable[[LiveStream], None]) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"stream {self.id}")
+        self._task.add_done_callback(lambda _: on_end(self))
+
+    async def stop(self) -> None:
+        """Stop now: cancel everything, wait (bounded) until it has ended."""
+        task = self._task
+        if task is None or task.done():
+            return
+        if self.state == StreamState.RUNNING:
+            self.state = StreamState.STOPPING
+        task.cancel()
+        _, pending = await asyncio.wait({task}, timeout=self.settings.stop_seconds)
+        if pending:
+            log.warning("%s: still stopping after %g s", self.id, self.settings.stop_seconds)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until the stream has ended by itself; whether it has."""
+        if self._task is None:
+            return True
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        return bool(done)
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def update_params(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply a checked update to this stream (``/stream/params`` or a control message)."""
+        params, options = split_params(dict(raw), self.processor.validate_params, _bad_params)
+        self._overrides = {**self._overrides, **params}
+        self.params = self.processor.with_overrides(self._overrides)  # replaced whole: threads read it
+        self.options.update(options)
+        if self._events is not None:
+            self._events.emit("params_updated", params={**self.params, **self.options})
+        log.info("%s: params now %s", self.id, {**self.params, **self.options})
+        return {**self.params, **self.options}
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        media = self._transcoder.stats if self._transcoder is not None else {}
+        events = self._events
+        return {
+            "stream_id": self.id,
+            "gateway_request_id": self.request.gateway_request_id,
+            "state": self.state.value,
+            "input": self.kind.value,
+            "started": round(self.started, 3),
+            "ended": None if self.ended is None else round(self.ended, 3),
+            "urls": self.request.urls(),
+            "params": {**self.params, **self.options},
+            "segments_in": self.segments_in,
+            "segments_out": self.segments_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "data_lines": self.data_lines,
+            "media": dict(media),
+            "events": {"sent": events.sent, "dropped": events.dropped, "failed": events.failed}
+            if events is not None
+            else None,
+            "error": self.error,
+        }
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        timeout = httpx.Timeout(
+            self.settings.trickle_timeout, connect=min(10.0, self.settings.trickle_timeout)
+        )
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=self._tls) as client:
+            await self._run_with(client)
+
+    async def _run_with(self, client: httpx.AsyncClient) -> None:
+        events_url = self.request.events_url
+        events_publisher = (
+            TricklePublisher(
+                client, events_url, content_type="application/json", timeout=self.settings.trickle_timeout
+            )
+            if events_url
+            else None
+        )
+        events = self._events = Events(events_publisher, self.id)
+        side = [asyncio.create_task(events.run(), name=f"{self.id} events")]
+        side.append(asyncio.create_task(self._heartbeat(events), name=f"{self.id} heartbeat"))
+        if self.request.control_url:
+            side.append(
+                asyncio.create_task(
+                    self._control(client, self.request.control_url), name=f"{self.id} control"
+                )
+            )
+        log.info("%s: started (%s input from %s)", self.id, self.kind.value, self.request.subscribe_url)
+        events.emit("stream_started", params={**self.params, **self.options})
+        reason = "input ended"
+        try:
+            await self._media(client)
+            self.state = StreamState.ENDED
+            if self.segments_in == 0:
+                self._fail(
+                    "no_input",
+                    f"subscribe_url {self.request.subscribe_url} ended (404 or closed) before any segment",
+                )
+        except asyncio.CancelledError:
+            self.state = StreamState.STOPPED
+            reason = "stopped"
+            raise
+        except Exception as exc:
+            self.state = StreamState.FAILED
+            reason = "error"
+            self._fail(*_describe(exc))
+            if not isinstance(exc, StreamError | ApiError | httpx.HTTPError):
+                log.exception("%s: failed", self.id)
+        finally:
+            self.ended = time.time()
+            for task in side[1:]:
+                task.cancel()
+            await asyncio.wait(side[1:], timeout=1.0)  # control/heartbeat: nothing left to finish
+            events.emit("stream_stopped", reason=reason, **self._counts())
+            await events.drain(self._cleanup_seconds())
+            side[0].cancel()
+            await asyncio.wait(side[:1], timeout=1.0)
+            if events_publisher is not None:
+                await _quietly(events_publisher.close(), self._cleanup_seconds(), f"{self.id} events close")
+            log.info("%s: %s (%s) after %d segments in, %d out", self.id, self.state.value, reason,
+                     self.segments_in, self.segments_out)  # fmt: skip
+
+    def _cleanup_seconds(self) -> float:
+        """How long each closing step may take: short on a stop (its caller waits for all of
+        them within ``stop_seconds``), longer when the stream ends by itself."""
+        stopping = self.state in (StreamState.STOPPING, StreamState.STOPPED)
+        return min(1.0 if stopping else 5.0, self.settings.trickle_timeout)
+
+    def _fail(self, code: str, detail: str) -> None:
+        self.error = {"error": code, "detail": detail}
+        log.warning("%s: %s: %s", self.id, code, detail)
+        if self._events is not None:
+            self._events.emit("error", message=detail, code=code)
+
+    def _counts(self) -> dict[str, Any]:
+        return {"segments_in": self.segments_in, "segments_out": self.segments_out}
+
+    async def _heartbeat(self, events: Events) -> None:
+        while True:
+            media = self._transcoder.stats if self._transcoder is not None else {}
+            events.emit(
+                "status",
+                STREAM_STATUS,
+                state=self.state.value,
+                urls=self.request.urls(),
+                params={**self.params, **self.options},
+                media=dict(media),
+                **self._counts(),
+            )
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+
+    # -- control --------------------------------------------------------------------------------
+
+    async def _control(self, client: httpx.AsyncClient, url: str) -> None:
+        """Apply control messages until the channel ends; a bad message is an error event."""
+        subscriber = TrickleSubscriber(
+            client, url, start_seq=SEQ_LATEST, timeout=self.settings.trickle_timeout
+        )
+        failures = 0
+        while True:
+            try:
+                segment = await subscriber.next()
+            except (httpx.HTTPError, OSError, ValueError) as exc:
+                # A quiet control channel times out the long-poll: normal, poll again.
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.info("%s: control channel: %s (polling on)", self.id, _describe(exc)[1])
+                await asyncio.sleep(0.5)
+                continue
+            if segment is None:
+                log.info("%s: control channel ended", self.id)
+                return
+            failures = 0
+            try:
+                body = await _read_at_most(segment, MAX_CONTROL_BYTES)
+            except StreamError as exc:
+                self._fail(exc.code, exc.detail)
+                continue
+            finally:
+                await segment.aclose()
+            self._apply_control(body)
+
+    def _apply_control(self, body: bytes) -> None:
+        if not body.strip():
+            return
+        try:
+            message = json.loads(body)
+            if not isinstance(message, dict):
+                raise ValueError(f"a control message must be a JSON object, not {type(message).__name__}")
+            if message == {"keep": "alive"}:
+                return
+            self.update_params(message)
+        except (ValueError, RecursionError) as exc:
+            self._fail("invalid_control", f"control message ignored: {str(exc)[:200]}")
+        except ApiError as exc:
+            self._fail("invalid_control", f"control message ignored: {exc.detail}")
+
+    # -- media ----------------------------------------------------------------------------------
+
+    async def _media(self, client: httpx.AsyncClient) -> None:
+        if self.kind == LiveInput.SEGMENTS:
+            await self._segments(client)
+            return
+        from .media import LiveTranscoder  # type: ignore[import-not-found]  # PyAV loads with the first stream
+
+        audio = AudioBuffer() if self.kind == LiveInput.AUDIO else None
+        transcoder = self._transcoder = LiveTranscoder(
+            self._video_frame if self.kind == LiveInput.VIDEO else None,
+            audio=audio.add if audio is not None else None,
+            on_event=self._media_event,
+        )
+        try:
+            await self._drained(self._feed(client, transcoder), self._deliver(client, transcoder, audio))
+        finally:
+            transcoder.close()
+
+    async def _drained(self, feed: Coroutine[Any, Any, None], deliver: Coroutine[Any, Any, None]) -> None:
+        """Input and output side by side; a failure of either cancels the other and is raised.
+
+        Once the input has ended, the output has ``drain_seconds`` to finish its last segments.
+        """
+        feeding, delivering = asyncio.create_task(feed), asyncio.create_task(deliver)
+        try:
+            done, _ = await asyncio.wait({feeding, delivering}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+            if not delivering.done():
+                done, _ = await asyncio.wait({delivering}, timeout=self.settings.drain_seconds)
+                if not done:
+                    drain = self.settings.drain_seconds
+                    raise StreamError(
+                        "drain_timeout", f"the last outputs were not out {drain:g} s after the input ended"
+                    )
+                delivering.result()
+            # else the output ended first (the transcoder gave up): the input has no reader left
+        finally:
+            for task in (feeding, delivering):
+                task.cancel()
+            await asyncio.gather(feeding, delivering, return_exceptions=True)
+
+    def _video_frame(self, image: np.ndarray) -> np.ndarray:
+        """One decoded frame through the processor, with the stream's parameters (media thread)."""
+        assert isinstance(self.processor, ImageProcessor)
+        with _job_context(self.params, self._processor_state):
+            return self.processor.process(image)
+
+    def _media_event(self, event: dict[str, Any]) -> None:
+        """The transcoder's reports (drops, errors); it may call from its threads."""
+        if self._events is not None:
+            fields = {key: value for key, value in event.items() if key != "type"}
+            self._events.emit_threadsafe(str(event.get("type", "media")), **fields)
+
+    async def _input(self, client: httpx.AsyncClient) -> AsyncGenerator[ReceivedSegment, None]:
+        """Input segments in order until the channel ends; each closed after the caller's turn."""
+        subscriber = TrickleSubscriber(
+            client, self.request.subscribe_url, start_seq=SEQ_LATEST, timeout=self.settings.trickle_timeout
+        )
+        while (segment := await subscriber.next()) is not None:
+            try:
+                if segment.error is not None:  # the publisher marked it failed: skip, keep reading
+                    self._fail("input_segment_error", f"input segment {segment.seq}: {segment.error}")
+                    continue
+                if self.segments_in == 0 and self._events is not None:
+                    self._events.emit("receive_first_ingest_segment", seq=segment.seq)
+                self.segments_in += 1
+                yield segment
+            finally:
+                await segment.aclose()
+
+    async def _chunks(self, segment: ReceivedSegment) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in segment.chunks():
+            size += len(chunk)
+            if size > self.settings.max_segment_bytes:
+                raise StreamError(
+                    "segment_too_large",
+                    f"input segment {segment.seq} is over {self.settings.max_segment_bytes} bytes",
+                )
+            self.bytes_in += len(chunk)
+            yield chunk
+
+    async def _feed(self, client: httpx.AsyncClient, transcoder: Any) -> None:
+        async with contextlib.aclosing(self._input(client)) as segments:
+            async for segment in segments:
+                async for chunk in self._chunks(segment):
+                    transcoder.feed(chunk)
+                transcoder.end_segment()
+        transcoder.end_input()
+
+    async def _deliver(self, client: httpx.AsyncClient, transcoder: Any, audio: AudioBuffer | None) -> None:
+        """Output segments to the publish channel, as they are encoded; transcripts to data."""
+        publisher = self._publisher(client, self.request.publish_url, "video/mp2t")
+        data = self._publisher(client, self.request.data_url, TRANSCRIPT_CONTENT_TYPE)
+        try:
+            while (output := await transcoder.next_segment()) is not None:
+                if publisher is not None:
+                    async with publisher.segment() as segment:
+                        async for chunk in output.chunks():
+                            await segment.write(chunk)
+                            self.bytes_out += len(chunk)
+                else:
+                    async for _ in output.chunks():
+                        pass
+                self._delivered(output.seq)
+                if audio is not None:
+                    await self._transcribe(audio, data, final=False)
+            if audio is not None:
+                await self._transcribe(audio, data, final=True)
+        finally:
+            for channel in (publisher, data):
+                if channel is not None:
+                    await _quietly(channel.close(), self._cleanup_seconds(), f"{self.id} output close")
+
+    def _delivered(self, seq: int) -> None:
+        if self.segments_out == 0 and self._events is not None:
+            self._events.emit("send_first_processed_segment", seq=seq)
+        self.segments_out += 1
+
+    def _publisher(
+        self, client: httpx.AsyncClient, url: str | None, content_type: str
+    ) -> TricklePublisher | None:
+        if url is None:
+            return None
+        return TricklePublisher(client, url, content_type=content_type, timeout=self.settings.trickle_timeout)
+
+    # -- audio: transcripts ---------------------------------------------------------------------
+
+    async def _transcribe(self, audio: AudioBuffer, data: TricklePublisher | None, final: bool) -> None:
+        """What audio has been decoded since the last time, through the processor's ``run()``."""
+        pcm = audio.take()
+        outputs: list[Output] = []
+        if len(pcm):
+            outputs.append(
+                await self._work.run(
+                    self.processor.run(pcm, L16_CONTENT_TYPE, self.params, self._processor_state)
+                )
+            )
+        if final:
+            flushed = await self._work.run(self.processor.finish(self.params, self._processor_state))
+            if flushed is not None:
+                outputs.append(flushed)
+        lines = [line for output in outputs for line in _transcript_lines(output, audio.origin)]
+        if lines and data is not None:
+            await data.write(b"".join(lines))
+        self.data_lines += len(lines)
+
+    # -- segments as they are -------------------------------------------------------------------
+
+    async def _segments(self, client: httpx.AsyncClient) -> None:
+        """Each input segment's bytes through ``process()``; its return value is the output segment."""
+        publisher = self._publisher(client, self.request.publish_url, "video/mp2t")
+        try:
+            async with contextlib.aclosing(self._input(client)) as segments:
+                async for segment in segments:
+                    body = b"".join([chunk async for chunk in self._chunks(segment)])
+                    content_type = segment.content_type or "video/mp2t"
+                    output = await self._work.run(
+                        self.processor.run(body, content_type, self.params, self._processor_state)
+                    )
+                    if publisher is not None:
+                        await publisher.write(output.body)
+                    self.bytes_out += len(output.body)
+                    self._delivered(segment.seq)
+        finally:
+            if publisher is not None:
+                await _quietly(publisher.close(), self._cleanup_seconds(), f"{self.id} output close")
+
+
+def _bad_params(code: str, detail: str) -> ApiError:
+    return ApiError(400, code, detail)
+
+
+def _transcript_lines(output: Output, origin: float) -> list[bytes]:
+    """A transcriber's JSON answer as JSON lines, one per phrase, times from the stream start."""
+    try:
+        result = json.loads(output.body)
+    except ValueError:
+        return []
+    lines = []
+    for piece in result.get("segments", []) if isinstance(result, dict) else []:
+        line = {
+            "type": "transcript",
+            "start": round(origin + float(piece["start"]), 2),
+            "end": round(origin + float(piece["end"]), 2),
+            "text": piece["text"],
+        }
+        lines.append(json.dumps(line).encode() + b"\n")
+    return lines
+
+
+async def _read_at_most(segment: ReceivedSegment, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in segment.chunks():
+        body += chunk
+        if len(body) > limit:
+            raise StreamError("control_too_large", f"a control message is over {limit} bytes")
+    return bytes(body)
+
+
+async def _quietly(work: Coroutine[Any, Any, Any], timeout: float, what: str) -> None:
+    """Best-effort clean-up: bounded, and a failure is a log line, not an error of the stream.
+
+    A clean-up that goes on cleaning up when cancelled (a ``finally`` that awaits) is cancelled
+    again, a few times, so that ``timeout`` really bounds it.
+    """
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    for _attempt in range(3):
+        if done:
+            break
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+    if not done:
+        log.warning("%s: still running after %g s and three cancels", what, timeout)
+    elif task.cancelled():
+        log.info("%s: cut off after %g s", what, timeout)
+    elif (exc := task.exception()) is not None:
+        log.info("%s: %s", what, _describe(exc)[1])
