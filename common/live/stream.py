@@ -150,6 +150,7 @@ class LiveStream:
         self._processor_state: dict[str, Any] = {}  # the processor's per-stream state (``stream``)
         self._transcoder: Any = None
         self._events: Events | None = None
+        self._data: TricklePublisher | None = None  # the data channel (transcripts)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -242,6 +243,7 @@ class LiveStream:
             else None
         )
         events = self._events = Events(events_publisher, self.id)
+        self._data = self._publisher(client, self.request.data_url, TRANSCRIPT_CONTENT_TYPE)
         side = [asyncio.create_task(events.run(), name=f"{self.id} events")]
         side.append(asyncio.create_task(self._heartbeat(events), name=f"{self.id} heartbeat"))
         if self.request.control_url:
@@ -280,8 +282,14 @@ class LiveStream:
             await events.drain(self._cleanup_seconds())
             side[0].cancel()
             await asyncio.wait(side[:1], timeout=1.0)
-            if events_publisher is not None:
-                await _quietly(events_publisher.close(), self._cleanup_seconds(), f"{self.id} events close")
+            # Every channel this stream writes is closed, used or not: its readers learn the end.
+            await asyncio.gather(
+                *(
+                    _quietly(channel.close(), self._cleanup_seconds(), f"{self.id} {name} close")
+                    for channel, name in ((events_publisher, "events"), (self._data, "data"))
+                    if channel is not None
+                )
+            )
             log.info("%s: %s (%s) after %d segments in, %d out", self.id, self.state.value, reason,
                      self.segments_in, self.segments_out)  # fmt: skip
 
@@ -455,7 +463,6 @@ class LiveStream:
     async def _deliver(self, client: httpx.AsyncClient, transcoder: Any, audio: AudioBuffer | None) -> None:
         """Output segments to the publish channel, as they are encoded; transcripts to data."""
         publisher = self._publisher(client, self.request.publish_url, "video/mp2t")
-        data = self._publisher(client, self.request.data_url, TRANSCRIPT_CONTENT_TYPE)
         try:
             while (output := await transcoder.next_segment()) is not None:
                 if publisher is not None:
@@ -468,13 +475,12 @@ class LiveStream:
                         pass
                 self._delivered(output.seq)
                 if audio is not None:
-                    await self._transcribe(audio, data, final=False)
+                    await self._transcribe(audio, final=False)
             if audio is not None:
-                await self._transcribe(audio, data, final=True)
+                await self._transcribe(audio, final=True)
         finally:
-            for channel in (publisher, data):
-                if channel is not None:
-                    await _quietly(channel.close(), self._cleanup_seconds(), f"{self.id} output close")
+            if publisher is not None:
+                await _quietly(publisher.close(), self._cleanup_seconds(), f"{self.id} output close")
 
     def _delivered(self, seq: int) -> None:
         if self.segments_out == 0 and self._events is not None:
@@ -490,7 +496,7 @@ class LiveStream:
 
     # -- audio: transcripts ---------------------------------------------------------------------
 
-    async def _transcribe(self, audio: AudioBuffer, data: TricklePublisher | None, final: bool) -> None:
+    async def _transcribe(self, audio: AudioBuffer, final: bool) -> None:
         """What audio has been decoded since the last time, through the processor's ``run()``."""
         pcm = audio.take()
         outputs: list[Output] = []
@@ -505,8 +511,8 @@ class LiveStream:
             if flushed is not None:
                 outputs.append(flushed)
         lines = [line for output in outputs for line in _transcript_lines(output, audio.origin)]
-        if lines and data is not None:
-            await data.write(b"".join(lines))
+        if lines and self._data is not None:
+            await self._data.write(b"".join(lines))
         self.data_lines += len(lines)
 
     # -- segments as they are -------------------------------------------------------------------
