@@ -63,13 +63,9 @@ class _Post:
             yield chunk
 
     def stale(self) -> bool:
-        """Failed on the transport before any byte was handed to it: safe to open again."""
-        return (
-            self.fed == 0
-            and self.task.done()
-            and not self.task.cancelled()
-            and isinstance(self.task.exception(), httpx.TransportError)
-        )
+        """Ended before any byte was handed to it (a lost idle connection, a server's body
+        timeout): no byte of the segment went out, so it is safe to open again."""
+        return self.fed == 0 and self.task.done()
 
     async def feed(self, chunk: bytes | None) -> None:
         """Queue ``chunk`` for the body (``None`` ends it); fails at once if the POST has ended."""

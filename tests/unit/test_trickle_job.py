@@ -14,7 +14,7 @@ from harness import ROOT
 from common.app import ProcessorApp, Settings
 from common.errors import ApiError
 from common.serve import load_processor_class
-from common.trickle.server import Input, Job, JobStore, Segment
+from common.trickle.jobs import Input, Job, JobStore, Segment
 
 
 async def shout(item: Input) -> Segment:

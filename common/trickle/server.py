@@ -1,0 +1,327 @@
+"""go-livepeer's trickle server over HTTP: channels of numbered segments, streamed both ways.
+
+Routes, under a prefix (``/ai/trickle`` on an orchestrator):
+
+- ``POST {ch}`` create (only with ``autocreate``; MIME from ``Expect-Content``), ``DELETE {ch}``
+  close (readers finish, writers are refused);
+- ``POST {ch}/{seq}`` write segment ``seq`` (``-1``: the next), its body streamed to readers as
+  it arrives; ``Lp-Trickle-Reset`` closes every earlier segment;
+- ``GET {ch}/{seq}`` read (``-1`` the next, ``-2`` the latest): waits for the next segment's first
+  byte, then streams; ``GET {ch}/next`` the next seq to be written; ``DELETE {ch}/{seq}`` close one.
+
+A read answers only 200, 404 or 470, as readers (go-livepeer's, pytrickle's) take any other
+status for a broken connection: 200 with ``Lp-Trickle-Seq`` (and ``Lp-Trickle-Closed`` at the
+end), 404 for no channel, 470 with ``Lp-Trickle-Latest`` for a segment gone or not near. Requests
+that are malformed (a bad name or seq) or over a bound get the usual JSON 4xx.
+
+Run alone (tests, benches): ``python -m common.trickle.server --port 8000 --autocreate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..errors import ApiError
+from ..http import unless_client_leaves
+from ..service import service_app
+from .channel import (
+    RING_SIZE,
+    Channel,
+    ChannelFull,
+    Channels,
+    IncompleteSegment,
+    SegmentTooLarge,
+    valid_name,
+)
+from .protocol import (
+    CLOSED_HEADER,
+    CLOSED_VALUE,
+    ERROR_HEADER,
+    LATEST_HEADER,
+    RESET_HEADER,
+    SEQ_HEADER,
+    SEQ_LATEST,
+    SEQ_NEXT,
+    STATUS_UNAVAILABLE,
+)
+
+log = logging.getLogger("trickle")
+
+_SEQ = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
+_ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
+_MIME = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}(;[ -~]{0,128})?")
+
+
+def _shown(text: str) -> str:
+    return repr(text[:40]) + ("..." if len(text) > 40 else "")
+
+
+def parse_seq(text: str, lowest: int = SEQ_LATEST) -> int:
+    """A seq from a URL: an integer >= ``lowest`` of at most 18 digits, else 400 ``invalid_seq``."""
+    if _SEQ.fullmatch(text) is None or int(text) < lowest:
+        raise ApiError(
+            400,
+            "invalid_seq",
+            f"a segment number is an integer >= {lowest} of 1-18 digits, got {_shown(text)}",
+        )
+    return int(text)
+
+
+def check_name(name: str) -> str:
+    if not valid_name(name):
+        raise ApiError(
+            400,
+            "invalid_channel",
+            f"channel name {_shown(name)} is not allowed: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "not starting with a dot",
+        )
+    return name
+
+
+def _mime(request: Request) -> str:
+    mime = request.headers.get("expect-content") or request.headers.get("content-type") or "video/mp2t"
+    if _MIME.fullmatch(mime) is None:
+        raise ApiError(
+            400, "invalid_mime", f"Expect-Content must be a MIME type such as video/mp2t, got {_shown(mime)}"
+        )
+    return mime
+
+
+class ChannelServer:
+    """The channels and their routes; the in-process API is ``create``/``close``/``get``."""
+
+    def __init__(
+        self,
+        *,
+        autocreate: bool = False,
+        max_channels: int = 256,
+        max_segment_bytes: int = 32 * 1024 * 1024,
+        max_writers: int = 1024,
+        idle_seconds: float = 300.0,
+        linger: float = 30.0,
+    ) -> None:
+        self.autocreate = autocreate
+        self.max_writers = max_writers
+        self.writers = 0  # open POST bodies, each holding a connection and a segment
+        self.channels = Channels(
+            max_channels=max_channels,
+            max_segment_bytes=max_segment_bytes,
+            idle_seconds=idle_seconds,
+            linger=linger,
+        )
+
+    # -- in process -----------------------------------------------------------------------------
+
+    def create(self, name: str, mime: str = "video/mp2t") -> Channel:
+        try:
+            return self.channels.create(check_name(name), mime)
+        except ChannelFull as exc:
+            raise ApiError(
+                503,
+                "too_many_channels",
+                f"{exc}; close finished channels or retry later",
+                {"Retry-After": "1"},
+            ) from None
+
+    def close(self, name: str) -> bool:
+        return self.channels.close(name)
+
+    def get(self, name: str) -> Channel | None:
+        return self.channels.get(name)
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def routes(self, prefix: str = "") -> list[Route]:
+        prefix = prefix.rstrip("/")
+        return [
+            Route(f"{prefix}/{{channel}}/next", self.next_seq, methods=["GET"]),
+            Route(f"{prefix}/{{channel}}/{{seq}}", self.read, methods=["GET"]),
+            Route(f"{prefix}/{{channel}}/{{seq}}", self.write, methods=["POST"]),
+            Route(f"{prefix}/{{channel}}/{{seq}}", self.drop, methods=["DELETE"]),
+            Route(f"{prefix}/{{channel}}", self.create_channel, methods=["POST"]),
+            Route(f"{prefix}/{{channel}}", self.delete_channel, methods=["DELETE"]),
+        ]
+
+    def _channel(self, request: Request) -> Channel:
+        name = check_name(request.path_params["channel"])
+        channel = self.channels.get(name)
+        if channel is None:
+            raise ApiError(404, "unknown_channel", f"no channel {name!r}: create it first")
+        return channel
+
+    async def read(self, request: Request) -> Response:
+        channel = self._channel(request)
+        seq = channel.resolve(parse_seq(request.path_params["seq"]))
+        segment = channel.for_read(seq)
+        headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(channel.next_write)}
+        if segment is None:
+            if channel.closed:
+                return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
+            raise ApiError(
+                STATUS_UNAVAILABLE,
+                "segment_unavailable",
+                f"segment {seq} is neither one of the last {RING_SIZE} nor the next to be written; "
+                f"read from Lp-Trickle-Latest={channel.next_write}",
+                headers,
+            )
+        if not segment.closed and segment.empty:
+            await unless_client_leaves(request, segment.wait_started())
+        headers[LATEST_HEADER] = str(channel.next_write)
+        if segment.error is not None:
+            headers[ERROR_HEADER] = segment.error
+        media_type = segment.content_type or channel.mime
+        if segment.closed and segment.empty:
+            if channel.closed:
+                headers[CLOSED_HEADER] = CLOSED_VALUE
+            return Response(b"", 200, headers=headers, media_type=media_type)
+        return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
+
+    async def write(self, request: Request) -> Response:
+        name = check_name(request.path_params["channel"])
+        seq = parse_seq(request.path_params["seq"], lowest=SEQ_NEXT)
+        if self.writers >= self.max_writers:
+            raise ApiError(
+                503, "too_many_writers", f"{self.writers} segments are being written, the limit; retry later"
+            )
+        channel = self.channels.get(name)
+        stream, first = request.stream(), b""
+        if channel is None or channel.closed:
+            refused = ApiError(404, "unknown_channel", f"no open channel {name!r}", {"Connection": "close"})
+            if not self.autocreate:
+                raise refused
+            mime = _mime(request)
+            if channel is not None:  # a closed one lingers: an empty write is its publisher's goodbye
+                first = await anext(stream, b"")
+                if not first:
+                    return Response(b"", 200, headers={SEQ_HEADER: str(seq), CLOSED_HEADER: CLOSED_VALUE})
+            channel = self.create(name, mime)
+        return await self._fill(request, channel, seq, first, stream)
+
+    async def _fill(
+        self, request: Request, channel: Channel, seq: int, first: bytes, stream: AsyncIterator[bytes]
+    ) -> Response:
+        error = request.headers.get(ERROR_HEADER.lower())
+        if error is not None and _ERROR_CODE.fullmatch(error) is None:
+            raise ApiError(
+                400, "invalid_header", f"{ERROR_HEADER} must be an error code such as processing_failed"
+            )
+        segment = channel.open_write(seq, reset=RESET_HEADER.lower() in request.headers)
+        if error is not None:  # the writer reports a failure in band: readers get it and go on
+            segment.error, segment.content_type = error, "application/json"
+        self.writers += 1
+        try:
+            segment.write(first)
+            async for chunk in stream:
+                if segment.closed:  # reset, evicted or the channel closed: the rest goes nowhere
+                    break
+                segment.write(chunk)
+        except SegmentTooLarge as exc:
+            raise ApiError(413, "payload_too_large", f"{exc}: send smaller segments") from None
+        except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
+            segment.fail()
+            log.info(
+                "channel %s seq %d: the writer left after %d bytes", channel.name, segment.seq, segment.size
+            )
+            return Response(b"", 400)
+        except BaseException:
+            segment.fail()
+            raise
+        finally:
+            self.writers -= 1
+        segment.close()
+        headers = {SEQ_HEADER: str(segment.seq)}
+        if channel.closed:
+            headers[CLOSED_HEADER] = CLOSED_VALUE
+        if segment.empty:
+            headers["Connection"] = "close"
+        return Response(b"", 200, headers=headers)
+
+    async def next_seq(self, request: Request) -> Response:
+        channel = self._channel(request)
+        headers = {LATEST_HEADER: str(channel.next_write)}
+        if channel.closed:
+            headers[CLOSED_HEADER] = CLOSED_VALUE
+        return Response(str(channel.next_write), 200, headers=headers, media_type="text/plain")
+
+    async def drop(self, request: Request) -> Response:
+        channel = self._channel(request)
+        seq = parse_seq(request.path_params["seq"], lowest=0)
+        if not channel.drop(seq):
+            raise ApiError(400, "unknown_segment", f"channel {channel.name!r} holds no segment {seq}")
+        return JSONResponse({"channel": channel.name, "seq": seq, "closed": True})
+
+    async def create_channel(self, request: Request) -> Response:
+        name = check_name(request.path_params["channel"])
+        channel = self.channels.get(name)
+        if channel is None or channel.closed:
+            if not self.autocreate:
+                raise ApiError(
+                    404, "unknown_channel", f"no channel {name!r}; this server creates none on request"
+                )
+            channel = self.create(name, _mime(request))
+        return JSONResponse({"channel": channel.name, "mime": channel.mime, "next": channel.next_write})
+
+    async def delete_channel(self, request: Request) -> Response:
+        channel = self._channel(request)
+        self.close(channel.name)
+        return JSONResponse({"channel": channel.name, "closed": True, "segments": channel.next_write})
+
+
+class _SegmentStream(StreamingResponse):
+    """A segment's bytes as they arrive; if its writer broke off, the transfer is cut short (no
+    final chunk), the one way HTTP has to tell a reader that what it got is not the whole."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except IncompleteSegment as exc:
+            log.info("%s: %s; the reader's transfer is cut short", scope["path"][:200], exc)
+
+
+def channel_app(server: ChannelServer, prefix: str = "") -> Starlette:
+    """A stand-alone trickle server: ``server``'s routes under ``prefix``, ``GET /health``, the sweep."""
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "IDLE", "channels": len(server.channels)})
+
+    return service_app(
+        [Route("/health", health, methods=["GET"]), *server.routes(prefix)],
+        lambda: [server.channels.sweep_forever()],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..server import serve  # uvicorn and its limits: only when run as a server
+
+    parser = argparse.ArgumentParser(description="A go-livepeer-compatible trickle server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--prefix", default="", help="path the channels live under, e.g. /ai/trickle")
+    parser.add_argument("--autocreate", action="store_true", help="create a channel on its first write")
+    parser.add_argument("--max-channels", type=int, default=256)
+    parser.add_argument("--max-segment-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument(
+        "--idle-seconds", type=float, default=300.0, help="sweep channels with no write this long"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = ChannelServer(
+        autocreate=args.autocreate,
+        max_channels=args.max_channels,
+        max_segment_bytes=args.max_segment_bytes,
+        idle_seconds=args.idle_seconds,
+    )
+    serve(channel_app(server, args.prefix), args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()
