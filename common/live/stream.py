@@ -503,11 +503,14 @@ class LiveStream:
         if len(pcm):
             outputs.append(
                 await self._work.run(
-                    self.processor.run(pcm, L16_CONTENT_TYPE, self.params, self._processor_state)
+                    self.processor.run(pcm, L16_CONTENT_TYPE, self.params, self._processor_state),
+                    self.settings.trickle_timeout,
                 )
             )
         if final:
-            flushed = await self._work.run(self.processor.finish(self.params, self._processor_state))
+            flushed = await self._work.run(
+                self.processor.finish(self.params, self._processor_state), self.settings.trickle_timeout
+            )
             if flushed is not None:
                 outputs.append(flushed)
         lines = [line for output in outputs for line in _transcript_lines(output, audio.origin)]
@@ -526,7 +529,8 @@ class LiveStream:
                     body = b"".join([chunk async for chunk in self._chunks(segment)])
                     content_type = segment.content_type or "video/mp2t"
                     output = await self._work.run(
-                        self.processor.run(body, content_type, self.params, self._processor_state)
+                        self.processor.run(body, content_type, self.params, self._processor_state),
+                        self.settings.trickle_timeout,  # a slot held by one-shot jobs: bounded wait
                     )
                     if publisher is not None:
                         await publisher.write(output.body)

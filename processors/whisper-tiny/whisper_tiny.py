@@ -79,6 +79,7 @@ class WhisperTinyProcessor(Processor):
     model_id = "whisper-tiny-cpu"
     default_port = 8003
     output_content_type = JSON
+    live_input = "audio"  # a live stream's audio track comes as L16 segments; text goes to its data channel
 
     def __init__(self) -> None:
         super().__init__()
