@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT
+from harness import ROOT, ServerProcess, StartServer
+from interop_harness import PYTRICKLE_PYTHON, TRICKLE_SERVER
 
-PYTRICKLE_VENV = ROOT / ".venv-pytrickle"
 CLIENTS = Path(__file__).with_name("pytrickle_clients.py")
 SETUP = ROOT / "scripts" / "setup-pytrickle.sh"
 SETUP_TIMEOUT = 900.0  # a cold install fetches ~1.5 GB of wheels
@@ -35,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def pytrickle_python() -> Path:
     """The Python of .venv-pytrickle, made or brought up to date by scripts/setup-pytrickle.sh."""
-    if not os.environ.get("CI") and not (PYTRICKLE_VENV / "bin" / "python").exists():
+    if not os.environ.get("CI") and not PYTRICKLE_PYTHON.exists():
         pytest.skip("PyTrickle's venv is missing: make pytrickle-venv (~1.5 GB, about a minute)")
     try:
         done = subprocess.run(
@@ -45,7 +45,7 @@ def pytrickle_python() -> Path:
         pytest.fail(f"scripts/setup-pytrickle.sh did not finish in {SETUP_TIMEOUT:.0f} s")
     if done.returncode != 0:
         pytest.fail(f"scripts/setup-pytrickle.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return PYTRICKLE_VENV / "bin" / "python"
+    return PYTRICKLE_PYTHON
 
 
 @dataclass
@@ -126,3 +126,9 @@ def pytrickle_client(pytrickle_python: Path) -> Iterator[Any]:
     yield start
     for client in started:
         client.stop()
+
+
+@pytest.fixture
+def trickle_server(start_server: StartServer) -> ServerProcess:
+    """Our ChannelServer on a real port under the orchestrator's prefix: the orchestrator's side."""
+    return start_server(TRICKLE_SERVER)

@@ -13,9 +13,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from clips import make_clip
-from harness import StartServer, processor_argv
+from harness import CLIENT_OPTIONS, ServerProcess, StartServer, processor_argv
+from interop_harness import channel_urls
 
 pytestmark = pytest.mark.interop
 
@@ -73,6 +75,15 @@ def publish_and_read_back(
     assert all(s["error"] is None for s in got), got
     assert read.end["reason"] in ("closed", "not_found"), read.end
     assert read.returncode == 0, read.log[-4000:]
+
+
+def test_pytrickle_clients_through_channel_server(
+    trickle_server: ServerProcess, pytrickle_client: Any, tmp_path: Path, clip: list[bytes]
+) -> None:
+    channel = channel_urls(trickle_server.url, "pytrickle-roundtrip")["in"]
+    with httpx.Client(**CLIENT_OPTIONS) as http:  # the orchestrator makes the channel first
+        assert http.post(channel, headers={"Expect-Content": "video/mp2t"}).status_code == 200
+    publish_and_read_back(pytrickle_client, tmp_path, channel, channel, clip, live=True)
 
 
 def test_pytrickle_clients_through_container_live_urls(
