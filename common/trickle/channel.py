@@ -118,8 +118,9 @@ class Segment:
 class Channel:
     """One channel: a ring of segments, its MIME type, and whether it is closed."""
 
-    def __init__(self, name: str, mime: str, max_segment_bytes: int) -> None:
+    def __init__(self, name: str, mime: str, max_segment_bytes: int, ring_size: int = RING_SIZE) -> None:
         self.name = name
+        self.ring_size = ring_size
         self.mime = mime
         self.max_segment_bytes = max_segment_bytes
         self.next_write = 0
@@ -139,7 +140,7 @@ class Channel:
 
     def _add(self, seq: int) -> Segment:
         segment = self._segments[seq] = Segment(seq, self.max_segment_bytes)
-        for old in sorted(self._segments)[:-RING_SIZE]:
+        for old in sorted(self._segments)[: -self.ring_size]:
             self._segments.pop(old).close()
         return segment
 
@@ -181,6 +182,20 @@ class Channel:
         if segment is None and seq == self.next_write and not self.closed:
             segment = self._add(seq)
         return segment
+
+    def kept_after(self, seq: int) -> int | None:
+        """For ``seq`` missing inside the ring (a gap, not a segment gone from it), the first kept
+        after it: a reader's way past the gap."""
+        if not any(kept < seq for kept in self._segments):
+            return None
+        return min((kept for kept in self._segments if kept > seq), default=None)
+
+    def end_waits_before(self, seq: int) -> None:
+        """Close the segments readers wait on below ``seq`` that no writer took: for a writer that
+        writes in seq order and skipped them, so that those readers move on."""
+        for earlier, segment in self._segments.items():
+            if earlier < seq and not segment.claimed:
+                segment.close()
 
     def drop(self, seq: int) -> bool:
         """Close one segment (``DELETE {ch}/{seq}``); False if there is none."""

@@ -1,19 +1,19 @@
-"""The container side of trickle: jobs fed by ``PUT .../source``, read by ``GET .../output``.
+"""The container's trickle jobs: input segments in at ``/live/{job}/source``, out at ``/output``.
 
-Each job turns input segment ``n`` into output segment ``n``. Inputs are never dropped: a
-bounded queue holds them until the processor takes them (a full queue makes ``PUT`` wait, which is
-the back-pressure), and every accepted input yields an output segment, possibly an error one.
-Outputs sit in a small ring, as in go-livepeer; a reader that falls behind gets 470 and
-``Lp-Trickle-Latest`` instead of a silent gap.
+Input segment ``n`` yields output segment ``n``. A segment's number comes from its URL (``PUT
+.../source`` appends at the next one), so a publisher may open ``n+1`` before ``n`` has ended, as
+go-livepeer's does; inputs are processed in seq order, a seq nobody opened is skipped once a later
+one is complete. The output is a trickle channel (``channel.py``): a 5-segment ring, ``-1``/``-2``/
+``next``, streamed reads, 200/404/470 only. A processing failure is a 200 segment carrying
+``Lp-Trickle-Error`` and the JSON error, so that readers keep going.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -26,16 +26,9 @@ from starlette.routing import Route
 from ..errors import ApiError
 from ..http import check_declared_length, params_header, read_body, unless_client_leaves
 from ..names import check_job_id
-from .protocol import (
-    CLOSED_HEADER,
-    CLOSED_VALUE,
-    ERROR_HEADER,
-    LATEST_HEADER,
-    SEQ_HEADER,
-    SEQ_LATEST,
-    SEQ_NEXT,
-    STATUS_UNAVAILABLE,
-)
+from .channel import Channel, Signal
+from .protocol import CLOSED_HEADER, LATEST_HEADER, SEQ_HEADER, SEQ_NEXT
+from .server import next_seq_answer, parse_seq, serve_segment
 
 log = logging.getLogger("trickle")
 
@@ -67,20 +60,8 @@ class Segment:
 SegmentHandler = Callable[[Input], Awaitable[Segment]]
 # Called once input has ended and every input is processed: may add a last segment (a flush).
 FinishHandler = Callable[[dict[str, Any]], Awaitable[Segment | None]]
-
-
-class _Signal:
-    """Wakes every waiter on each change; waiters re-check their condition."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
+# What an opened input becomes: its data, an error segment (a failed upload), or None (no output).
+Upload = asyncio.Future[Input | Segment | None]
 
 
 class Job:
@@ -92,28 +73,25 @@ class Job:
         max_pending: int,
         concurrency: int,
         finish: FinishHandler | None = None,
+        input_wait: float = 30.0,
     ) -> None:
         self.id = job_id
         self.params: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
-        self.next_input = 0
-        self.next_output = 0
-        self.read_cursor = 0
+        self.output = Channel(job_id, "application/octet-stream", sys.maxsize, ring_size)
+        self.next_input = 0  # one past the highest input seq opened
         self.input_ended = False
-        self.closed = False
-        self.last_active = time.monotonic()
-        self.started = time.monotonic()
+        self.read_cursor = 0  # GET .../output with no seq: the next unread, shared by readers
+        self.last_active = self.started = time.monotonic()
         self._handler = handler
         self._finish = finish
-        self._ring_size = ring_size
-        self._max_pending = max_pending
-        # None: a seq that yields no output (the empty trailing write of a publisher's close).
-        self._inputs: dict[int, asyncio.Future[Input | Segment | None]] = {}
+        self._input_wait = input_wait
+        self._inputs: dict[int, Upload] = {}  # opened, not yet taken for processing
+        self._taken = 0  # inputs below this seq are processed or skipped
         self._slots = asyncio.Semaphore(max_pending)
         self._busy = asyncio.Semaphore(concurrency)
-        self._queue: asyncio.Queue[asyncio.Task[Segment] | None] = asyncio.Queue(concurrency)
-        self._outputs: dict[int, Segment] = {}
-        self._changed = _Signal()
+        self._queue: asyncio.Queue[tuple[int, asyncio.Task[Segment]] | None] = asyncio.Queue(concurrency)
+        self._changed = Signal()
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="dispatch"),
             asyncio.create_task(self._publish(), name="publish"),
@@ -127,66 +105,75 @@ class Job:
 
     @property
     def active(self) -> bool:
-        return not self.closed
+        return not self.output.closed
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
     # -- input side -------------------------------------------------------------------------
 
-    async def open_input(
-        self, expected_seq: int | None
-    ) -> tuple[int, asyncio.Future[Input | Segment | None]]:
-        """Reserve the next input seq (waiting while the queue is full).
-
-        A writer may open seq n+1 before n's request arrives (go-livepeer's publisher pre-opens
-        the next POST): it waits, a bounded time, for its turn.
-        """
-        deadline = time.monotonic() + 10.0
-        while (
-            expected_seq is not None and self.next_input < expected_seq <= self.next_input + self._max_pending
-        ):
-            if self.input_ended or time.monotonic() >= deadline:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
-        await self._slots.acquire()
-        if self.input_ended or (expected_seq is not None and expected_seq != self.next_input):
+    async def open_input(self, seq: int = SEQ_NEXT) -> tuple[int, Upload]:
+        """Reserve input ``seq`` (-1: the next); waits, a bounded time, while too many are pending."""
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._input_wait)
+        except TimeoutError:
+            raise ApiError(
+                503,
+                "busy",
+                f"job {self.id} holds its limit of unprocessed segments; retry later",
+                {"Retry-After": "1"},
+            ) from None
+        seq = self.next_input if seq == SEQ_NEXT else seq
+        if self.input_ended or seq < self._taken or seq in self._inputs:
             self._slots.release()
             if self.input_ended:
                 raise ApiError(409, "input_ended", f"input of job {self.id} has ended; use a new job id")
             raise ApiError(
                 409,
                 "unexpected_seq",
-                f"segment {expected_seq} cannot be written: job {self.id} expects {self.next_input}",
+                f"segment {seq} of job {self.id} was written or skipped already; write {self.next_input}",
                 {LATEST_HEADER: str(self.next_input)},
             )
-        seq = self.next_input
-        self.next_input += 1
-        future: asyncio.Future[Input | Segment | None] = asyncio.get_running_loop().create_future()
-        self._inputs[seq] = future
+        upload: Upload = asyncio.get_running_loop().create_future()
+        upload.add_done_callback(lambda _: self._changed.notify())
+        self._inputs[seq] = upload
+        self.next_input = max(self.next_input, seq + 1)
         self._changed.notify()
-        return seq, future
+        return seq, upload
+
+    def drop_input(self, seq: int) -> bool:
+        """``DELETE .../source/{seq}``: that input yields no output (False: not pending)."""
+        upload = self._inputs.get(seq)
+        if upload is None:
+            return False
+        if not upload.done():
+            upload.set_result(None)  # the upload still running finds its seq settled
+        return True
 
     def end_input(self) -> None:
         self.input_ended = True
         self._changed.notify()
 
     async def _dispatch(self) -> None:
-        seq = 0
+        """Take inputs in seq order: the lowest opened one, once its upload is complete."""
         while True:
-            while seq not in self._inputs:
+            if not self._inputs:
                 if self.input_ended:
-                    await self._queue.put(None)
-                    return
+                    break
                 await self._changed.wait()
-            item = await self._inputs.pop(seq)
-            self._slots.release()
-            if item is None:
-                seq += 1
                 continue
-            await self._queue.put(asyncio.create_task(self._process(seq, item)))
-            seq += 1
+            seq = min(self._inputs)
+            upload = self._inputs[seq]
+            if not upload.done():
+                await self._changed.wait()  # its completion, or a lower seq opening meanwhile
+                continue
+            del self._inputs[seq]
+            self._slots.release()
+            self._taken = seq + 1
+            item = upload.result()
+            if item is not None:
+                await self._queue.put((seq, asyncio.create_task(self._process(seq, item))))
+        await self._queue.put(None)
 
     async def _process(self, seq: int, item: Input | Segment) -> Segment:
         if isinstance(item, Segment):
@@ -201,89 +188,43 @@ class Job:
     # -- output side ------------------------------------------------------------------------
 
     async def _publish(self) -> None:
-        while (task := await self._queue.get()) is not None:
-            self._append(await task)
+        while (entry := await self._queue.get()) is not None:
+            seq, task = entry
+            self._append(seq, await task)
         try:
             last = None if self._finish is None else await self._finish(self.state)
         except Exception as exc:  # the end-of-stream flush failed: say so, and still end the job
             log.exception("job %s: end of stream failed", self.id)
             last = Segment.from_error(ApiError(500, "processing_failed", repr(exc)))
         if last is not None:
-            self._append(last)
-        self.closed = True
-        self._changed.notify()
+            self._append(self.output.next_write, last)
+        self.output.close()
         log.info(
             "job %s ended: %d segments in %.1f s",
             self.id,
-            self.next_output,
+            self.output.next_write,
             time.monotonic() - self.started,
         )
 
-    def _append(self, segment: Segment) -> None:
-        seq = self.next_output
-        self._outputs[seq] = segment
-        self._outputs.pop(seq - self._ring_size, None)
-        self.next_output = seq + 1
-        self._changed.notify()
+    def _append(self, seq: int, segment: Segment) -> None:
+        self.output.end_waits_before(seq)  # readers parked on a skipped or dropped seq move on
+        out = self.output.open_write(seq)
+        out.content_type, out.error = segment.content_type, segment.error
+        out.write(segment.body)
+        out.close()
 
-    def resolve(self, seq: int) -> int:
-        """Turn -1 (next written) and -2 (latest) into a real seq."""
-        if seq == SEQ_NEXT:
-            return self.next_output
-        if seq == SEQ_LATEST:
-            return max(self.next_output - 1, 0)
-        return seq
-
-    async def read_next(self) -> tuple[int, Segment | None]:
-        """Read at the job's cursor ("next unread"), which concurrent readers share."""
-        seq, self.read_cursor = self.read_cursor, self.read_cursor + 1
-        try:
-            return seq, await self.read(seq)
-        except ApiError:
-            # 470: a segment gone skips the cursor to Lp-Trickle-Latest; one not written yet is
-            # tried again next time instead of pushing the cursor further ahead.
-            self.read_cursor = max(self.read_cursor, self.next_output) if seq < self.next_output else seq
-            raise
-        except asyncio.CancelledError:
-            # The reader left before its segment came: the next reader gets that segment.
-            if self.read_cursor == seq + 1:
-                self.read_cursor = seq
-            raise
-
-    def answers_now(self, seq: int | None) -> bool:
-        """Whether reading ``seq`` (None: at the cursor) answers without waiting for a segment."""
-        seq = self.read_cursor if seq is None else seq
-        return seq in self._outputs or seq < self.next_output or seq > self.next_input or self.closed
-
-    async def read(self, seq: int) -> Segment | None:
-        """Wait for output ``seq``; ``None`` means the stream is over."""
-        while True:
-            if seq in self._outputs:
-                return self._outputs[seq]
-            if seq < self.next_output:
-                raise self._unavailable(seq, f"segment {seq} is gone (the last {self._ring_size} are kept)")
-            if self.closed:
-                return None
-            if seq > self.next_input:
-                raise self._unavailable(
-                    seq, f"segment {seq} is not reachable: {self.next_input} inputs so far"
-                )
-            await self._changed.wait()
-
-    def _unavailable(self, seq: int, why: str) -> ApiError:
-        return ApiError(
-            STATUS_UNAVAILABLE,
-            "segment_unavailable",
-            f"{why}; read from Lp-Trickle-Latest={self.next_output}",
-            {SEQ_HEADER: str(seq), LATEST_HEADER: str(self.next_output)},
-        )
+    async def reachable(self, seq: int) -> None:
+        """Until output ``seq`` can be answered: an input taken for it is still in the works."""
+        while self.output.next_write <= seq < self.next_input and not self.output.closed:
+            await self.output.wait_change()
 
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        self.input_ended = self.closed = True
-        # Writers blocked on back-pressure would wait forever now that nothing drains the queue:
-        # wake one; it sees input_ended, gives the slot back (waking the next) and answers 409.
+        self.input_ended = True
+        self.output.close()
+        # Writers waiting for a slot would wait out their deadline now that nothing drains the
+        # inputs: wake one; it sees input_ended, gives the slot back (waking the next) and gets 409.
         self._slots.release()
         self._changed.notify()
 
@@ -355,19 +296,6 @@ class JobStore:
             self.sweep()
 
 
-_SEQ = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
-
-
-def _seq_param(request: Request) -> int | None:
-    text = request.path_params.get("seq")
-    if text is None:
-        return None
-    if _SEQ.fullmatch(text) is None:
-        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
-        raise ApiError(400, "invalid_seq", f"segment number must be an integer of 1-18 digits, got {shown}")
-    return int(text)
-
-
 def _upload_error(exc: BaseException, seq: int) -> ApiError:
     """What the output says of a segment whose upload failed."""
     if isinstance(exc, ApiError):
@@ -377,8 +305,9 @@ def _upload_error(exc: BaseException, seq: int) -> ApiError:
     return ApiError(500, "internal_error", f"segment {seq} upload failed ({type(exc).__name__})")
 
 
-async def _with_seq(seq: int, reading: Awaitable[Segment | None]) -> tuple[int, Segment | None]:
-    return seq, await reading
+def _settle(upload: Upload, item: Input | Segment | None) -> None:
+    if not upload.done():  # a DELETE .../source/{seq} may have settled it first
+        upload.set_result(item)
 
 
 class TrickleEndpoints:
@@ -399,7 +328,9 @@ class TrickleEndpoints:
             Route("/live/{job_id}/source", self.put_source, methods=["PUT"]),
             Route("/live/{job_id}/source", self.end_input, methods=["DELETE"]),
             Route("/live/{job_id}/source/{seq}", self.put_source, methods=["PUT", "POST"]),
+            Route("/live/{job_id}/source/{seq}", self.drop_input, methods=["DELETE"]),
             Route("/live/{job_id}/output", self.get_output, methods=["GET"]),
+            Route("/live/{job_id}/output/next", self.get_next, methods=["GET"]),
             Route("/live/{job_id}/output/{seq}", self.get_output, methods=["GET"]),
             Route("/live/{job_id}", self.delete_job, methods=["DELETE"]),
             # Every method, not Starlette's default GET: otherwise `PUT /live/a%2Fb/source` is a
@@ -409,54 +340,77 @@ class TrickleEndpoints:
 
     async def put_source(self, request: Request) -> Response:
         job_id = check_job_id(request.path_params["job_id"])
-        expected = _seq_param(request)
+        text = request.path_params.get("seq")
+        wanted = SEQ_NEXT if text is None else parse_seq(text, lowest=SEQ_NEXT)
         overrides = params_header(request)
         if overrides is not None:
             overrides = self.validate_params(overrides)
         check_declared_length(request, self.max_body_bytes)
         job = self.store.get_or_create(job_id)
-        seq, future = await job.open_input(None if expected == SEQ_NEXT else expected)
+        seq, upload = await job.open_input(wanted)
         if overrides:
             job.params.update(overrides)
         last = CLOSED_HEADER.lower() in request.headers  # the writer says: nothing follows this one
-        # Whatever happens to the upload, the reserved seq gets an input or an error: the job's
-        # dispatcher waits for each seq in turn, so an unresolved one would wedge the whole input.
+        # Whatever happens to the upload, the reserved seq gets an input, an error or nothing:
+        # the job takes inputs in seq order, and an unsettled one would hold up the later ones.
         try:
             data = await read_body(request, self.max_body_bytes)
+        except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
+            _settle(upload, Segment.from_error(_upload_error(ClientDisconnect(), seq)))
+            log.info("job %s seq %d: the publisher left mid-upload", job_id, seq)
+            return Response(b"", 400)
         except BaseException as exc:
-            future.set_result(Segment.from_error(_upload_error(exc, seq)))
+            _settle(upload, Segment.from_error(_upload_error(exc, seq)))
             raise
+        answer = JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
+        if not data and job.input_ended and not last:  # the empty write that follows a publisher's close
+            _settle(upload, None)
+            return answer
         # A job whose first segment is also its last is a one-shot job (how an orchestrator sends a
         # request/response job): its processor sees the input as complete, not as a stream.
-        if not data and job.input_ended:  # the empty write that follows a publisher's close
-            future.set_result(None)
-            return JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
         stream = None if last and seq == 0 else job.state
-        future.set_result(Input(data, request.headers.get("content-type"), dict(job.params), stream))
+        _settle(upload, Input(data, request.headers.get("content-type"), dict(job.params), stream))
         if last:
             job.end_input()
-        return JSONResponse({"job_id": job_id, "seq": seq}, headers={SEQ_HEADER: str(seq)})
+        return answer
 
     async def get_output(self, request: Request) -> Response:
         job = self.store.get(request.path_params["job_id"])
-        requested = _seq_param(request)
-        seq = None if requested is None else job.resolve(requested)
-        reading = job.read_next() if seq is None else _with_seq(seq, job.read(seq))
-        if job.answers_now(seq):
-            seq, segment = await reading
-        else:
-            seq, segment = await unless_client_leaves(request, reading)
-        headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(job.next_output)}
-        if segment is None:
-            return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
-        if segment.error is not None:
-            headers[ERROR_HEADER] = segment.error
-        return Response(segment.body, 200, headers=headers, media_type=segment.content_type)
+        text = request.path_params.get("seq")
+        if text is not None:
+            seq = job.output.resolve(parse_seq(text))
+            await unless_client_leaves(request, job.reachable(seq))
+            return await serve_segment(request, job.output, seq)
+        # No seq: the job's cursor, which readers share; a seq that is gone moves it to the latest.
+        seq, job.read_cursor = job.read_cursor, job.read_cursor + 1
+        try:
+            await unless_client_leaves(request, job.reachable(seq))
+            response = await serve_segment(request, job.output, seq)
+        except ApiError:
+            job.read_cursor = (
+                max(job.read_cursor, job.output.next_write) if seq < job.output.next_write else seq
+            )
+            raise
+        except ClientDisconnect:  # the reader left before its segment came: the next one gets it
+            if job.read_cursor == seq + 1:
+                job.read_cursor = seq
+            raise
+        return response
+
+    async def get_next(self, request: Request) -> Response:
+        return next_seq_answer(self.store.get(request.path_params["job_id"]).output)
 
     async def end_input(self, request: Request) -> Response:
         job = self.store.get(request.path_params["job_id"])
         job.end_input()
         return JSONResponse({"job_id": job.id, "segments": job.next_input})
+
+    async def drop_input(self, request: Request) -> Response:
+        job = self.store.get(request.path_params["job_id"])
+        seq = parse_seq(request.path_params["seq"], lowest=0)
+        if not (job.drop_input(seq) or job.output.drop(seq)):
+            raise ApiError(400, "unknown_segment", f"job {job.id} holds no segment {seq}")
+        return JSONResponse({"job_id": job.id, "seq": seq, "dropped": True})
 
     async def delete_job(self, request: Request) -> Response:
         self.store.delete(request.path_params["job_id"])

@@ -34,7 +34,6 @@ from ..errors import ApiError
 from ..http import unless_client_leaves
 from ..service import service_app
 from .channel import (
-    RING_SIZE,
     Channel,
     ChannelFull,
     Channels,
@@ -160,30 +159,7 @@ class ChannelServer:
 
     async def read(self, request: Request) -> Response:
         channel = self._channel(request)
-        seq = channel.resolve(parse_seq(request.path_params["seq"]))
-        segment = channel.for_read(seq)
-        headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(channel.next_write)}
-        if segment is None:
-            if channel.closed:
-                return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
-            raise ApiError(
-                STATUS_UNAVAILABLE,
-                "segment_unavailable",
-                f"segment {seq} is neither one of the last {RING_SIZE} nor the next to be written; "
-                f"read from Lp-Trickle-Latest={channel.next_write}",
-                headers,
-            )
-        if not segment.closed and segment.empty:
-            await unless_client_leaves(request, segment.wait_started())
-        headers[LATEST_HEADER] = str(channel.next_write)
-        if segment.error is not None:
-            headers[ERROR_HEADER] = segment.error
-        media_type = segment.content_type or channel.mime
-        if segment.closed and segment.empty:
-            if channel.closed:
-                headers[CLOSED_HEADER] = CLOSED_VALUE
-            return Response(b"", 200, headers=headers, media_type=media_type)
-        return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
+        return await serve_segment(request, channel, parse_seq(request.path_params["seq"]))
 
     async def write(self, request: Request) -> Response:
         name = check_name(request.path_params["channel"])
@@ -246,11 +222,7 @@ class ChannelServer:
         return Response(b"", 200, headers=headers)
 
     async def next_seq(self, request: Request) -> Response:
-        channel = self._channel(request)
-        headers = {LATEST_HEADER: str(channel.next_write)}
-        if channel.closed:
-            headers[CLOSED_HEADER] = CLOSED_VALUE
-        return Response(str(channel.next_write), 200, headers=headers, media_type="text/plain")
+        return next_seq_answer(self._channel(request))
 
     async def drop(self, request: Request) -> Response:
         channel = self._channel(request)
@@ -274,6 +246,46 @@ class ChannelServer:
         channel = self._channel(request)
         self.close(channel.name)
         return JSONResponse({"channel": channel.name, "closed": True, "segments": channel.next_write})
+
+
+async def serve_segment(request: Request, channel: Channel, seq: int) -> Response:
+    """``GET {ch}/{seq}``: the segment streamed as it is written, or why not, as 200/470 only."""
+    seq = channel.resolve(seq)
+    segment = channel.for_read(seq)
+    headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(channel.next_write)}
+    if segment is None:
+        if channel.closed:
+            # The end, unless the tail is still there past a gap (a seq nobody wrote): then a
+            # 470 sends the reader on to it, instead of ending its stream short.
+            if (kept := channel.kept_after(seq)) is None:
+                return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
+            headers[LATEST_HEADER] = str(kept)
+        raise ApiError(
+            STATUS_UNAVAILABLE,
+            "segment_unavailable",
+            f"segment {seq} is neither one of the last {channel.ring_size} nor the next to be written; "
+            f"read from Lp-Trickle-Latest={headers[LATEST_HEADER]}",
+            headers,
+        )
+    if not segment.closed and segment.empty:
+        await unless_client_leaves(request, segment.wait_started())
+    headers[LATEST_HEADER] = str(channel.next_write)
+    if segment.error is not None:
+        headers[ERROR_HEADER] = segment.error
+    media_type = segment.content_type or channel.mime
+    if segment.closed and segment.empty:
+        if channel.closed:
+            headers[CLOSED_HEADER] = CLOSED_VALUE
+        return Response(b"", 200, headers=headers, media_type=media_type)
+    return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
+
+
+def next_seq_answer(channel: Channel) -> Response:
+    """``GET {ch}/next``: the seq the next write gets, in the body and ``Lp-Trickle-Latest``."""
+    headers = {LATEST_HEADER: str(channel.next_write)}
+    if channel.closed:
+        headers[CLOSED_HEADER] = CLOSED_VALUE
+    return Response(str(channel.next_write), 200, headers=headers, media_type="text/plain")
 
 
 class _SegmentStream(StreamingResponse):

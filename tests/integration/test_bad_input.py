@@ -223,7 +223,12 @@ def test_a_seq_that_is_not_a_number_is_400(http: httpx.Client, servers: dict[str
     server = servers["passthrough"]
     job_id = new_job_id()
     http.put(f"{server.url}/live/{job_id}/source", content=b"x")
-    assert_error(http.get(f"{server.url}/live/{job_id}/output/next"), 400, "invalid_seq")
+    assert_error(http.get(f"{server.url}/live/{job_id}/output/first"), 400, "invalid_seq")
+    assert_error(http.get(f"{server.url}/live/{job_id}/output/-3"), 400, "invalid_seq")
+    assert_error(http.put(f"{server.url}/live/{job_id}/source/-2", content=b"x"), 400, "invalid_seq")
+    assert http.get(f"{server.url}/live/{job_id}/output/0").content == b"x"
+    nxt = http.get(f"{server.url}/live/{job_id}/output/next")  # go-livepeer's: the seq written next
+    assert (nxt.status_code, nxt.text, nxt.headers["Lp-Trickle-Latest"]) == (200, "1", "1")
     assert_still_serves(server)
 
 

@@ -321,11 +321,14 @@ def test_writing_explicit_seqs_with_put_and_post(processors: dict[str, ServerPro
     with processors["passthrough"].client() as client:
         assert client.put(f"/live/{job_id}/source/0", content=b"a").json()["seq"] == 0
         assert client.post(f"/live/{job_id}/source/1", content=b"b").json()["seq"] == 1
-        skipped = client.put(f"/live/{job_id}/source/5", content=b"x")
-        assert_error(skipped, 409, "unexpected_seq")
-        assert skipped.headers["Lp-Trickle-Latest"] == "2"
-        assert client.post(f"/live/{job_id}/source/-1", content=b"c").json()["seq"] == 2
-        assert [client.get(f"/live/{job_id}/output/{seq}").content for seq in range(3)] == [b"a", b"b", b"c"]
+        # A seq comes from the URL, as in go-livepeer: 2-4, never opened, are skipped.
+        assert client.put(f"/live/{job_id}/source/5", content=b"x").json()["seq"] == 5
+        assert client.post(f"/live/{job_id}/source/-1", content=b"c").json()["seq"] == 6
+        outputs = [client.get(f"/live/{job_id}/output/{seq}").content for seq in (0, 1, 5, 6)]
+        assert outputs == [b"a", b"b", b"x", b"c"]
+        late = client.put(f"/live/{job_id}/source/3", content=b"late")
+        assert_error(late, 409, "unexpected_seq")
+        assert late.headers["Lp-Trickle-Latest"] == "7"
 
 
 def test_x_params_apply_to_their_job_only_and_stay_with_it(processors: dict[str, ServerProcess]) -> None:

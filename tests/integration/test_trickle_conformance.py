@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from harness import CLIENT_OPTIONS, ServerProcess, StartServer, assert_error
+from harness import AUTH_HEADERS, CLIENT_OPTIONS, ServerProcess, StartServer, assert_error
 
 from common.trickle.protocol import ERROR_HEADER, RESET_HEADER
 from common.trickle.publisher import TricklePublisher
@@ -310,3 +310,93 @@ async def test_an_idle_channel_is_swept(start_server: StartServer) -> None:
         assert answer.status_code == 200 and answer.content == b""
         await asyncio.sleep(0.5)
         assert (await client.get(f"{url}/0")).status_code == 404
+
+
+# -- the container's /live/{job} URLs, built on the same channels -------------------------------
+
+
+def live(processors: dict[str, ServerProcess]) -> str:
+    return f"{processors['passthrough'].url}/live/conf-{uuid.uuid4().hex[:8]}"
+
+
+async def test_container_takes_pre_opened_source_posts_in_seq_order(
+    processors: dict[str, ServerProcess],
+) -> None:
+    job = live(processors)
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
+        assert (await client.post(f"{job}/source/0", content=b"zero")).status_code == 200
+        later, first = Body(), Body()
+        posts = [post(client, f"{job}/source/2", later)]
+        await asyncio.sleep(0.2)  # /2 is open at the container before /1 is
+        posts.append(post(client, f"{job}/source/1", first))
+        await asyncio.sleep(0.1)
+        later.send(b"two")
+        later.end()
+        await asyncio.sleep(0.1)
+        first.send(b"one")
+        first.end()
+        assert [a.status_code for a in await asyncio.gather(*posts)] == [200, 200]
+        nxt = await client.get(f"{job}/output/next")
+        assert nxt.status_code == 200
+        assert (await client.delete(f"{job}/source")).status_code == 200
+        got = await _read_all(TrickleSubscriber(client, f"{job}/output", start_seq=0))
+    assert got == [(0, b"zero"), (1, b"one"), (2, b"two")]
+
+
+async def test_container_drops_one_source_segment_and_ends_without_an_extra_one(
+    processors: dict[str, ServerProcess],
+) -> None:
+    job = live(processors)
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
+        await client.post(f"{job}/source/0", content=b"a")
+        stalled = Body()
+        writing = post(client, f"{job}/source/1", stalled)
+        await asyncio.sleep(0.2)
+        assert (await client.delete(f"{job}/source/1")).status_code == 200
+        assert_error(await client.delete(f"{job}/source/9"), 400, "unknown_segment")
+        await client.post(f"{job}/source/2", content=b"c")
+        pending = Body()  # a publisher's pre-opened POST, ended empty after its DELETE
+        goodbye = post(client, f"{job}/source/3", pending)
+        await asyncio.sleep(0.2)
+        assert (await client.delete(f"{job}/source")).status_code == 200
+        pending.end()
+        stalled.end()
+        assert (await goodbye).status_code == 200 and (await writing).status_code == 200
+        got = await _read_all(TrickleSubscriber(client, f"{job}/output", start_seq=0))
+        assert got == [(0, b"a"), (2, b"c")]
+        assert (await client.get(f"{job}/output/next")).headers["lp-trickle-closed"] == "terminated"
+
+
+async def test_a_job_id_is_free_again_after_delete(processors: dict[str, ServerProcess]) -> None:
+    job = live(processors)
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
+        for round_ in (b"first", b"second"):
+            pub = TricklePublisher(client, f"{job}/source")
+            await pub.write(round_)
+            await pub.close()
+            assert await _read_all(TrickleSubscriber(client, f"{job}/output", start_seq=0)) == [(0, round_)]
+            assert (await client.delete(job)).status_code == 200
+
+
+async def test_a_publisher_that_leaves_mid_upload_costs_one_log_line(
+    processors: dict[str, ServerProcess],
+) -> None:
+    server = processors["passthrough"]
+    job = live(processors)
+    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
+        body = Body()
+        writing = post(client, f"{job}/source/0", body)
+        body.send(b"half a segment")
+        await asyncio.sleep(0.3)
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        await client.post(f"{job}/source/1", content=b"next")
+        sub = TrickleSubscriber(client, f"{job}/output", start_seq=0)
+        cut = await sub.next()
+        assert cut.error is not None and cut.error["error"] == "upload_incomplete"
+        after = await sub.next()
+        assert (after.seq, await after.read()) == (1, b"next")
+    job_id = job.rsplit("/", 1)[1]
+    lines = [line for line in server.output().splitlines() if job_id in line and "seq 0" in line]
+    assert len(lines) == 1 and "left mid-upload" in lines[0], lines
+    assert "Traceback" not in server.output()

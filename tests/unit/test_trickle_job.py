@@ -14,7 +14,9 @@ from harness import ROOT
 from common.app import ProcessorApp, Settings
 from common.errors import ApiError
 from common.serve import load_processor_class
+from common.trickle.channel import Segment as ChannelSegment
 from common.trickle.jobs import Input, Job, JobStore, Segment
+from common.trickle.protocol import SEQ_NEXT
 
 
 async def shout(item: Input) -> Segment:
@@ -38,21 +40,27 @@ def new_job(handler=shout, *, ring_size: int = 5, max_pending: int = 16, concurr
     return Job("job-1", handler, ring_size, max_pending, concurrency)
 
 
-async def write(job: Job, data: bytes, expected_seq: int | None = None) -> int:
-    seq, upload = await job.open_input(expected_seq)
+async def write(job: Job, data: bytes, seq: int = SEQ_NEXT) -> int:
+    seq, upload = await job.open_input(seq)
     upload.set_result(Input(data, "text/plain", {}))
     return seq
 
 
-async def settle(job: Job, outputs: int) -> None:
-    """Wait until the job has published ``outputs`` segments (reading the last one waits)."""
-    assert await asyncio.wait_for(job.read(outputs - 1), 2) is not None
+async def read(job: Job, seq: int) -> ChannelSegment | None:
+    """Output ``seq`` as a reader gets it: None for the end of the stream or a segment gone."""
+    await asyncio.wait_for(job.reachable(seq), 2)
+    segment = job.output.for_read(job.output.resolve(seq))
+    if segment is not None:
+        await asyncio.wait_for(segment.wait_started(), 2)
+        if segment.closed and segment.empty and job.output.closed:
+            return None
+    return segment
 
 
-def assert_470(error: ApiError, seq: int, latest: int) -> None:
-    assert error.status == 470
-    assert error.headers == {"Lp-Trickle-Seq": str(seq), "Lp-Trickle-Latest": str(latest)}
-    assert f"Lp-Trickle-Latest={latest}" in error.detail
+async def body(job: Job, seq: int) -> bytes:
+    segment = await read(job, seq)
+    assert segment is not None, f"no segment {seq}"
+    return await segment.read()
 
 
 # -- ordering -----------------------------------------------------------------------------------
@@ -61,7 +69,7 @@ def assert_470(error: ApiError, seq: int, latest: int) -> None:
 async def test_inputs_get_consecutive_seqs_and_outputs_keep_their_numbers() -> None:
     job = new_job()
     assert [await write(job, f"frame {i}".encode()) for i in range(4)] == [0, 1, 2, 3]
-    assert [(await job.read(seq)).body for seq in range(4)] == [f"FRAME {i}".encode() for i in range(4)]
+    assert [await body(job, seq) for seq in range(4)] == [f"FRAME {i}".encode() for i in range(4)]
 
 
 async def test_outputs_stay_in_input_order_when_later_segments_finish_first() -> None:
@@ -72,7 +80,7 @@ async def test_outputs_stay_in_input_order_when_later_segments_finish_first() ->
     job = new_job(slow_first, concurrency=2)
     for data in (b"a", b"b", b"c"):
         await write(job, data)
-    assert [(await job.read(seq)).body for seq in range(3)] == [b"A", b"B", b"C"]
+    assert [await body(job, seq) for seq in range(3)] == [b"A", b"B", b"C"]
 
 
 async def test_segments_are_processed_concurrently_up_to_the_limit() -> None:
@@ -90,29 +98,58 @@ async def test_segments_are_processed_concurrently_up_to_the_limit() -> None:
     job = new_job(track, concurrency=2)
     for i in range(6):
         await write(job, bytes([65 + i]))
-    await settle(job, 6)
+    await body(job, 5)
     assert peak == 2
 
 
 async def test_a_slow_upload_holds_back_later_segments_not_reorders_them() -> None:
     job = new_job()
-    first_seq, first_upload = await job.open_input(None)
+    first_seq, first_upload = await job.open_input()
     second = await write(job, b"second")
     await asyncio.sleep(0.02)
-    assert job.next_output == 0, "segment 1 must wait for segment 0's body"
+    assert job.output.next_write == 0, "segment 1 must wait for segment 0's body"
     first_upload.set_result(Input(b"first", None, {}))
     assert (first_seq, second) == (0, 1)
-    assert [(await job.read(seq)).body for seq in (0, 1)] == [b"FIRST", b"SECOND"]
+    assert [await body(job, seq) for seq in (0, 1)] == [b"FIRST", b"SECOND"]
 
 
-async def test_writing_an_explicit_seq_must_be_the_next_one() -> None:
+async def test_a_pre_opened_seq_may_arrive_before_the_one_it_follows() -> None:
     job = new_job()
-    assert await write(job, b"x", expected_seq=0) == 0
-    with pytest.raises(ApiError) as caught:
-        await job.open_input(5)
-    assert (caught.value.status, caught.value.code) == (409, "unexpected_seq")
-    assert caught.value.headers == {"Lp-Trickle-Latest": "1"}
-    assert await write(job, b"y", expected_seq=1) == 1
+    _, later = await job.open_input(1)  # go-livepeer's publisher pre-opens n+1 while n uploads
+    _, earlier = await job.open_input(0)
+    later.set_result(Input(b"one", None, {}))
+    await asyncio.sleep(0.02)
+    assert job.output.next_write == 0, "1 waits for 0, which was opened"
+    earlier.set_result(Input(b"zero", None, {}))
+    assert [await body(job, seq) for seq in (0, 1)] == [b"ZERO", b"ONE"]
+
+
+async def test_seqs_nobody_opened_are_skipped_and_written_ones_refused() -> None:
+    job = new_job()
+    assert await write(job, b"x", 0) == 0
+    assert await write(job, b"y", 3) == 3  # 1 and 2 never come
+    assert await body(job, 3) == b"Y"
+    reader_of_a_gap = await read(job, 2)
+    assert reader_of_a_gap is None  # gone: 470 over HTTP
+    for taken in (0, 2):
+        with pytest.raises(ApiError) as caught:
+            await job.open_input(taken)
+        assert (caught.value.status, caught.value.code) == (409, "unexpected_seq")
+        assert caught.value.headers == {"Lp-Trickle-Latest": "4"}
+    assert await write(job, b"z") == 4
+
+
+async def test_a_dropped_input_yields_no_output_and_frees_its_reader() -> None:
+    job = new_job()
+    await write(job, b"a")
+    await body(job, 0)
+    seq, upload = await job.open_input()
+    parked = asyncio.create_task(read(job, seq))  # waits for output 1
+    assert job.drop_input(seq) and not job.drop_input(7)
+    assert upload.done()  # the upload, still running, finds its seq settled and is ignored
+    await write(job, b"c")
+    assert await body(job, 2) == b"C"
+    assert await asyncio.wait_for(parked, 2) is None  # a 470 over HTTP: the reader jumps on
 
 
 # -- reading: blocking, ring, -1 / -2 -----------------------------------------------------------
@@ -120,71 +157,36 @@ async def test_writing_an_explicit_seq_must_be_the_next_one() -> None:
 
 async def test_reading_the_next_segment_blocks_until_it_is_produced() -> None:
     job = new_job()
-    reader = asyncio.create_task(job.read(0))
+    reader = asyncio.create_task(body(job, 0))
     await asyncio.sleep(0.02)
     assert not reader.done()
     await write(job, b"late")
-    assert (await asyncio.wait_for(reader, 1)).body == b"LATE"
+    assert await asyncio.wait_for(reader, 1) == b"LATE"
 
 
-async def test_segments_that_fell_out_of_the_ring_are_470_with_the_latest_seq() -> None:
+async def test_segments_that_fell_out_of_the_ring_are_gone() -> None:
     job = new_job(ring_size=3)
     for i in range(6):
         await write(job, b"%d" % i)
-    await settle(job, 6)
-    for gone in (0, 1, 2):
-        with pytest.raises(ApiError) as caught:
-            await job.read(gone)
-        assert_470(caught.value, gone, latest=6)
-    assert [(await job.read(seq)).body for seq in (3, 4, 5)] == [b"3", b"4", b"5"]
-
-
-async def test_segments_beyond_the_next_input_are_470_not_reachable() -> None:
-    job = new_job()
-    await write(job, b"only")
-    await settle(job, 1)
-    with pytest.raises(ApiError) as caught:
-        await job.read(3)  # only seq 1 (the next input) may be waited for
-    assert_470(caught.value, 3, latest=1)
-    assert "not reachable" in caught.value.detail
+    await body(job, 5)
+    assert [job.output.for_read(gone) for gone in (0, 1, 2)] == [None, None, None]
+    assert [await body(job, seq) for seq in (3, 4, 5)] == [b"3", b"4", b"5"]
 
 
 async def test_minus_one_is_the_next_segment_and_minus_two_the_latest() -> None:
     job = new_job()
-    assert job.resolve(-1) == 0
-    assert job.resolve(-2) == 0  # nothing written yet: go-livepeer answers 0 too
+    assert job.output.resolve(-1) == 0
+    assert job.output.resolve(-2) == 0  # nothing written yet: go-livepeer answers 0 too
     for data in (b"a", b"b", b"c"):
         await write(job, data)
-    await settle(job, 3)
-    assert job.resolve(-2) == 2
-    assert (await job.read(job.resolve(-2))).body == b"C"
-    next_seq = job.resolve(-1)
-    assert next_seq == 3
-    reader = asyncio.create_task(job.read(next_seq))
+    await body(job, 2)
+    assert job.output.resolve(-2) == 2
+    assert await body(job, -2) == b"C"
+    assert job.output.resolve(-1) == 3
+    reader = asyncio.create_task(body(job, -1))
+    await asyncio.sleep(0.01)
     await write(job, b"d")
-    assert (await asyncio.wait_for(reader, 1)).body == b"D"
-
-
-async def test_reading_without_a_seq_walks_a_per_job_cursor() -> None:
-    job = new_job()
-    for data in (b"a", b"b"):
-        await write(job, data)
-    assert [(await job.read_next())[0] for _ in range(2)] == [0, 1]
-    job.read_cursor = 3
-    with pytest.raises(ApiError):  # seq 3 is not reachable: 2 inputs so far
-        await job.read_next()
-    assert job.read_cursor == 3, "a segment not written yet is tried again, not skipped"
-
-
-async def test_a_cursor_that_fell_behind_the_ring_jumps_to_the_latest() -> None:
-    job = new_job(ring_size=2)
-    for data in (b"a", b"b", b"c", b"d"):
-        await write(job, data)
-    await settle(job, 4)
-    with pytest.raises(ApiError) as caught:
-        await job.read_next()  # seq 0 left the ring
-    assert_470(caught.value, 0, latest=4)
-    assert job.read_cursor == 4
+    assert await asyncio.wait_for(reader, 1) == b"D"
 
 
 # -- errors, keepalives, end of input -----------------------------------------------------------
@@ -199,20 +201,24 @@ async def test_a_failing_handler_yields_an_error_segment_and_the_job_goes_on() -
     job = new_job(picky)
     for data in (b"ok", b"bad", b"fine"):
         await write(job, data)
-    failed = await job.read(1)
-    assert failed.status == 500 and failed.content_type == "application/json"
-    assert b"processing_failed" in failed.body and b"cannot handle this" in failed.body
-    assert (await job.read(2)).body == b"FINE"
+    failed = await read(job, 1)
+    assert failed is not None and (failed.error, failed.content_type) == (
+        "processing_failed",
+        "application/json",
+    )
+    assert b"cannot handle this" in await failed.read()
+    assert await body(job, 2) == b"FINE"
 
 
 async def test_an_upload_that_failed_still_takes_its_seq_as_an_error_segment() -> None:
     job = new_job()
-    seq, upload = await job.open_input(None)
+    seq, upload = await job.open_input()
     upload.set_result(Segment.from_error(ApiError(413, "payload_too_large", "too big")))
     await write(job, b"next")
-    failed = await job.read(seq)
-    assert (failed.status, failed.body) == (413, b'{"error": "payload_too_large", "detail": "too big"}')
-    assert (await job.read(1)).body == b"NEXT"
+    failed = await read(job, seq)
+    assert failed is not None and failed.error == "payload_too_large"
+    assert await failed.read() == b'{"error": "payload_too_large", "detail": "too big"}'
+    assert await body(job, 1) == b"NEXT"
 
 
 async def test_keepalives_are_answered_empty_and_never_reach_the_processor() -> None:
@@ -231,15 +237,15 @@ async def test_end_of_input_closes_the_job_once_everything_is_published() -> Non
         await write(job, data)
     job.end_input()
     await asyncio.sleep(0.02)
-    assert not job.closed, "the job must finish what it holds before closing"
+    assert job.active, "the job must finish what it holds before closing"
     with pytest.raises(ApiError) as caught:
-        await job.open_input(None)
+        await job.open_input()
     assert (caught.value.status, caught.value.code) == (409, "input_ended")
-    reader_of_the_end = asyncio.create_task(job.read(2))
+    reader_of_the_end = asyncio.create_task(read(job, 2))
     gate.open.set()
     assert await asyncio.wait_for(reader_of_the_end, 1) is None  # None = stream over (closed)
-    assert job.closed and not job.active
-    assert (await job.read(1)).body == b"B", "retained segments stay readable after the end"
+    assert not job.active
+    assert await body(job, 1) == b"B", "retained segments stay readable after the end"
 
 
 # -- back-pressure ------------------------------------------------------------------------------
@@ -262,7 +268,7 @@ async def test_a_stuck_processor_makes_writers_wait_instead_of_dropping() -> Non
     assert not blocked.done()
     gate.open.set()
     assert await asyncio.wait_for(blocked, 1) == accepted
-    await settle(job, accepted + 1)
+    await body(job, accepted)
     assert gate.seen == [b"%d" % i for i in range(accepted)] + [b"last"]
 
 
@@ -307,7 +313,7 @@ async def test_store_refuses_bad_job_ids(job_id: str) -> None:
 async def test_deleting_a_job_ends_its_readers_and_forgets_it() -> None:
     store = JobStore(shout)
     job = store.get_or_create("cam-1")
-    reader = asyncio.create_task(job.read(0))
+    reader = asyncio.create_task(read(job, 0))
     await asyncio.sleep(0.01)
     store.delete("cam-1")
     assert await asyncio.wait_for(reader, 1) is None
@@ -321,14 +327,14 @@ async def test_closed_jobs_no_longer_count_as_active() -> None:
     job = store.get_or_create("cam-1")
     await write(job, b"x")
     job.end_input()
-    await asyncio.wait_for(job.read(1), 1)
+    assert await read(job, 1) is None
     assert store.active_count() == 0
 
 
 async def test_sweep_drops_idle_jobs_only() -> None:
     store = JobStore(shout, idle_seconds=0.05)
     idle = store.get_or_create("idle")
-    reader = asyncio.create_task(idle.read(0))
+    reader = asyncio.create_task(read(idle, 0))
     store.get_or_create("busy")
     await asyncio.sleep(0.06)
     store.get("busy")  # any request touches the job
