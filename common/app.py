@@ -1,8 +1,9 @@
 """The app factory: one processor in, the whole container HTTP surface out.
 
-Routes: ``GET /health`` and ``GET /version`` (pytrickle-compatible), the trickle job routes
-``/live/{job_id}/...``, ``POST /stream/params`` (process-wide parameter update, as in pytrickle),
-and ``POST /{path}``, the plain request/response job a go-livepeer orchestrator sends. Every route
+Routes: ``GET /health`` and ``GET /version`` (pytrickle-compatible), pytrickle's stream API
+(``/stream/start|stop|params|status`` and the rest, :mod:`common.live.api`), the trickle job routes
+``/live/{job_id}/...``, and ``POST /{path}``, the plain request/response job a go-livepeer
+orchestrator sends. Every route
 but ``/health`` and ``/version`` needs ``Authorization: Bearer <token>`` when a token is set.
 """
 
