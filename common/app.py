@@ -3,8 +3,8 @@
 Routes: ``GET /health`` and ``GET /version`` (pytrickle-compatible), pytrickle's stream API
 (``/stream/start|stop|params|status`` and the rest, :mod:`common.live.api`), the trickle job routes
 ``/live/{job_id}/...``, and ``POST /{path}``, the plain request/response job a go-livepeer
-orchestrator sends. Every route
-but ``/health`` and ``/version`` needs ``Authorization: Bearer <token>`` when a token is set.
+orchestrator sends. Every route but ``/health`` and ``/version`` needs ``Authorization: Bearer
+<token>`` when a token is set.
 """
 
 from __future__ import annotations
