@@ -31,6 +31,7 @@ import numpy as np
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8935"
 STREAM_KEY_HEADER = "Lp-Stream-Key"  # what the gateway answers the first PUT of a stream with
+ERROR_HEADER = "Lp-Trickle-Error"  # marks an output segment that is an error report (a 200)
 
 
 class CheckFailed(Exception):
@@ -187,7 +188,7 @@ async def run_stream(
                 if not key:
                     key[STREAM_KEY_HEADER] = put.headers.get(STREAM_KEY_HEADER, "")
                 got = await client.get(f"{job_url}/output/{put.headers['lp-trickle-seq']}", headers=key)
-                if got.status_code != 200:
+                if got.status_code != 200 or ERROR_HEADER in got.headers:  # an error segment is a 200
                     raise CheckFailed(f"frame {i}: output {_error_detail(got)}")
                 check.check(data, got.content)
                 return got.content
