@@ -223,17 +223,17 @@ def test_every_service_runs_hardened(name: str) -> None:
 
 
 @pytest.mark.parametrize("service", list(PROCESSORS))
-def test_processor_images_carry_the_runtime_but_not_the_node_clients(service: str) -> None:
+def test_processor_images_carry_the_live_runtime_and_pyav_with_libx264_but_not_the_node(service: str) -> None:
+    # A live stream makes the container a trickle client and an H.264 encoder; the node is not shipped.
     check = (
-        "import importlib.util as u, common.serve, common.trickle.server;"
-        "missing = [m for m in ('common.trickle.publisher', 'common.trickle.subscriber', 'node')"
-        " if u.find_spec(m) is None];"
-        "print(len(missing))"
+        "import importlib.util as u, av, common.serve, common.live.stream, common.trickle.publisher,"
+        " common.trickle.subscriber; av.codec.Codec('libx264', 'w');"
+        "print(av.__version__, u.find_spec('node') is None)"
     )
     result = docker(
         "run", "--rm", "--network", "none", "--entrypoint", "python", f"byoc-{service}:latest", "-c", check
     )  # fmt: skip
-    assert result.stdout.strip() == "3", result.stdout + result.stderr
+    assert result.stdout.split() == ["14.2.0", "True"], result.stdout + result.stderr
 
 
 # --- faults (more under load in test_chaos.py) -----------------------------------------------
