@@ -18,9 +18,8 @@ import av
 import numpy as np
 
 TS_PACKET = 188
-# The index: 16 bits, one 40x40 block each, along the top-left edge.
+# The index: 16 bits, one square block each (40 px, less in narrow frames), along the top edge.
 INDEX_BITS = 16
-BLOCK = 40
 WHITE, BLACK = 235, 16
 START_PTS = 126000  # 1.4 s, where ffmpeg-made streams usually start; not 0, to catch rebasing
 AUDIO_RATE = 48000
@@ -93,20 +92,27 @@ def pattern(index: int, background: np.ndarray, width: int, height: int) -> np.n
     image = np.ascontiguousarray(background[:, x0 : x0 + width])
     bx = (index * 12) % max(1, width - 160)
     image[height // 2 - 80 : height // 2 + 80, bx : bx + 160] = (200, 60, 40)
+    block = _block(width)
     for bit in range(INDEX_BITS):
         value = WHITE if (index >> bit) & 1 else BLACK
-        image[0:BLOCK, bit * BLOCK : (bit + 1) * BLOCK] = value
+        image[0:block, bit * block : (bit + 1) * block] = value
     return image
 
 
 def frame_index(rgb: np.ndarray) -> int:
     """Read back the index :func:`pattern` drew, from red (green-tint keeps 70 % of it)."""
     index = 0
+    block = _block(rgb.shape[1])
     for bit in range(INDEX_BITS):
-        centre = rgb[BLOCK // 4 : 3 * BLOCK // 4, bit * BLOCK + BLOCK // 4 : bit * BLOCK + 3 * BLOCK // 4, 0]
+        left = bit * block
+        centre = rgb[block // 4 : 3 * block // 4, left + block // 4 : left + 3 * block // 4, 0]
         if centre.mean() > 90:
             index |= 1 << bit
     return index
+
+
+def _block(width: int) -> int:
+    return max(8, min(40, width // INDEX_BITS))
 
 
 def ts_packets(segment: bytes) -> Iterator[tuple[int, bool, bool]]:
