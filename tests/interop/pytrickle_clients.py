@@ -9,8 +9,9 @@ of ours: what reaches our servers is exactly what ``pytrickle.publisher.TrickleP
 happened, for the test to check); pytrickle's own log goes to stderr.
 
 ``publish`` writes each file as one segment, in ``--chunk`` byte writes (streamed, as pytrickle's
-encoder does), then waits until every segment's POST was answered before it closes: pytrickle's
-``close()`` cancels POSTs still in flight, so closing at once can lose the last segment. With
+encoder does), one segment every ``--pace`` seconds (0: back to back), then waits until every
+segment's POST was answered before it closes: pytrickle's ``close()`` cancels POSTs still in
+flight, so closing at once can lose the last segment. With
 ``--delete`` it ends the stream with pytrickle's ``_run_delete()`` (``DELETE {url}``), the only
 way pytrickle's publisher has to close a channel (its own close never calls it).
 
@@ -54,15 +55,17 @@ class Errors:
         self.seen.append(f"{kind}: {exc}")
 
 
-async def publish(url: str, files: list[Path], mime: str, chunk: int, delete: bool) -> int:
+async def publish(url: str, files: list[Path], mime: str, chunk: int, delete: bool, pace: float) -> int:
     errors = Errors()
     publisher = TricklePublisher(url, mime, error_callback=errors)
     await publisher.start()
+    start = time.monotonic()
     for index, path in enumerate(files):
+        await asyncio.sleep(max(0.0, start + index * pace - time.monotonic()))
         data = path.read_bytes()
         async with await publisher.next() as segment:
-            for start in range(0, len(data), chunk):
-                await segment.write(data[start : start + chunk])
+            for offset in range(0, len(data), chunk):
+                await segment.write(data[offset : offset + chunk])
                 # pytrickle's encoder hands over chunks read from a pipe in a thread, so its loop
                 # runs between writes; the publisher relies on that to move to the next seq (its
                 # background task takes the next index): without it, back-to-back segments all
@@ -126,6 +129,7 @@ def main() -> int:
     pub.add_argument("--mime", default="video/mp2t")
     pub.add_argument("--chunk", type=int, default=64 * 1024)
     pub.add_argument("--delete", action="store_true")
+    pub.add_argument("--pace", type=float, default=0.0, help="seconds from one segment's start to the next")
     sub = commands.add_parser("subscribe")
     sub.add_argument("url")
     sub.add_argument("out_dir", type=Path)
@@ -135,7 +139,7 @@ def main() -> int:
     if args.command == "subscribe":
         args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "publish":
-        return asyncio.run(publish(args.url, args.files, args.mime, args.chunk, args.delete))
+        return asyncio.run(publish(args.url, args.files, args.mime, args.chunk, args.delete, args.pace))
     return asyncio.run(subscribe(args.url, args.out_dir, args.start_seq))
 
 
