@@ -45,6 +45,8 @@ log = logging.getLogger("live")
 
 MAX_CONTROL_BYTES = 32 * 1024  # one JSON object of parameters
 TRANSCRIPT_CONTENT_TYPE = "application/jsonl"
+TRANSCRIBE_SECONDS = 2.0  # audio gathered per transcription pass: about one input segment
+AUDIO_POLL_SECONDS = 0.25  # how often the gathered audio is looked at
 
 
 class LiveInput(str, enum.Enum):
@@ -150,6 +152,7 @@ class LiveStream:
         self._processor_state: dict[str, Any] = {}  # the processor's per-stream state (``stream``)
         self._transcoder: Any = None
         self._events: Events | None = None
+        self._output: TricklePublisher | None = None  # the publish channel (video out)
         self._data: TricklePublisher | None = None  # the data channel (transcripts)
         self._task: asyncio.Task[None] | None = None
 
@@ -226,6 +229,7 @@ class LiveStream:
     # -- the run --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         timeout = httpx.Timeout(
             self.settings.trickle_timeout, connect=min(10.0, self.settings.trickle_timeout)
         )
@@ -243,6 +247,7 @@ class LiveStream:
             else None
         )
         events = self._events = Events(events_publisher, self.id)
+        self._output = self._publisher(client, self.request.publish_url, "video/mp2t")
         self._data = self._publisher(client, self.request.data_url, TRANSCRIPT_CONTENT_TYPE)
         side = [asyncio.create_task(events.run(), name=f"{self.id} events")]
         side.append(asyncio.create_task(self._heartbeat(events), name=f"{self.id} heartbeat"))
@@ -286,7 +291,11 @@ class LiveStream:
             await asyncio.gather(
                 *(
                     _quietly(channel.close(), self._cleanup_seconds(), f"{self.id} {name} close")
-                    for channel, name in ((events_publisher, "events"), (self._data, "data"))
+                    for channel, name in (
+                        (events_publisher, "events"),
+                        (self._output, "output"),  # closed already when the output ended
+                        (self._data, "data"),
+                    )
                     if channel is not None
                 )
             )
@@ -374,7 +383,7 @@ class LiveStream:
         if self.kind == LiveInput.SEGMENTS:
             await self._segments(client)
             return
-        from .media import LiveTranscoder  # type: ignore[import-not-found]  # PyAV loads with the first stream
+        from .media import LiveTranscoder  # PyAV loads with the first stream, not at startup
 
         audio = AudioBuffer() if self.kind == LiveInput.AUDIO else None
         transcoder = self._transcoder = LiveTranscoder(
@@ -382,8 +391,9 @@ class LiveStream:
             audio=audio.add if audio is not None else None,
             on_event=self._media_event,
         )
+        output = self._deliver(transcoder) if audio is None else self._transcripts(transcoder, audio)
         try:
-            await self._drained(self._feed(client, transcoder), self._deliver(client, transcoder, audio))
+            await self._drained(self._feed(client, transcoder), output)
         finally:
             transcoder.close()
 
@@ -418,8 +428,11 @@ class LiveStream:
             return self.processor.process(image)
 
     def _media_event(self, event: dict[str, Any]) -> None:
-        """The transcoder's reports (drops, errors); it may call from its threads."""
-        if self._events is not None:
+        """The transcoder's reports (drops, errors), from its threads."""
+        if event.get("type") == "error":
+            code, detail = str(event.get("error", "media_error")), str(event.get("detail", ""))
+            self._loop.call_soon_threadsafe(self._fail, code, detail)
+        elif self._events is not None:
             fields = {key: value for key, value in event.items() if key != "type"}
             self._events.emit_threadsafe(str(event.get("type", "media")), **fields)
 
@@ -460,9 +473,9 @@ class LiveStream:
                 transcoder.end_segment()
         transcoder.end_input()
 
-    async def _deliver(self, client: httpx.AsyncClient, transcoder: Any, audio: AudioBuffer | None) -> None:
-        """Output segments to the publish channel, as they are encoded; transcripts to data."""
-        publisher = self._publisher(client, self.request.publish_url, "video/mp2t")
+    async def _deliver(self, transcoder: Any) -> None:
+        """Output segments to the publish channel, each streamed as it is encoded."""
+        publisher = self._output
         try:
             while (output := await transcoder.next_segment()) is not None:
                 if publisher is not None:
@@ -474,10 +487,6 @@ class LiveStream:
                     async for _ in output.chunks():
                         pass
                 self._delivered(output.seq)
-                if audio is not None:
-                    await self._transcribe(audio, final=False)
-            if audio is not None:
-                await self._transcribe(audio, final=True)
         finally:
             if publisher is not None:
                 await _quietly(publisher.close(), self._cleanup_seconds(), f"{self.id} output close")
@@ -495,6 +504,23 @@ class LiveStream:
         return TricklePublisher(client, url, content_type=content_type, timeout=self.settings.trickle_timeout)
 
     # -- audio: transcripts ---------------------------------------------------------------------
+
+    async def _transcripts(self, transcoder: Any, audio: AudioBuffer) -> None:
+        """Transcribe the audio as it is decoded, a pass per ``TRANSCRIBE_SECONDS`` of it; at the
+        end of input what is left, then the processor's flush.
+
+        The transcoder makes no output segments for an audio-only consumer; its ``next_segment()``
+        answers None once the input has ended and all audio has been handed over.
+        """
+        ended = asyncio.ensure_future(transcoder.next_segment())
+        try:
+            while not ended.done():
+                await asyncio.wait({ended}, timeout=AUDIO_POLL_SECONDS)
+                if audio.seconds >= TRANSCRIBE_SECONDS:
+                    await self._transcribe(audio, final=False)
+            await self._transcribe(audio, final=True)
+        finally:
+            ended.cancel()
 
     async def _transcribe(self, audio: AudioBuffer, final: bool) -> None:
         """What audio has been decoded since the last time, through the processor's ``run()``."""
@@ -516,13 +542,15 @@ class LiveStream:
         lines = [line for output in outputs for line in _transcript_lines(output, audio.origin)]
         if lines and self._data is not None:
             await self._data.write(b"".join(lines))
+        if outputs:
+            self._delivered(self.segments_out)
         self.data_lines += len(lines)
 
     # -- segments as they are -------------------------------------------------------------------
 
     async def _segments(self, client: httpx.AsyncClient) -> None:
         """Each input segment's bytes through ``process()``; its return value is the output segment."""
-        publisher = self._publisher(client, self.request.publish_url, "video/mp2t")
+        publisher = self._output
         try:
             async with contextlib.aclosing(self._input(client)) as segments:
                 async for segment in segments:
