@@ -45,6 +45,12 @@ class AudioBuffer:
                 self._size -= len(gone)
                 self.dropped_seconds += len(gone) / RATE
 
+    @property
+    def seconds(self) -> float:
+        """How much audio is waiting."""
+        with self._lock:
+            return self._size / RATE
+
     def take(self) -> bytes:
         """Everything gathered so far as L16 bytes; the buffer is empty afterwards."""
         with self._lock:
