@@ -44,6 +44,7 @@ from typing import Any
 import av
 import numpy as np
 
+from .frames import from_rgb, to_rgb
 from .handoff import AudioItem, Finish, Handoff, Item, SegmentEnd, VideoItem
 from .output import OutputQueue, OutputSegment
 from .tsinput import InputStream
@@ -434,7 +435,7 @@ class LiveTranscoder:
 
     def _process(self, item: VideoItem) -> VideoItem | None:
         assert self._video is not None
-        image = item.frame.to_ndarray(format="rgb24")
+        image = to_rgb(item.frame)
         try:
             result = self._video(image)
         except Exception as exc:
@@ -455,7 +456,7 @@ class LiveTranscoder:
                 )
             )
             return None
-        frame = av.VideoFrame.from_ndarray(result, format="rgb24").reformat(format="yuv420p")
+        frame = from_rgb(result)
         frame.pts, frame.time_base = item.frame.pts, item.frame.time_base
         return VideoItem(item.seq, frame, item.first)
 
