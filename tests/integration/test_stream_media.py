@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import sys
 import uuid
@@ -433,3 +434,60 @@ def test_whisper_writes_the_spoken_words_to_the_data_channel(
     times = [(line["start"], line["end"]) for line in run.data]
     assert times == sorted(times), times
     assert wait_idle(whisper)["data_lines"] == len(run.data)
+
+
+# -- watchdogs, overload, shutdown ----------------------------------------------------------------
+
+
+def test_a_quiet_stream_still_sends_a_status_event_every_10_s(
+    trickle: ServerProcess, passthrough: ServerProcess, small_clip: list[bytes]
+) -> None:
+    """go-livepeer's gateway drops a stream after 30 s without an event: the heartbeat keeps it."""
+    run = stream(trickle, passthrough, small_clip[:2], pace=9.0)  # 9 s with no input at all
+    times = [d["event"]["timestamp"] for d in run.events if d["event"]["type"] == "status"]
+    assert len(times) >= 2, run.event_types()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) <= 10_000, gaps
+    assert all(
+        d["queue_event_type"] == "ai_stream_status" for d in run.events if d["event"]["type"] == "status"
+    )
+
+
+def test_input_faster_than_real_time_drops_frames_and_reports_them(
+    trickle: ServerProcess, tint: ServerProcess, hd_clip: list[bytes]
+) -> None:
+    """Segments arriving at once: whole frames dropped by the stated policy, each drop reported,
+    every output segment still complete and the stream closed."""
+    run = stream(trickle, tint, hd_clip + hd_clip, params={"strength": 0.3})
+    dropped = sum(d["event"]["count"] for d in run.events if d["event"]["type"] == "frames_dropped")
+    got = sum(1 for _ in frames(run.outputs))
+    assert dropped > 0 and got + dropped == 240, (got, dropped)
+    assert len(run.outputs) == 4 and run.event_types()[-1] == "stream_stopped"
+    assert wait_idle(tint)["error"] is None
+
+
+def test_a_container_shutting_down_stops_its_stream(
+    trickle: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    worker = container("passthrough", tmp_path_factory)
+
+    async def scenario() -> Run:
+        gateway = Gateway(trickle, worker)
+        run = Run()
+        async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
+            await gateway.create_channels(http)
+            events = asyncio.create_task(
+                gateway._read(http, "events", lambda b: run.events.append(json.loads(b)))
+            )
+            await gateway.go_live(http, b"\x47" + bytes(187))
+            started = await http.post(
+                f"{worker.url}/stream/start", json=gateway.start_body(), headers=AUTH_HEADERS
+            )
+            assert started.status_code == 200
+            await gateway._wait_event(run, "receive_first_ingest_segment")
+            await asyncio.to_thread(worker.stop)  # SIGTERM
+            await asyncio.wait_for(events, 10)
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.event_types()[-1] == "stream_stopped" and run.first("stream_stopped")["reason"] == "stopped"
