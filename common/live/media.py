@@ -369,6 +369,8 @@ class LiveTranscoder:
         self._close_through(seq - 1)
         first = seq != self._frame_seq
         self._frame_seq = seq
+        if frame.time_base is None:  # frames drained at the end carry none
+            frame.time_base = self._video_stream.time_base
         self.frames_in += 1
         self._rates["ingress_video"].tick()
         if not self._decoded.put(VideoItem(seq, frame, first)):

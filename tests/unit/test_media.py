@@ -151,6 +151,70 @@ async def test_segments_cut_anywhere_still_map_frames(clip: list[bytes]) -> None
     check_tinted(decode(stream), [f for _, d in run.outputs for f in decode(d)])
 
 
+async def test_b_frames_in_the_input_still_give_every_frame_its_segment() -> None:
+    clip = make_clip(None, 3, width=320, height=180, fps=30, gop_seconds=1, bframes=2)
+    run = Run(lambda image: image, max_waiting_segments=10)
+    for segment in clip:
+        await run.send(segment, wait=False)
+    await run.finish()
+    assert [seq for seq, _ in run.outputs] == [0, 1, 2]
+    for seq, data in run.outputs:
+        frames = decode(data)
+        assert [frame_index(f.to_ndarray(format="rgb24")) for f in frames] == list(
+            range(30 * seq, 30 * seq + 30)
+        )
+    assert run.transcoder.stats["frames_out"] == 90
+
+
+async def test_audio_callback_beside_video_output() -> None:
+    clip = make_clip(None, 2, width=320, height=180, fps=15, gop_seconds=1)
+    chunks: list[AudioChunk] = []
+    run = Run(lambda image: image, audio=chunks.append)
+    for segment in clip:
+        await run.send(segment)
+    await run.finish()
+    assert len(run.outputs) == 2
+    assert 1.8 < sum(len(c.samples) for c in chunks) / 16000 < 2.2
+    assert audio_payloads(b"".join(d for _, d in run.outputs)) == audio_payloads(b"".join(clip))
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [("raises", "processor_failed"), ("float", "processor_output"), ("gray", "processor_output")],
+)
+async def test_a_failing_processor_ends_the_stream_with_complete_segments(failure: str, code: str) -> None:
+    clip = make_clip(None, 3, width=320, height=180, fps=15, gop_seconds=1, audio=None)
+    seen = 0
+
+    def process(image: np.ndarray) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen < 20:
+            return image
+        if failure == "raises":
+            raise RuntimeError("model exploded")
+        return image.astype(np.float32) if failure == "float" else image[..., 0]
+
+    run = Run(process)
+    for segment in clip:
+        await run.send(segment, wait=False)
+    await run.finish()
+    assert [e["error"] for e in run.events if e["type"] == "error"] == [code]
+    assert [seq for seq, _ in run.outputs] == [0, 1], "the segment in progress is completed"
+    assert [len(decode(d)) for _, d in run.outputs] == [15, 4]
+
+
+async def test_input_past_the_byte_bound_is_dropped_and_reported() -> None:
+    clip = make_clip(None, 3, width=320, height=180, fps=15, gop_seconds=1, audio=None)
+    run = Run(lambda image: (time.sleep(0.05), image)[1], max_input_bytes=len(clip[0]) + 1000)
+    for segment in clip:
+        await run.send(segment, wait=False)
+    await run.finish()
+    dropped = [e for e in run.events if e["type"] == "input_dropped"]
+    assert dropped and dropped[0]["bytes"] > 0
+    assert run.outputs and decode(run.outputs[0][1])
+
+
 async def test_overload_drops_whole_frames_and_reports_them() -> None:
     clip = make_clip(None, 8, width=320, height=180, fps=30, gop_seconds=1, audio=None)
 
