@@ -100,7 +100,12 @@ class _Rate:
 
 class LiveTranscoder:
     """One stream's media: MPEG-TS bytes in (continuous across input segments), MPEG-TS out,
-    one output segment per input segment (see the module doc for the rules)."""
+    one output segment per input segment (see the module doc for the rules).
+
+    ``video`` and ``audio`` are called in the media threads, ``on_event`` there too (and in the
+    caller of :meth:`end_segment` for ``input_dropped``). ``max_waiting_segments``: how many whole
+    input segments may wait before frames are dropped; ``x264_options`` override the encoder's.
+    """
 
     def __init__(
         self,
@@ -160,9 +165,9 @@ class LiveTranscoder:
 
     def end_segment(self) -> None:
         """The current input segment is complete."""
-        seq, truncated = self._input.end_segment()
-        if truncated:
-            self._event({"type": "input_dropped", "segment": seq, "bytes": self._input.bytes_dropped})
+        seq, dropped = self._input.end_segment()
+        if dropped:
+            self._event({"type": "input_dropped", "segment": seq, "bytes": dropped})
 
     def end_input(self) -> None:
         """No more input: finish, flush, end the output after its last segment."""

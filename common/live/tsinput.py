@@ -65,6 +65,7 @@ class InputStream:
         self._truncated = False
         self.bytes_in = 0
         self.bytes_dropped = 0
+        self._dropped_before = 0  # bytes_dropped when the current segment began
         self.segments_ended = 0
         self._segments_queued = 0  # segment ends fed and not yet read
         # Reading side (media thread).
@@ -98,17 +99,18 @@ class InputStream:
                 self._cond.notify_all()
             return True
 
-    def end_segment(self) -> tuple[int, bool]:
-        """Mark the current segment complete; returns its seq and whether bytes were dropped."""
+    def end_segment(self) -> tuple[int, int]:
+        """Mark the current segment complete; returns its seq and how many of its bytes dropped."""
         with self._cond:
-            seq, truncated = self._feed_seq, self._truncated
+            seq, dropped = self._feed_seq, self.bytes_dropped - self._dropped_before
+            self._dropped_before = self.bytes_dropped
             self._items.append(_SegmentEnd(seq))
             self._feed_seq += 1
             self._truncated = False
             self.segments_ended += 1
             self._segments_queued += 1
             self._cond.notify_all()
-            return seq, truncated
+            return seq, dropped
 
     def end_input(self) -> None:
         with self._cond:
