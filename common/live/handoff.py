@@ -2,11 +2,11 @@
 
 Order is kept (video frames, audio packets and segment ends travel together, so a segment end
 follows all of its frames). When ``max_frames`` video frames are waiting and another comes, the
-producer waits - unless ``may_drop()`` says the stream is behind (the owner's rule: a whole input
-segment queued behind the one being decoded). Then the oldest waiting frame that does not start a
+producer waits - unless ``may_drop()`` says the stream is behind (the owner's rule: whole input
+segments queued behind the one being decoded). Then the oldest waiting frame that does not start a
 segment is dropped: the stream stays live (what is shown is the newest) and every output segment
-keeps its first frame, which becomes its IDR. A burst within one segment thus never drops, a
-sustained overload does. Other items never drop; past ``max_items`` the producer waits. A queue
+keeps its first frame, which becomes its IDR. A short burst thus never drops, a sustained
+overload does. Other items never drop; past ``max_items`` the producer waits. A queue
 made with ``may_drop=None`` never drops (backpressure to the stage before, which does). Waits
 are bounded and end at once on :meth:`close`.
 """

@@ -17,10 +17,11 @@ segment n+1 instead. A segment with neither frames nor audio gives no output seg
 
 Overload policy (``handoff``): between decode and process at most ``max_pending_frames``
 decoded frames wait. While the processor keeps up on average the decoder just waits for room (a
-burst of input is absorbed as compressed bytes). Once ``max_waiting_segments`` whole input
-segments are queued behind the one being decoded, the stream is behind: a newer frame then
-pushes out the oldest waiting one that does not start a segment, reported as
-``{"type": "frames_dropped", "count", "segment"}`` when that segment ends. Every other queue
+burst of input is absorbed as compressed bytes). Once ``max_waiting_segments`` (default 2:
+one segment of delivery jitter is not overload) whole input segments are queued behind the one
+being decoded, the stream is behind: a newer frame then pushes out the oldest waiting one
+that does not start a segment, reported as ``{"type": "frames_dropped", "count", "segment"}``
+when that segment ends. Every other queue
 applies backpressure, input bytes included (past ``max_input_bytes`` the rest of the current
 input segment is dropped and reported as ``input_dropped``), so memory stays flat however far
 behind the processor is.
@@ -116,7 +117,7 @@ class LiveTranscoder:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         max_input_bytes: int = 32 * 1024 * 1024,
         max_output_bytes: int = 32 * 1024 * 1024,
-        max_waiting_segments: int = 1,
+        max_waiting_segments: int = 2,
         x264_options: dict[str, str] | None = None,
     ) -> None:
         self._video = video
