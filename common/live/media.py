@@ -44,6 +44,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.frame import PictureType
 
 from .frames import from_rgb, to_rgb
 from .handoff import AudioItem, Finish, Handoff, Item, SegmentEnd, VideoItem
@@ -555,13 +556,18 @@ class _SegmentEncoder:
             log.warning("live media: a frame of another size in segment %s was dropped", self._seq)
             self._owner.frames_late += 1
             return
-        if frame.pts is not None and self._last_pts is not None and frame.pts <= self._last_pts:
+        pts = frame.pts
+        if pts is not None and frame.time_base != TIME_BASE:
+            pts = round(pts * frame.time_base / TIME_BASE)
+        elif pts is None:  # a PES without PTS: one frame after the last
+            pts = 0 if self._last_pts is None else self._last_pts + round(1 / (self._owner._rate * TIME_BASE))
+        if self._last_pts is not None and pts <= self._last_pts:
             self._owner.frames_late += 1  # x264 and the muxer need increasing timestamps
             return
-        self._last_pts = frame.pts
-        if frame.time_base != TIME_BASE and frame.pts is not None:
-            frame.pts = int(frame.pts * frame.time_base / TIME_BASE)
-            frame.time_base = TIME_BASE
+        frame.pts, frame.time_base = pts, TIME_BASE
+        if self._last_pts is None:  # a fresh encoder starts with an IDR anyway; say so
+            frame.pict_type = PictureType.I
+        self._last_pts = pts
         for packet in self._video.encode(frame):
             self._container.mux(packet)
         self._owner.frames_out += 1
