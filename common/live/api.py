@@ -23,17 +23,12 @@ from ..errors import ApiError
 from ..http import MAX_PARAMS_BYTES, parse_params, read_body
 from ..processor import BaseProcessor
 from ..work import WorkSlots
-from .request import MAX_START_BYTES, StreamApiError, check_id, parse_start, split_params
+from .request import MAX_START_BYTES, StreamApiError, bad_request, check_id, parse_start, split_params
 from .stream import LiveSettings, LiveStream
 
 log = logging.getLogger("live")
 
-# pytrickle's default: a container runs one stream unless told otherwise.
 NOT_READY_MESSAGE = "Pipeline is still initializing. Please wait for IDLE status."
-
-
-def _params_error(code: str, detail: str) -> ApiError:
-    return ApiError(400, code, detail)
 
 
 def _success(message: str, **fields: Any) -> JSONResponse:
@@ -101,7 +96,7 @@ class LiveApi:
 
     def _stream_header(self, request: Request) -> str | None:
         value = request.headers.get("x-stream-id")
-        return None if value is None else check_id(value, "X-Stream-Id")
+        return None if value is None else check_id(value, "X-Stream-Id", bad_request)
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -172,7 +167,7 @@ class LiveApi:
             )
         targets = [self.streams[stream_id]] if stream_id is not None else list(self.streams.values())
         # Checked once for all, so that a bad update changes nothing anywhere.
-        params, _ = split_params(fields, self.processor.validate_params, _params_error)
+        params, _ = split_params(fields, self.processor.validate_params, bad_request)
         if not targets:
             self.processor.update_params(params)
             return JSONResponse({"params": dict(self.processor.params)})

@@ -7,6 +7,7 @@ has gathered after each output segment and sends it through the processor's ``ru
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
@@ -59,3 +60,29 @@ class AudioBuffer:
             return b""
         samples = np.concatenate(chunks)
         return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(">i2").tobytes()
+
+
+def transcript_lines(body: bytes, origin: float) -> list[bytes]:
+    """A transcriber's JSON answer as JSON lines, one per phrase, times from the stream start.
+
+    One object per line, as go-livepeer's gateway turns each line of the data channel into one
+    server-sent event (and the gateway SDK's reader wants an object, not a list).
+    """
+    try:
+        result = json.loads(body)
+        pieces = result.get("segments", []) if isinstance(result, dict) else []
+        return [
+            json.dumps(
+                {
+                    "type": "transcript",
+                    "start": round(origin + float(piece["start"]), 2),
+                    "end": round(origin + float(piece["end"]), 2),
+                    "text": str(piece["text"]),
+                }
+            ).encode()
+            + b"\n"
+            for piece in pieces
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("a transcript that is not the expected JSON was dropped (%s)", exc)
+        return []

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from starlette.responses import JSONResponse
-
 from ..errors import ApiError
 
 MAX_START_BYTES = 16 * 1024  # five URLs and a parameter object
@@ -42,8 +40,9 @@ class StreamApiError(ApiError):
     def body(self) -> dict[str, str]:
         return {**super().body(), "status": "error", "message": self.message}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+def bad_request(code: str, detail: str) -> ApiError:
+    return ApiError(400, code, detail)
 
 
 def start_error(code: str, detail: str) -> StreamApiError:
@@ -79,13 +78,12 @@ def parse_json_object(body: bytes, what: str, error: Callable[[str, str], ApiErr
     return value
 
 
-def check_id(value: Any, name: str) -> str:
+def check_id(value: Any, name: str, error: Callable[[str, str], ApiError] = start_error) -> str:
+    """A stream or request id: printable ASCII, short (it goes into logs, events and URLs)."""
     if not isinstance(value, str) or not value:
-        raise start_error("invalid_request", f"{name} must be a non-empty string")
+        raise error("invalid_request", f"{name} must be a non-empty string")
     if len(value) > MAX_ID_CHARS or not value.isascii() or not value.isprintable():
-        raise start_error(
-            "invalid_request", f"{name} must be printable ASCII of at most {MAX_ID_CHARS} characters"
-        )
+        raise error("invalid_request", f"{name} must be printable ASCII of at most {MAX_ID_CHARS} characters")
     return value
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import os
 import ssl
@@ -37,13 +36,13 @@ from ..trickle.protocol import SEQ_LATEST
 from ..trickle.publisher import TricklePublisher
 from ..trickle.subscriber import ReceivedSegment, TrickleSubscriber
 from ..work import WorkSlots
-from .audio import L16_CONTENT_TYPE, AudioBuffer
+from .audio import L16_CONTENT_TYPE, AudioBuffer, transcript_lines
+from .control import follow_control
 from .events import STREAM_STATUS, Events
-from .request import StreamRequest, split_params
+from .request import StreamRequest, bad_request, split_params
 
 log = logging.getLogger("live")
 
-MAX_CONTROL_BYTES = 32 * 1024  # one JSON object of parameters
 TRANSCRIPT_CONTENT_TYPE = "application/jsonl"
 TRANSCRIBE_SECONDS = 2.0  # audio gathered per transcription pass: about one input segment
 AUDIO_POLL_SECONDS = 0.25  # how often the gathered audio is looked at
@@ -191,7 +190,7 @@ class LiveStream:
 
     def update_params(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a checked update to this stream (``/stream/params`` or a control message)."""
-        params, options = split_params(dict(raw), self.processor.validate_params, _bad_params)
+        params, options = split_params(dict(raw), self.processor.validate_params, bad_request)
         self._overrides = {**self._overrides, **params}
         self.params = self.processor.with_overrides(self._overrides)  # replaced whole: threads read it
         self.options.update(options)
@@ -252,11 +251,15 @@ class LiveStream:
         side = [asyncio.create_task(events.run(), name=f"{self.id} events")]
         side.append(asyncio.create_task(self._heartbeat(events), name=f"{self.id} heartbeat"))
         if self.request.control_url:
-            side.append(
-                asyncio.create_task(
-                    self._control(client, self.request.control_url), name=f"{self.id} control"
-                )
+            control = follow_control(
+                client,
+                self.request.control_url,
+                timeout=self.settings.trickle_timeout,
+                apply=self.update_params,
+                fail=self._fail,
+                name=self.id,
             )
+            side.append(asyncio.create_task(control, name=f"{self.id} control"))
         log.info("%s: started (%s input from %s)", self.id, self.kind.value, self.request.subscribe_url)
         events.emit("stream_started", params={**self.params, **self.options})
         reason = "input ended"
@@ -330,52 +333,6 @@ class LiveStream:
                 **self._counts(),
             )
             await asyncio.sleep(self.settings.heartbeat_seconds)
-
-    # -- control --------------------------------------------------------------------------------
-
-    async def _control(self, client: httpx.AsyncClient, url: str) -> None:
-        """Apply control messages until the channel ends; a bad message is an error event."""
-        subscriber = TrickleSubscriber(
-            client, url, start_seq=SEQ_LATEST, timeout=self.settings.trickle_timeout
-        )
-        failures = 0
-        while True:
-            try:
-                segment = await subscriber.next()
-            except (httpx.HTTPError, OSError, ValueError) as exc:
-                # A quiet control channel times out the long-poll: normal, poll again.
-                failures += 1
-                if failures == 1 or failures % 20 == 0:
-                    log.info("%s: control channel: %s (polling on)", self.id, _describe(exc)[1])
-                await asyncio.sleep(0.5)
-                continue
-            if segment is None:
-                log.info("%s: control channel ended", self.id)
-                return
-            failures = 0
-            try:
-                body = await _read_at_most(segment, MAX_CONTROL_BYTES)
-            except StreamError as exc:
-                self._fail(exc.code, exc.detail)
-                continue
-            finally:
-                await segment.aclose()
-            self._apply_control(body)
-
-    def _apply_control(self, body: bytes) -> None:
-        if not body.strip():
-            return
-        try:
-            message = json.loads(body)
-            if not isinstance(message, dict):
-                raise ValueError(f"a control message must be a JSON object, not {type(message).__name__}")
-            if message == {"keep": "alive"}:
-                return
-            self.update_params(message)
-        except (ValueError, RecursionError) as exc:
-            self._fail("invalid_control", f"control message ignored: {str(exc)[:200]}")
-        except ApiError as exc:
-            self._fail("invalid_control", f"control message ignored: {exc.detail}")
 
     # -- media ----------------------------------------------------------------------------------
 
@@ -539,7 +496,7 @@ class LiveStream:
             )
             if flushed is not None:
                 outputs.append(flushed)
-        lines = [line for output in outputs for line in _transcript_lines(output, audio.origin)]
+        lines = [line for output in outputs for line in transcript_lines(output.body, audio.origin)]
         if lines and self._data is not None:
             await self._data.write(b"".join(lines))
         if outputs:
@@ -567,37 +524,6 @@ class LiveStream:
         finally:
             if publisher is not None:
                 await _quietly(publisher.close(), self._cleanup_seconds(), f"{self.id} output close")
-
-
-def _bad_params(code: str, detail: str) -> ApiError:
-    return ApiError(400, code, detail)
-
-
-def _transcript_lines(output: Output, origin: float) -> list[bytes]:
-    """A transcriber's JSON answer as JSON lines, one per phrase, times from the stream start."""
-    try:
-        result = json.loads(output.body)
-    except ValueError:
-        return []
-    lines = []
-    for piece in result.get("segments", []) if isinstance(result, dict) else []:
-        line = {
-            "type": "transcript",
-            "start": round(origin + float(piece["start"]), 2),
-            "end": round(origin + float(piece["end"]), 2),
-            "text": piece["text"],
-        }
-        lines.append(json.dumps(line).encode() + b"\n")
-    return lines
-
-
-async def _read_at_most(segment: ReceivedSegment, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in segment.chunks():
-        body += chunk
-        if len(body) > limit:
-            raise StreamError("control_too_large", f"a control message is over {limit} bytes")
-    return bytes(body)
 
 
 async def _quietly(work: Coroutine[Any, Any, Any], timeout: float, what: str) -> None:

@@ -129,9 +129,9 @@ class Gateway:
         async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
             await self.create_channels(http)
             readers = [
-                asyncio.create_task(self._read(http, "publish", run.outputs.append)),
-                asyncio.create_task(self._read(http, "events", lambda b: run.events.append(json.loads(b)))),
-                asyncio.create_task(self._read(http, "data", lambda b: run.data.extend(_lines(b)))),
+                asyncio.create_task(self.read(http, "publish", run.outputs.append)),
+                asyncio.create_task(self.read(http, "events", lambda b: run.events.append(json.loads(b)))),
+                asyncio.create_task(self.read(http, "data", lambda b: run.data.extend(_lines(b)))),
             ]
             source = await self.go_live(http, segments[0] if segments else b"")
             run.start = await http.post(
@@ -139,7 +139,7 @@ class Gateway:
             )
             assert run.start.status_code == 200, run.start.text
             if segments:
-                await self._wait_event(run, "receive_first_ingest_segment")
+                await self.wait_event(run, "receive_first_ingest_segment")
             if control:
                 commands = TricklePublisher(http, self.urls["control"], content_type="application/json")
                 for message in control:
@@ -165,14 +165,14 @@ class Gateway:
         source.next_seq = 1 if first else 0
         return source
 
-    async def _read(self, http: httpx.AsyncClient, key: str, keep: Any) -> None:
+    async def read(self, http: httpx.AsyncClient, key: str, keep: Any) -> None:
         subscriber = TrickleSubscriber(http, self.urls[key], start_seq=0, timeout=STREAM_TIMEOUT)
         while (segment := await subscriber.next()) is not None:
             body = await segment.read()
             if body:
                 keep(body)
 
-    async def _wait_event(self, run: Run, event_type: str, timeout: float = 20.0) -> None:
+    async def wait_event(self, run: Run, event_type: str, timeout: float = 20.0) -> None:
         async def seen() -> None:
             while event_type not in run.event_types():  # noqa: ASYNC110 - filled by a reader task
                 await asyncio.sleep(0.02)
@@ -263,14 +263,14 @@ def test_a_gateway_stop_mid_stream_ends_everything(
         async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
             await gateway.create_channels(http)
             events = asyncio.create_task(
-                gateway._read(http, "events", lambda b: run.events.append(json.loads(b)))
+                gateway.read(http, "events", lambda b: run.events.append(json.loads(b)))
             )
             source = await gateway.go_live(http, b"\x47" + bytes(187))
             started = await http.post(
                 f"{passthrough.url}/stream/start", json=gateway.start_body(), headers=AUTH_HEADERS
             )
             assert started.status_code == 200
-            await gateway._wait_event(run, "receive_first_ingest_segment")
+            await gateway.wait_event(run, "receive_first_ingest_segment")
             stopped = await http.post(f"{passthrough.url}/stream/stop", headers=AUTH_HEADERS)
             assert stopped.json()["stopped"] == [gateway.stream]
             await asyncio.wait_for(events, 10)
@@ -350,19 +350,17 @@ def test_stream_params_change_the_tint_mid_stream(trickle: ServerProcess, tint: 
         async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
             await gateway.create_channels(http)
             readers = [
-                asyncio.create_task(gateway._read(http, "publish", run.outputs.append)),
-                asyncio.create_task(
-                    gateway._read(http, "events", lambda b: run.events.append(json.loads(b)))
-                ),
+                asyncio.create_task(gateway.read(http, "publish", run.outputs.append)),
+                asyncio.create_task(gateway.read(http, "events", lambda b: run.events.append(json.loads(b)))),
             ]
             source = await gateway.go_live(http, clip[0])
             body = gateway.start_body({"strength": 0.0})
             assert (
                 await http.post(f"{tint.url}/stream/start", json=body, headers=AUTH_HEADERS)
             ).status_code == 200
-            await gateway._wait_event(run, "receive_first_ingest_segment")
+            await gateway.wait_event(run, "receive_first_ingest_segment")
             await source.write(clip[1])
-            await gateway._wait_event(run, "send_first_processed_segment")
+            await gateway.wait_event(run, "send_first_processed_segment")
             updated = await http.post(
                 f"{tint.url}/stream/params", json={"strength": 1.0}, headers=AUTH_HEADERS
             )
@@ -477,17 +475,18 @@ def test_a_container_shutting_down_stops_its_stream(
         async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
             await gateway.create_channels(http)
             events = asyncio.create_task(
-                gateway._read(http, "events", lambda b: run.events.append(json.loads(b)))
+                gateway.read(http, "events", lambda b: run.events.append(json.loads(b)))
             )
             await gateway.go_live(http, b"\x47" + bytes(187))
             started = await http.post(
                 f"{worker.url}/stream/start", json=gateway.start_body(), headers=AUTH_HEADERS
             )
             assert started.status_code == 200
-            await gateway._wait_event(run, "receive_first_ingest_segment")
+            await gateway.wait_event(run, "receive_first_ingest_segment")
             await asyncio.to_thread(worker.stop)  # SIGTERM
             await asyncio.wait_for(events, 10)
         return run
 
     run = asyncio.run(scenario())
-    assert run.event_types()[-1] == "stream_stopped" and run.first("stream_stopped")["reason"] == "stopped"
+    assert run.event_types()[-1] == "stream_stopped", run.events
+    assert run.first("stream_stopped")["reason"] == "stopped", run.events
