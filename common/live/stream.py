@@ -40,6 +40,7 @@ from .audio import L16_CONTENT_TYPE, AudioBuffer, transcript_lines
 from .control import follow_control
 from .events import STREAM_STATUS, Events
 from .request import StreamRequest, bad_request, split_params
+from .sizing import cover
 
 log = logging.getLogger("live")
 
@@ -139,6 +140,8 @@ class LiveStream:
         self._overrides = dict(request.params)
         self.params: Mapping[str, Any] = processor.with_overrides(self._overrides)
         self.options = dict(request.options)
+        size = (request.options.get("width"), request.options.get("height"))
+        self._frame_size = (int(size[0]), int(size[1])) if size[0] and size[1] else None
         self.state = StreamState.RUNNING
         self.error: dict[str, str] | None = None
         self.started = time.time()
@@ -379,8 +382,15 @@ class LiveStream:
             await asyncio.gather(feeding, delivering, return_exceptions=True)
 
     def _video_frame(self, image: np.ndarray) -> np.ndarray:
-        """One decoded frame through the processor, with the stream's parameters (media thread)."""
+        """One decoded frame through the processor, with the stream's parameters (media thread).
+
+        ``width``/``height`` given at start are the size the processor sees, as in pytrickle: the
+        frame scaled to cover it and centre-cropped. (An update mid-stream is recorded but not
+        applied: the output changes size only at a segment start, which this callback cannot see.)
+        """
         assert isinstance(self.processor, ImageProcessor)
+        if self._frame_size is not None:
+            image = cover(image, *self._frame_size)
         with _job_context(self.params, self._processor_state):
             return self.processor.process(image)
 

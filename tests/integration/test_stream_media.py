@@ -490,3 +490,14 @@ def test_a_container_shutting_down_stops_its_stream(
     run = asyncio.run(scenario())
     assert run.event_types()[-1] == "stream_stopped", run.events
     assert run.first("stream_stopped")["reason"] == "stopped", run.events
+
+
+def test_width_and_height_at_start_are_the_size_the_processor_sees(
+    trickle: ServerProcess, tint: ServerProcess, small_clip: list[bytes]
+) -> None:
+    """pytrickle's rule: the input scaled to cover the size and centre-cropped."""
+    run = stream(trickle, tint, small_clip, params={"width": 160, "height": "120"})
+    sizes = {(frame.width, frame.height) for frame in frames(run.outputs)}
+    assert sizes == {(160, 120)}, sizes
+    assert sum(1 for _ in frames(run.outputs)) == sum(1 for _ in frames(small_clip))
+    assert wait_idle(tint)["params"] == {"strength": 0.3, "width": 160, "height": 120}
