@@ -17,8 +17,10 @@ so the clients are the same. An input segment's output is the output segments ho
 matched by PTS (ours cuts one output segment per input segment, PyTrickle its own every 2 s of
 PTS). Figures:
 
-- saturated: input sent as fast as the worker takes it (at most 3 segments ahead of its output,
-  so the channel's 5-segment ring never drops any); output fps = output frames over the time from
+- saturated: input sent as fast as the worker takes it: the next segment as soon as the output
+  shows the worker has taken the one before (see ``Worker.window``), so it always has input
+  waiting but its overload policy never fires and the channel's 5-segment ring never drops
+  any; output fps = output frames over the time from
   the first input byte to the last output segment, and the worker's CPU per output frame over the
   same span (user + system of its process tree, from ``/proc``);
 - real time: each segment sent when its 2 s would have been filmed; latency = input segment fully
@@ -155,17 +157,21 @@ class Worker:
     name: str
     server: ServerProcess
     headers: dict[str, str]
+    # Saturated: input segments sent ahead of the output. As few as keep the worker busy, so its
+    # overload policy never fires: ours ends output segment n with input n's last frame, so the
+    # next one goes out then; PyTrickle's muxer cuts segment n only at input n+1's first frame.
+    window: int
     streams: ClassVar[int] = 0  # streams run so far, for unique channel names
 
 
 def start_ours() -> Worker:
     server = ServerProcess.start(processor_argv("green-tint"), timeout=60)
-    return Worker("ours", server, {"Authorization": f"Bearer {TEST_TOKEN}"})
+    return Worker("ours", server, {"Authorization": f"Bearer {TEST_TOKEN}"}, window=1)
 
 
 def start_pytrickle() -> Worker:
     argv = [str(PYTRICKLE_PYTHON), str(PYTRICKLE_GREEN_TINT), "--port", "{port}"]
-    return Worker("PyTrickle", ServerProcess.start(argv, timeout=120), {})
+    return Worker("PyTrickle", ServerProcess.start(argv, timeout=120), {}, window=2)
 
 
 # -- one stream ----------------------------------------------------------------------------------
@@ -175,7 +181,16 @@ def run(trickle: str, worker: Worker, clip: Clip, pace: float | None) -> LiveStr
     Worker.streams += 1
     name = f"bench-{worker.name.lower()}-{Worker.streams}"
     return asyncio.run(
-        run_stream(trickle, worker.server.url, name, clip, PARAMS, pace=pace, headers=worker.headers)
+        run_stream(
+            trickle,
+            worker.server.url,
+            name,
+            clip,
+            PARAMS,
+            pace=pace,
+            window=worker.window,
+            headers=worker.headers,
+        )
     )
 
 

@@ -170,16 +170,16 @@ class LiveStream:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.received.changed.wait(), left)
 
-    async def publish(self, clip: Clip, pace: float | None) -> None:
+    async def publish(self, clip: Clip, pace: float | None, window: int = WINDOW) -> None:
         """Send every segment, every ``pace`` s from the first or (None) as fast as the worker
-        takes them (at most WINDOW segments ahead of its output); then close the channel."""
+        takes them (at most ``window`` segments ahead of its output); then close the channel."""
         publisher = TricklePublisher(self.http, self.channels["in"])
         self.first_sent = start = time.monotonic()
         for n, segment in enumerate(clip.segments):
             if pace is not None:
                 await asyncio.sleep(max(0.0, start + n * pace - time.monotonic()))
-            elif n >= WINDOW:
-                await self.wait_output(clip.pts[n - WINDOW][-1], time.monotonic() + CLOSE_WAIT_SECONDS)
+            elif n >= window:
+                await self.wait_output(clip.pts[n - window][-1], time.monotonic() + CLOSE_WAIT_SECONDS)
             await publisher.write(segment)
             self.sent.append(time.monotonic())
         # Closing the channel ends it for its readers too: first let the worker reach the last
@@ -211,12 +211,13 @@ async def run_stream(
     params: dict[str, Any],
     *,
     pace: float | None = None,
+    window: int = WINDOW,
     headers: dict[str, str] | None = None,
 ) -> LiveStream:
     """Start, publish ``clip``, wait for its output and stop: one whole stream."""
     async with httpx.AsyncClient(timeout=30.0) as http:
         stream = LiveStream(http, trickle_url, worker_url, name, params, headers)
         await stream.start()
-        await stream.publish(clip, pace)
+        await stream.publish(clip, pace, window)
         await stream.finish(clip)
         return stream
