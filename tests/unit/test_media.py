@@ -218,6 +218,21 @@ async def test_input_past_the_byte_bound_is_dropped_and_reported() -> None:
     assert run.outputs and decode(run.outputs[0][1])
 
 
+async def test_skipped_segments_and_a_new_source_mid_stream() -> None:
+    """A subscriber that jumped ahead (470), then a new publisher: other size, timestamps anew."""
+    first = make_clip(None, 5, width=320, height=180, fps=30, gop_seconds=1)
+    second = make_clip(None, 1, width=640, height=360, fps=30, gop_seconds=1)
+    run = Run(lambda image: image, max_waiting_segments=10)
+    for segment in (first[0], first[1], first[4], second[0]):
+        await run.send(segment, wait=False)
+    await run.finish()
+    outputs = [decode(data) for _, data in run.outputs]
+    assert [len(frames) for frames in outputs] == [30, 30, 30, 30]
+    assert [frame_index(f[0].to_ndarray(format="rgb24")) for f in outputs] == [0, 30, 120, 0]
+    assert [f[0].width for f in outputs] == [320, 320, 320, 640]
+    assert outputs[3][0].pts == outputs[0][0].pts and run.events == []
+
+
 async def test_overload_drops_whole_frames_and_reports_them() -> None:
     clip = make_clip(None, 8, width=320, height=180, fps=30, gop_seconds=1, audio=None)
 
