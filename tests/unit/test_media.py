@@ -297,7 +297,12 @@ async def test_audio_only_consumer_gets_16k_mono_and_no_output() -> None:
 
 @pytest.mark.parametrize(
     ("name", "code"),
-    [("garbage", "invalid_input"), ("audio_only", "no_video_track"), ("avs3", "unsupported_codec")],
+    [
+        ("garbage", "invalid_input"),
+        ("audio_only", "no_video_track"),
+        ("avs3", "unsupported_codec"),
+        ("h264_labelled_hevc", "undecodable"),
+    ],
 )
 async def test_bad_input_ends_with_an_error_event(name: str, code: str) -> None:
     run = Run(tint)
@@ -315,7 +320,8 @@ def bad_input(name: str) -> list[bytes]:
     if name == "audio_only":
         return make_clip(None, 2, gop_seconds=1, video=False)
     clip = make_clip(None, 1, width=320, height=180, fps=15, gop_seconds=1, audio=None)
-    return [_patch_video_stream_type(segment, 0xD4) for segment in clip]  # AVS3: no decoder here
+    stream_type = 0xD4 if name == "avs3" else 0x24  # AVS3: no decoder here; HEVC: wrong decoder
+    return [_patch_video_stream_type(segment, stream_type) for segment in clip]
 
 
 def _patch_video_stream_type(segment: bytes, stream_type: int) -> bytes:
