@@ -522,3 +522,31 @@ def test_a_video_only_stream_is_processed_as_it_arrives(trickle: ServerProcess, 
     assert len(run.outputs) == len(clip)
     latency = run.output_times[0] - run.input_times[0]
     assert latency < 1.5, f"the first output came {latency:.1f} s after its input (at the input's end?)"
+
+
+def test_a_missing_input_channel_is_an_error_event_and_a_clean_stop(
+    trickle: ServerProcess, passthrough: ServerProcess
+) -> None:
+    """The orchestrator's input channel is gone (404): the gateway hears why, the container is free."""
+
+    async def scenario() -> Run:
+        gateway = Gateway(trickle, passthrough)
+        run = Run()
+        async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
+            await gateway.create_channels(http)
+            assert (await http.delete(gateway.urls["subscribe"])).status_code == 200
+            events = asyncio.create_task(
+                gateway.read(http, "events", lambda b: run.events.append(json.loads(b)))
+            )
+            started = await http.post(
+                f"{passthrough.url}/stream/start", json=gateway.start_body(), headers=AUTH_HEADERS
+            )
+            assert started.status_code == 200
+            await asyncio.wait_for(events, 15)
+        return run
+
+    run = asyncio.run(scenario())
+    errors = [d["event"] for d in run.events if d["event"]["type"] == "error"]
+    assert [e["code"] for e in errors] == ["no_input"], run.events
+    assert run.event_types()[-1] == "stream_stopped"
+    assert wait_idle(passthrough)["state"] == "ENDED" and health(passthrough) == "IDLE"
