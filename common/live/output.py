@@ -5,7 +5,9 @@ finishes it; the event loop takes segments in order (:meth:`OutputQueue.next_seg
 streams each one's bytes (:meth:`OutputSegment.chunks`) while it is still being encoded, so a
 publisher can send a segment's body as it grows. Bytes not yet taken are bounded
 (``max_bytes``): past that the encoder waits, which backs the pipeline up to the decoder, where
-frames are dropped by the stated policy rather than memory growing.
+frames are dropped by the stated policy rather than memory growing. A segment is read before the
+next is asked for; bytes of it left unread then are dropped, so a reader that skips one cannot
+stall the encoder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class OutputSegment:
         self._queue = queue
         self._chunks: deque[bytes] = deque()
         self._finished = False
+        self._abandoned = False  # the reader moved on: its bytes are not kept
         self.size = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -52,6 +55,7 @@ class OutputQueue:
         self._held = 0
         self._ended = False
         self._closed = False
+        self._reading: OutputSegment | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     # -- encoder thread --------------------------------------------------------------------
@@ -70,8 +74,10 @@ class OutputQueue:
                 self._space.wait(WAIT_STEP)
             if self._closed:
                 return False
-            segment._chunks.append(data)
             segment.size += len(data)
+            if segment._abandoned:
+                return True
+            segment._chunks.append(data)
             self._held += len(data)
         self._wake()
         return True
@@ -99,10 +105,22 @@ class OutputQueue:
     # -- event loop ------------------------------------------------------------------------
 
     async def next_segment(self) -> OutputSegment | None:
+        """The next segment; what the reader left unread of the one before is dropped."""
         segments = self._segments
+        with self._lock:
+            if self._reading is not None:
+                self._abandon(self._reading)
+                self._reading = None
         await self._until(lambda: bool(segments) or self._ended)
         with self._lock:
-            return segments.popleft() if segments else None
+            self._reading = segments.popleft() if segments else None
+            return self._reading
+
+    def _abandon(self, segment: OutputSegment) -> None:
+        segment._abandoned = True
+        self._held -= sum(len(chunk) for chunk in segment._chunks)
+        segment._chunks.clear()
+        self._space.notify_all()
 
     async def take_chunk(self, segment: OutputSegment) -> bytes | None:
         await self._until(lambda: bool(segment._chunks) or segment._finished or self._closed)

@@ -233,6 +233,20 @@ async def test_skipped_segments_and_a_new_source_mid_stream() -> None:
     assert outputs[3][0].pts == outputs[0][0].pts and run.events == []
 
 
+async def test_a_reader_that_skips_segments_does_not_stall_the_encoder() -> None:
+    clip = make_clip(None, 6, width=320, height=180, fps=15, gop_seconds=1, audio=None)
+    transcoder = LiveTranscoder(lambda image: image, max_output_bytes=20_000, max_waiting_segments=10)
+    for segment in clip:
+        transcoder.feed(segment)
+        transcoder.end_segment()
+    transcoder.end_input()
+    seqs = []
+    while (output := await asyncio.wait_for(transcoder.next_segment(), TIMEOUT)) is not None:
+        seqs.append(output.seq)  # never reads its bytes
+    transcoder.close()
+    assert seqs == list(range(6)) and transcoder.stats["frames_out"] == 90
+
+
 async def test_overload_drops_whole_frames_and_reports_them() -> None:
     clip = make_clip(None, 8, width=320, height=180, fps=30, gop_seconds=1, audio=None)
 
