@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ApiError
 from ..processor import BaseProcessor, ImageProcessor, Output, _job_context
-from ..trickle.protocol import SEQ_LATEST
+from ..trickle.protocol import SEQ_LATEST, TrickleError
 from ..trickle.publisher import TricklePublisher
 from ..trickle.subscriber import ReceivedSegment, TrickleSubscriber
 from ..work import WorkSlots
@@ -89,12 +89,18 @@ class LiveSettings:
 
     @classmethod
     def from_env(cls) -> LiveSettings:
-        capacity = int(os.environ.get("STREAM_CAPACITY", "1"))
-        if not 1 <= capacity <= 64:
-            raise SystemExit(f"STREAM_CAPACITY={capacity}: must be 1..64")
+        capacity, timeout = os.environ.get("STREAM_CAPACITY", "1"), os.environ.get("TRICKLE_TIMEOUT", "30")
+        if not (capacity.isascii() and capacity.isdigit() and 1 <= int(capacity) <= 64):
+            raise SystemExit(f"STREAM_CAPACITY={capacity!r}: must be a whole number of streams, 1..64")
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            seconds = 0.0
+        if not 1.0 <= seconds <= 600.0:
+            raise SystemExit(f"TRICKLE_TIMEOUT={timeout!r}: must be seconds, 1..600")
         return cls(
-            capacity=capacity,
-            trickle_timeout=float(os.environ.get("TRICKLE_TIMEOUT", "30")),
+            capacity=int(capacity),
+            trickle_timeout=seconds,
             verify_tls=os.environ.get("TRICKLE_VERIFY_TLS", "0") == "1",
         )
 
@@ -117,6 +123,8 @@ def _describe(exc: BaseException) -> tuple[str, str]:
         return "trickle_timeout", f"a trickle channel did not answer in time ({type(exc).__name__})"
     if isinstance(exc, httpx.TransportError):
         return "trickle_unreachable", f"a trickle channel is unreachable ({type(exc).__name__}: {exc})"
+    if isinstance(exc, TrickleError):  # e.g. the output channel closed by the orchestrator
+        return "trickle_refused", f"a trickle channel refused a segment ({exc})"
     return "stream_failed", f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
@@ -157,6 +165,8 @@ class LiveStream:
         self._output: TricklePublisher | None = None  # the publish channel (video out)
         self._data: TricklePublisher | None = None  # the data channel (transcripts)
         self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()  # for the media threads' reports
+        self._broken = False  # the media gave up on the input
 
     @property
     def id(self) -> str:
@@ -181,13 +191,6 @@ class LiveStream:
         _, pending = await asyncio.wait({task}, timeout=self.settings.stop_seconds)
         if pending:
             log.warning("%s: still stopping after %g s", self.id, self.settings.stop_seconds)
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait until the stream has ended by itself; whether it has."""
-        if self._task is None:
-            return True
-        done, _ = await asyncio.wait({self._task}, timeout=timeout)
-        return bool(done)
 
     # -- parameters -----------------------------------------------------------------------------
 
@@ -231,7 +234,6 @@ class LiveStream:
     # -- the run --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        self._loop = asyncio.get_running_loop()
         timeout = httpx.Timeout(
             self.settings.trickle_timeout, connect=min(10.0, self.settings.trickle_timeout)
         )
@@ -268,7 +270,8 @@ class LiveStream:
         reason = "input ended"
         try:
             await self._media(client)
-            self.state = StreamState.ENDED
+            self.state = StreamState.FAILED if self._broken else StreamState.ENDED
+            reason = "error" if self._broken else reason
             if self.segments_in == 0:
                 self._fail(
                     "no_input",
@@ -282,7 +285,7 @@ class LiveStream:
             self.state = StreamState.FAILED
             reason = "error"
             self._fail(*_describe(exc))
-            if not isinstance(exc, StreamError | ApiError | httpx.HTTPError):
+            if not isinstance(exc, StreamError | ApiError | httpx.HTTPError | TrickleError):
                 log.exception("%s: failed", self.id)
         finally:
             self.ended = time.time()
@@ -319,6 +322,12 @@ class LiveStream:
         log.warning("%s: %s: %s", self.id, code, detail)
         if self._events is not None:
             self._events.emit("error", message=detail, code=code)
+
+    def _media_failed(self, code: str, detail: str) -> None:
+        """The transcoder gave up (bad input, a failing processor): it ends its output, and the
+        stream ends as failed once that last output is out."""
+        self._broken = True
+        self._fail(code, detail)
 
     def _counts(self) -> dict[str, Any]:
         return {"segments_in": self.segments_in, "segments_out": self.segments_out}
@@ -398,7 +407,7 @@ class LiveStream:
         """The transcoder's reports (drops, errors), from its threads."""
         if event.get("type") == "error":
             code, detail = str(event.get("error", "media_error")), str(event.get("detail", ""))
-            self._loop.call_soon_threadsafe(self._fail, code, detail)
+            self._loop.call_soon_threadsafe(self._media_failed, code, detail)
         elif self._events is not None:
             fields = {key: value for key, value in event.items() if key != "type"}
             self._events.emit_threadsafe(str(event.get("type", "media")), **fields)

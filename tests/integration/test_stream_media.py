@@ -399,16 +399,17 @@ def test_bad_input_is_an_error_event_and_the_next_stream_is_served(
 ) -> None:
     audio_only = make_clip(None, 2, gop_seconds=1, video=False)
     cases = {
-        "not MPEG-TS": [b"this is not a video stream at all" * 100, b"\x00" * 4096],
-        "no video track": audio_only,
+        "invalid_input": [b"this is not a video stream at all" * 100, b"\x00" * 4096],
+        "no_video_track": audio_only,
     }
-    for what, segments in cases.items():
+    for code, segments in cases.items():
         run = stream(trickle, tint, segments)
         errors = [d["event"] for d in run.events if d["event"]["type"] == "error"]
-        assert errors, f"{what}: no error event in {run.event_types()}"
-        assert run.event_types()[-1] == "stream_stopped", what
+        assert [e["code"] for e in errors] == [code], run.events
+        assert "MPEG-TS" in errors[0]["message"], errors
+        assert run.event_types()[-1] == "stream_stopped" and run.first("stream_stopped")["reason"] == "error"
         last = wait_idle(tint)
-        assert last["error"] is not None, f"{what}: {last}"
+        assert last["state"] == "FAILED" and last["error"]["error"] == code, last
         assert health(tint) == "IDLE"
     good = stream(trickle, tint, small_clip)
     assert len(good.outputs) == len(small_clip) and wait_idle(tint)["error"] is None
