@@ -300,7 +300,8 @@ class LiveTranscoder:
             if self._video is not None:
                 self._template_container = av.open(_Discard(), "w", format="mpegts")
                 self._audio_template = self._template_container.add_stream_from_template(audio, opaque=True)
-        else:
+        elif audio is not None:
+            log.info("live media: the audio track's parameters are unknown after the probe: left out")
             audio = None
         self._video_stream = video if self._video is not None else None
         self._audio_stream = audio

@@ -125,10 +125,6 @@ class InputStream:
             self._queued = 0
             self._cond.notify_all()
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued
-
     def behind(self) -> bool:
         """Whether whole segments wait behind the one being read: the reader is falling behind."""
         waiting = self._segments_queued - (1 if self._segment_open else 0)
