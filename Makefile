@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 MODEL ?= green-tint-cpu
+SPEECH ?= hello world this is a test of the livepeer pipeline
 COMPOSE := docker compose
 # The model ids the orchestrator in compose.yaml registers (the line after each -byocModelID).
 MODELS := $(shell sed -n '/- -byocModelID/{n;s/^ *- *//p;}' compose.yaml)
@@ -51,6 +52,9 @@ test-job: venv ## send one job through the gateway and check it: make test-job M
 
 test-jobs: venv ## the test job for every model the compose topology serves
 	@for model in $(MODELS); do $(PY) scripts/test_byoc_job.py --model $$model || exit 1; done
+
+live-video: venv ## stream a video live through one container: make live-video MODEL=green-tint-cpu [INPUT=file.mp4]
+	$(PY) scripts/live_video.py $(INPUT) --model $(MODEL) $(if $(filter whisper-tiny-cpu,$(MODEL)),--speech "$(SPEECH)")
 
 build: docker-ready wheelhouse env ## build every image
 	$(BUILD_ENV) $(COMPOSE) build
@@ -137,6 +141,6 @@ bench-whisper: venv ## whisper real-time factor in process and through the topol
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .venv-pytrickle .pytest_cache .ruff_cache
 
-.PHONY: help env up down logs ps test-job test-jobs build wheelhouse base-image docker-setup docker-ready \
+.PHONY: help env up down logs ps test-job test-jobs live-video build wheelhouse base-image docker-setup docker-ready \
 	docker-test up-local down-local venv test lint format bench bench-whisper clean \
 	pytrickle-venv bench-live

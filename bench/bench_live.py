@@ -58,10 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The repo, and the test helpers as pytest imports them (tests/ and tests/interop/ on the path).
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "interop")]
 
-from clips import make_clip  # noqa: E402
 from harness import TEST_TOKEN, ServerProcess, processor_argv  # noqa: E402
 from interop_harness import PYTRICKLE_GREEN_TINT, PYTRICKLE_PYTHON, TRICKLE_SERVER  # noqa: E402
 from live_stream import Clip, LiveStream, run_stream  # noqa: E402
+
+from scripts.clips import make_clip  # noqa: E402
 
 OUT = ROOT / "out" / "bench-live.json"
 WIDTH, HEIGHT, FPS, GOP_SECONDS = 1280, 720, 30, 2

@@ -32,13 +32,12 @@ import av
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "processors" / "green-tint"))
 
-from clips import make_clip  # noqa: E402
 from green_tint import GreenTintProcessor  # noqa: E402
 
 from common.live.media import X264_OPTIONS, LiveTranscoder  # noqa: E402
+from scripts.clips import make_clip  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/bench_media.py"
 RESULTS = ROOT / "bench" / "results" / "media.json"

@@ -183,6 +183,11 @@ class Channel:
             segment = self._add(seq)
         return segment
 
+    def reader_waiting(self) -> bool:
+        """Whether a reader waits on a segment no writer has taken yet: how the side that made
+        the channel knows its subscriber has arrived (a live publisher need not lose its start)."""
+        return any(not segment.claimed and not segment.closed for segment in self._segments.values())
+
     def kept_after(self, seq: int) -> int | None:
         """For ``seq`` missing inside the ring (a gap, not a segment gone from it), the first kept
         after it: a reader's way past the gap."""

@@ -22,7 +22,6 @@ import av
 import httpx
 import numpy as np
 import pytest
-from clips import START_PTS, frame_index, make_clip
 from harness import (
     AUTH_HEADERS,
     CLIENT_OPTIONS,
@@ -34,6 +33,7 @@ from harness import (
 
 from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
+from scripts.clips import START_PTS, frame_index, make_clip
 from scripts.test_byoc_job import words
 
 PREFIX = "/ai/trickle"

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from clips import make_clip
 from harness import (
     AUTH_HEADERS,
     CLIENT_OPTIONS,
@@ -29,6 +28,8 @@ from harness import (
 )
 from interop_harness import channel_urls, start_body
 from live_stream import decode_video
+
+from scripts.clips import make_clip
 
 pytestmark = pytest.mark.interop
 

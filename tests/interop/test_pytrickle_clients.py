@@ -15,9 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from clips import make_clip
 from harness import CLIENT_OPTIONS, ServerProcess, StartServer, processor_argv
 from interop_harness import channel_urls
+
+from scripts.clips import make_clip
 
 pytestmark = pytest.mark.interop
 

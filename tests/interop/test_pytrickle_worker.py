@@ -13,10 +13,11 @@ import asyncio
 
 import numpy as np
 import pytest
-from clips import make_clip
 from harness import ServerProcess, StartServer, green_tint_reference
 from interop_harness import PYTRICKLE_GREEN_TINT
 from live_stream import Clip, decode_video, run_stream
+
+from scripts.clips import make_clip
 
 pytestmark = pytest.mark.interop
 

@@ -18,9 +18,9 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from clips import TS_PACKET, frame_index, make_clip, ts_packets
 
 from common.live.media import AudioChunk, LiveTranscoder, OutputSegment
+from scripts.clips import TS_PACKET, frame_index, make_clip, ts_packets
 
 TIMEOUT = 25.0
 GREEN = np.array([0.0, 255.0, 0.0])

@@ -3,7 +3,8 @@
 go-livepeer's and pytrickle's publishers cut the stream at keyframes, so each segment starts with
 PAT/PMT and an IDR; :func:`make_clip` does the same, one segment per GOP. Every frame carries its
 index as a row of black/white blocks (:func:`frame_index` reads it back, also after a tint), over a
-moving textured background so the encoder does real motion work. Tests and benchmarks import this.
+moving textured background so the encoder does real motion work. scripts/live_video.py plays
+them; tests and benchmarks import them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import itertools
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
+from av.video.stream import VideoStream
 
 TS_PACKET = 188
 # The index: 16 bits, one square block each (40 px, less in narrow frames), along the top edge.
@@ -46,9 +50,9 @@ def make_clip(
     frames = round(seconds * fps)
     out = io.BytesIO()
     with av.open(out, "w", format="mpegts") as container:
-        vstream = None
+        vstream: VideoStream | None = None
         if video:
-            vstream = container.add_stream("libx264", rate=fps)
+            vstream = cast(VideoStream, container.add_stream("libx264", rate=fps))
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
             vstream.time_base = Fraction(1, 90000)
             gop = max(1, round(gop_seconds * fps))
@@ -56,10 +60,10 @@ def make_clip(
                 "preset": "ultrafast" if bframes == 0 else "veryfast",
                 "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}",
             }
-        astream = None
+        astream: AudioStream | None = None
         samples = None
         if audio is not None:
-            astream = container.add_stream("aac", rate=AUDIO_RATE)
+            astream = cast(AudioStream, container.add_stream("aac", rate=AUDIO_RATE))
             astream.layout = "stereo"
             samples = _audio_samples(audio, seconds)
         packets: list[av.Packet] = []
@@ -149,8 +153,9 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def _video_pid(data: bytes) -> int | None:
-    with av.open(io.BytesIO(data), format="mpegts") as container:
-        return container.streams.video[0].id if container.streams.video else None
+    with av.open(io.BytesIO(data), "r", format="mpegts") as container:
+        pid = container.streams.video[0].id if container.streams.video else None
+    return pid
 
 
 def _split_every(data: bytes, audio_pes: int) -> list[bytes]:
@@ -195,7 +200,7 @@ def _audio_samples(audio: str, seconds: float) -> np.ndarray:
 def _speech(text: str) -> np.ndarray:
     from scripts.test_byoc_job import speech_wav  # espeak-ng; only the speech clips need it
 
-    with av.open(io.BytesIO(speech_wav(text))) as container:
+    with av.open(io.BytesIO(speech_wav(text)), "r") as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
         chunks = [
             out.to_ndarray().reshape(-1)
@@ -205,7 +210,7 @@ def _speech(text: str) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
-def _encode_audio(stream: av.audio.stream.AudioStream, samples: np.ndarray) -> list[av.Packet]:
+def _encode_audio(stream: AudioStream, samples: np.ndarray) -> list[av.Packet]:
     packets: list[av.Packet] = []
     step = 1024
     for start in range(0, samples.shape[1] - step + 1, step):
