@@ -134,7 +134,8 @@ class LiveRun:
                     continue
                 self.output += data
                 self.frames_out += frames_of(data)
-        await asyncio.to_thread(out_path.write_bytes, bytes(self.output))
+        if self.output:  # whisper-tiny answers on the data channel only
+            await asyncio.to_thread(out_path.write_bytes, bytes(self.output))
         self.output_ended.set()
         self.output_arrived.set()
 
@@ -209,7 +210,8 @@ async def run(args: argparse.Namespace) -> int:
         p50 = statistics.median(latencies)
         p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
         print(f"live_video: segment latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
-    print(f"live_video: wrote {out_path} ({len(live.output)} bytes)")
+    if live.output:
+        print(f"live_video: wrote {out_path} ({len(live.output)} bytes)")
     if args.model == WHISPER.model_id:  # audio in, transcript lines out: no video comes back
         return 0 if live.data_lines else 1
     return 0 if live.output_ended.is_set() and live.frames_out == frames_in else 1
