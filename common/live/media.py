@@ -195,6 +195,20 @@ class LiveTranscoder:
                 thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in self._threads):
             log.warning("live media: a thread is still busy after close (a slow processor call?)")
+            return  # a thread still uses the codecs: they go with the garbage collector instead
+        self._release()
+
+    def _release(self) -> None:
+        """Free the codecs now. The transcoder sits in reference cycles (its threads' targets,
+        the input's callback), so without this its decoder, frame pools and template muxer (tens
+        of MB at 720p) would wait for a full garbage collection, which a server rarely runs."""
+        if self._template_container is not None:
+            self._template_container.close()
+        self._template_container = self._audio_template = None
+        self._video_stream = self._audio_stream = None
+        self._pieces.clear()
+        self._pts_seq.clear()
+        self._input.on_drained = None
 
     @property
     def stats(self) -> dict[str, Any]:

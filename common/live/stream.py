@@ -161,6 +161,7 @@ class LiveStream:
         self.data_lines = 0
         self._processor_state: dict[str, Any] = {}  # the processor's per-stream state (``stream``)
         self._transcoder: Any = None
+        self._final_media: dict[str, Any] = {}  # the transcoder's last figures, once it is gone
         self._events: Events | None = None
         self._output: TricklePublisher | None = None  # the publish channel (video out)
         self._data: TricklePublisher | None = None  # the data channel (transcripts)
@@ -208,7 +209,7 @@ class LiveStream:
     # -- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        media = self._transcoder.stats if self._transcoder is not None else {}
+        media = self._transcoder.stats if self._transcoder is not None else self._final_media
         events = self._events
         return {
             "stream_id": self.id,
@@ -365,6 +366,8 @@ class LiveStream:
             await self._drained(self._feed(client, transcoder), output)
         finally:
             transcoder.close()
+            self._final_media = transcoder.stats
+            self._transcoder = None  # an ended stream stays listed (LiveApi.last): keep its figures only
 
     async def _drained(self, feed: Coroutine[Any, Any, None], deliver: Coroutine[Any, Any, None]) -> None:
         """Input and output side by side; a failure of either cancels the other and is raised.
