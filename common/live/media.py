@@ -59,6 +59,7 @@ TIME_BASE = Fraction(1, 90_000)
 # keyframe) comes as several packets with the same position, joined again before decoding.
 PES_PIECE = 200 * 1024 - 184
 MAX_DECODE_ERRORS = 100  # consecutive packets that decode to nothing before the input is refused
+MIN_PROBE_BYTES = 32 * 1024  # FFmpeg's smallest useful probe
 JOIN_SECONDS = 2.0  # per thread, on close()
 X264_OPTIONS = {"preset": "superfast", "tune": "zerolatency", "bf": "0", "forced-idr": "1"}
 
@@ -277,8 +278,14 @@ class LiveTranscoder:
         try:
             # noparse: frames come straight from PES packets, so none waits for its successor
             # in a parser (the first frame of segment n+1) - see tsinput. A short probe: the
-            # default 5 s would wait for more than a first short segment holds.
-            options = {"fflags": "+noparse+nofillin", "analyzeduration": "500000"}
+            # default 5 s (or 5 MB) would wait for more than a first short segment holds; so the
+            # probe reads the first segment and stops there.
+            probe = max(MIN_PROBE_BYTES, self._input.first_segment_bytes())
+            options = {
+                "fflags": "+noparse+nofillin",
+                "analyzeduration": "500000",
+                "probesize": str(probe),
+            }
             container = av.open(self._input, format="mpegts", options=options)
         except (av.error.FFmpegError, ValueError) as exc:
             if self._input.bytes_in == 0:

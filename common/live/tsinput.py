@@ -68,6 +68,7 @@ class InputStream:
         self._dropped_before = 0  # bytes_dropped when the current segment began
         self.segments_ended = 0
         self._segments_queued = 0  # segment ends fed and not yet read
+        self._first_segment_bytes: int | None = None
         # Reading side (media thread).
         self._current = memoryview(b"")
         self._position = 0
@@ -105,6 +106,8 @@ class InputStream:
             seq, dropped = self._feed_seq, self.bytes_dropped - self._dropped_before
             self._dropped_before = self.bytes_dropped
             self._items.append(_SegmentEnd(seq))
+            if self._feed_seq == 0:
+                self._first_segment_bytes = self.bytes_in - self.bytes_dropped
             self._feed_seq += 1
             self._truncated = False
             self.segments_ended += 1
@@ -114,6 +117,8 @@ class InputStream:
 
     def end_input(self) -> None:
         with self._cond:
+            if self._first_segment_bytes is None:
+                self._first_segment_bytes = self.bytes_in - self.bytes_dropped
             self._items.append(_END)
             self._cond.notify_all()
 
@@ -131,6 +136,18 @@ class InputStream:
         return waiting >= self._max_waiting
 
     # -- media thread side -----------------------------------------------------------------
+
+    def first_segment_bytes(self) -> int:
+        """The size of the first segment, once it has ended (0 if the input closed first).
+
+        How much the demuxer may probe: all of the first segment (the audio parameters come
+        from a whole frame of it) and no more (a probe past it would wait for the next segment).
+        The wait ends with that segment, the input, or :meth:`close` (a stop).
+        """
+        with self._cond:
+            while self._first_segment_bytes is None and not self._closed:
+                self._cond.wait(READ_WAIT)
+            return self._first_segment_bytes or 0
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes, never across a segment end; blocks until some or end of input."""

@@ -541,10 +541,6 @@ def _threads(worker: ServerProcess) -> int:
     return len(os.listdir(f"/proc/{worker.pid}/task"))
 
 
-@pytest.mark.xfail(
-    reason="media.py opens the input with FFmpeg's default probesize (5 MB): a video-only stream "
-    "waits for 5 MB or its end before the first frame (probesize=32768 fixes it); MEDIA's part",
-)
 def test_a_video_only_stream_is_processed_as_it_arrives(trickle: ServerProcess, tint: ServerProcess) -> None:
     clip = make_clip(None, 4, width=320, height=180, fps=15, gop_seconds=1, audio=None)
     run = stream(trickle, tint, clip, pace=1.0)
