@@ -215,7 +215,9 @@ def test_a_bad_segment_in_a_stream_is_an_error_segment_and_the_stream_goes_on(
             client.put(f"{job}/source", content=body, headers={"Content-Type": "audio/wav"})
         bad, good = client.get(f"{job}/output/0"), client.get(f"{job}/output/1")
         client.delete(job)
-    assert_error(bad, 415, "unsupported_media")
+    # In band, as go-livepeer's readers need: a 200 segment marked Lp-Trickle-Error, the error its body.
+    assert (bad.status_code, bad.headers.get("Lp-Trickle-Error")) == (200, "unsupported_media"), bad.headers
+    assert bad.json()["error"] == "unsupported_media" and "RIFF/WAVE" in bad.json()["detail"]
     assert SPEECH_KEYWORDS <= words(good.json()["text"]), good.text
 
 
