@@ -192,3 +192,21 @@ def check_sender_header(value: str | None) -> str:
             400, "invalid_sender", f'{SENDER_HEADER} must be base64 of {{"addr": "0x...", "sig": ""}}'
         ) from None
     return str(addr)
+
+
+# -- BYOC streaming (reference go-livepeer-byoc.md §3) ---------------------------------------------
+# Gateway -> orchestrator: POST /ai/stream/start|update|stop with the Livepeer header (its "id" is
+# the stream id; update and stop name it in "request": {"stream_id": ...}). The start's answer
+# carries the orchestrator-hosted trickle channels' URLs in these headers, plus the stream's key
+# (common.trickle.publisher.STREAM_KEY_HEADER), which update and stop must send back.
+STREAM_START_PATH = "/ai/stream/start"
+STREAM_UPDATE_PATH = "/ai/stream/update"
+STREAM_STOP_PATH = "/ai/stream/stop"
+TRICKLE_PREFIX = "/ai/trickle"
+PUBLISH_URL_HEADER = "X-Publish-Url"  # input {id}: the gateway publishes, the container subscribes
+SUBSCRIBE_URL_HEADER = "X-Subscribe-Url"  # output {id}-out: the container publishes, the gateway reads
+CONTROL_URL_HEADER = "X-Control-Url"  # {id}-control: the gateway publishes
+EVENTS_URL_HEADER = "X-Events-Url"  # {id}-events: the container publishes
+DATA_URL_HEADER = "X-Data-Url"  # {id}-data: the container publishes JSON lines
+# The event an orchestrator writes last on a stream's events channel, before closing its channels.
+STREAM_ENDED_EVENT = "stream_ended"
