@@ -185,41 +185,11 @@ class ChannelServer:
     async def _fill(
         self, request: Request, channel: Channel, seq: int, first: bytes, stream: AsyncIterator[bytes]
     ) -> Response:
-        error = request.headers.get(ERROR_HEADER.lower())
-        if error is not None and _ERROR_CODE.fullmatch(error) is None:
-            raise ApiError(
-                400, "invalid_header", f"{ERROR_HEADER} must be an error code such as processing_failed"
-            )
-        segment = channel.open_write(seq, reset=RESET_HEADER.lower() in request.headers)
-        if error is not None:  # the writer reports a failure in band: readers get it and go on
-            segment.error, segment.content_type = error, "application/json"
         self.writers += 1
         try:
-            segment.write(first)
-            async for chunk in stream:
-                if segment.closed:  # reset, evicted or the channel closed: the rest goes nowhere
-                    break
-                segment.write(chunk)
-        except SegmentTooLarge as exc:
-            raise ApiError(413, "payload_too_large", f"{exc}: send smaller segments") from None
-        except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
-            segment.fail()
-            log.info(
-                "channel %s seq %d: the writer left after %d bytes", channel.name, segment.seq, segment.size
-            )
-            return Response(b"", 400)
-        except BaseException:
-            segment.fail()
-            raise
+            return await receive_segment(request, channel, seq, first, stream)
         finally:
             self.writers -= 1
-        segment.close()
-        headers = {SEQ_HEADER: str(segment.seq)}
-        if channel.closed:
-            headers[CLOSED_HEADER] = CLOSED_VALUE
-        if segment.empty:
-            headers["Connection"] = "close"
-        return Response(b"", 200, headers=headers)
 
     async def next_seq(self, request: Request) -> Response:
         return next_seq_answer(self._channel(request))
@@ -246,6 +216,51 @@ class ChannelServer:
         channel = self._channel(request)
         self.close(channel.name)
         return JSONResponse({"channel": channel.name, "closed": True, "segments": channel.next_write})
+
+
+async def receive_segment(
+    request: Request,
+    channel: Channel,
+    seq: int,
+    first: bytes = b"",
+    stream: AsyncIterator[bytes] | None = None,
+) -> Response:
+    """``POST {ch}/{seq}``: the request body written into ``channel`` as segment ``seq``, chunk by
+    chunk as it arrives (readers stream it meanwhile); ``first`` is what was already read of it.
+
+    The counterpart of :func:`serve_segment` for any :class:`Channel`, also one held outside a
+    :class:`ChannelServer` (a gateway's own channels for a stream's client).
+    """
+    error = request.headers.get(ERROR_HEADER.lower())
+    if error is not None and _ERROR_CODE.fullmatch(error) is None:
+        raise ApiError(
+            400, "invalid_header", f"{ERROR_HEADER} must be an error code such as processing_failed"
+        )
+    segment = channel.open_write(seq, reset=RESET_HEADER.lower() in request.headers)
+    if error is not None:  # the writer reports a failure in band: readers get it and go on
+        segment.error, segment.content_type = error, "application/json"
+    try:
+        segment.write(first)
+        async for chunk in request.stream() if stream is None else stream:
+            if segment.closed:  # reset, evicted or the channel closed: the rest goes nowhere
+                break
+            segment.write(chunk)
+    except SegmentTooLarge as exc:
+        raise ApiError(413, "payload_too_large", f"{exc}: send smaller segments") from None
+    except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
+        segment.fail()
+        log.info("channel %s seq %d: the writer left after %d bytes", channel.name, segment.seq, segment.size)
+        return Response(b"", 400)
+    except BaseException:
+        segment.fail()
+        raise
+    segment.close()
+    headers = {SEQ_HEADER: str(segment.seq)}
+    if channel.closed:
+        headers[CLOSED_HEADER] = CLOSED_VALUE
+    if segment.empty:
+        headers["Connection"] = "close"
+    return Response(b"", 200, headers=headers)
 
 
 async def serve_segment(request: Request, channel: Channel, seq: int) -> Response:
