@@ -3,15 +3,17 @@
 go-livepeer's and pytrickle's publishers cut the stream at keyframes, so each segment starts with
 PAT/PMT and an IDR; :func:`make_clip` does the same, one segment per GOP. Every frame carries its
 index as a row of black/white blocks (:func:`frame_index` reads it back, also after a tint), over a
-moving textured background so the encoder does real motion work. scripts/live_video.py plays
-them; tests and benchmarks import them.
+moving textured background so the encoder does real motion work. scripts/live_client.py plays
+them (live_video.py, test_byoc_job.py --live); tests and benchmarks import them.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import cast
@@ -27,6 +29,15 @@ INDEX_BITS = 16
 WHITE, BLACK = 235, 16
 START_PTS = 126000  # 1.4 s, where ffmpeg-made streams usually start; not 0, to catch rebasing
 AUDIO_RATE = 48000
+VOICED = 0.02  # a speech sample above this fraction of the peak is voice, not espeak's padding
+
+
+@dataclass(frozen=True)
+class Phrase:
+    """Words espeak-ng speaks ``at`` seconds into a clip (a clip's audio may hold several)."""
+
+    at: float
+    text: str
 
 
 def make_clip(
@@ -36,7 +47,7 @@ def make_clip(
     height: int = 720,
     fps: int = 30,
     gop_seconds: float = 2,
-    audio: str | None = "tone",
+    audio: str | Sequence[Phrase] | None = "tone",
     *,
     bframes: int = 0,
     video: bool = True,
@@ -44,8 +55,9 @@ def make_clip(
     """Encode a clip and return its MPEG-TS segments (also written back to back to ``path``).
 
     ``audio``: ``"tone"`` (a 440 Hz AAC sine), ``"speech:<text>"`` (espeak-ng speaking the text,
-    then silence) or ``None``. ``bframes`` > 0 gives the decoder reordering to deal with;
-    ``video=False`` makes an audio-only stream (one segment per ``gop_seconds``).
+    then silence), :class:`Phrase` s spoken at their times (silence between) or ``None``.
+    ``bframes`` > 0 gives the decoder reordering to deal with; ``video=False`` makes an
+    audio-only stream (one segment per ``gop_seconds``).
     """
     frames = round(seconds * fps)
     out = io.BytesIO()
@@ -182,21 +194,41 @@ def _texture(height: int, width: int) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _audio_samples(audio: str, seconds: float) -> np.ndarray:
+def _audio_samples(audio: str | Sequence[Phrase], seconds: float) -> np.ndarray:
     """Stereo float32 planar samples at 48 kHz, ``seconds`` long."""
     total = round(seconds * AUDIO_RATE)
     if audio == "tone":
         t = np.arange(total, dtype=np.float32) / AUDIO_RATE
         mono = 0.2 * np.sin(2 * np.pi * 440 * t)
-    elif audio.startswith("speech:"):
+    elif isinstance(audio, str) and audio.startswith("speech:"):
+        return _audio_samples([Phrase(0.0, audio.removeprefix("speech:"))], seconds)
+    elif not isinstance(audio, str):
         mono = np.zeros(total, dtype=np.float32)
-        spoken = _speech(audio.removeprefix("speech:"))[:total]
-        mono[: len(spoken)] = spoken
+        for phrase in audio:
+            start = round(phrase.at * AUDIO_RATE)
+            spoken = _speech(phrase.text)[: max(0, total - start)]
+            mono[start : start + len(spoken)] = spoken
     else:
-        raise ValueError(f"audio must be 'tone', 'speech:<text>' or None, not {audio!r}")
+        raise ValueError(f"audio must be 'tone', 'speech:<text>', phrases or None, not {audio!r}")
     return np.stack([mono, mono]).astype(np.float32)
 
 
+def spoken_spans(phrases: Sequence[Phrase]) -> list[tuple[float, float]]:
+    """When each phrase's voice starts and ends, in seconds from the clip's start.
+
+    espeak-ng pads its speech with quiet; a listener's clock (and a live-caption latency) starts
+    when the last word has been said, not when the padding ends.
+    """
+    spans = []
+    for phrase in phrases:
+        speech = _speech(phrase.text)
+        voiced = np.flatnonzero(np.abs(speech) > VOICED * max(float(np.abs(speech).max()), 1e-9))
+        first, last = (int(voiced[0]), int(voiced[-1])) if len(voiced) else (0, 0)
+        spans.append((phrase.at + first / AUDIO_RATE, phrase.at + last / AUDIO_RATE))
+    return spans
+
+
+@functools.cache
 def _speech(text: str) -> np.ndarray:
     from scripts.test_byoc_job import speech_wav  # espeak-ng; only the speech clips need it
 
@@ -207,7 +239,9 @@ def _speech(text: str) -> np.ndarray:
             for frame in container.decode(audio=0)
             for out in resampler.resample(frame)
         ]
-    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    speech = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    speech.flags.writeable = False  # cached: shared by every caller
+    return speech
 
 
 def _encode_audio(stream: AudioStream, samples: np.ndarray) -> list[av.Packet]:
