@@ -42,6 +42,7 @@ from common.trickle.protocol import PARAMS_HEADER
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, JOB_PREFIX, SENDER_HEADER, JobRequest, sender_header
 from .relay import Deadline, forward_path, forwardable, new_client, pick
+from .stream_gateway import StreamConfig, StreamGateway
 from .streams import Stream, StreamRoutes
 
 log = logging.getLogger("gateway")
@@ -69,6 +70,7 @@ class GatewayConfig:
     # stream through to one orchestrator, so uploads never sit whole in memory.
     held_body_bytes: int = 1024 * 1024
     retry_buffer_bytes: int = 4 * 1024 * 1024  # when there is more than one orchestrator
+    live: StreamConfig = field(default_factory=StreamConfig)  # /process/stream/... (live streams)
 
 
 @dataclass
@@ -202,6 +204,7 @@ class Gateway:
         self.client = new_client()
         self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
         self.searches = SearchCache(config.search_cache_size, config.search_ttl)
+        self.live = StreamGateway(self.client, self.job_from, self.choose_fresh, config.live)
 
     def job_from(self, request: Request) -> JobRequest:
         """The job's model id and timeout, from the tutorial's headers or go-livepeer's; its
@@ -325,6 +328,12 @@ class Gateway:
             f"no orchestrator answered for {job.capability}: {'; '.join(found.failures)}",
         )
 
+    async def choose_fresh(self, job: JobRequest, deadline: Deadline) -> list[str]:
+        """:meth:`choose` from a new search: a stream starts (or moves) rarely, and must not be
+        sent to an orchestrator that a cached answer still lists after it went away."""
+        self.searches.forget((job.capability, tuple(self.candidates(job))))
+        return await self.choose(job, deadline)
+
     # -- request/response jobs --------------------------------------------------------------
 
     async def process_request(self, request: Request) -> Response:
@@ -440,6 +449,7 @@ class Gateway:
         status: dict[str, Any] = {
             "role": "gateway",
             "streams": len(self.streams.streams),
+            "live_streams": self.live.running,
             "searches_cached": len(self.searches),
         }
         if is_loopback(request.scope.get("client")):  # addresses only for this host (see below)
@@ -450,6 +460,7 @@ class Gateway:
         return JSONResponse({"status": "OK"})
 
     async def close(self) -> None:
+        await self.live.close()
         await self.streams.background.close()
         await self.client.aclose()
 
@@ -573,10 +584,11 @@ def create_gateway_app(config: GatewayConfig) -> Starlette:
         [
             Route("/process/request/{path:path}", gateway.process_request, methods=["POST"]),
             *gateway.streams.routes(),
+            *gateway.live.routes(),
             Route("/status", gateway.status, methods=["GET"]),
             Route("/health", gateway.health, methods=["GET"]),
         ],
-        background=lambda: [gateway.streams.sweep_forever()],
+        background=lambda: [gateway.streams.sweep_forever(), gateway.live.sweep_forever()],
         on_shutdown=gateway.close,
     )
     app.add_middleware(RefuseControlCharacters)

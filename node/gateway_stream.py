@@ -1,0 +1,459 @@
+"""One live stream as the Gateway holds it: the client's channels, the pumps that join them to an
+orchestrator's channels, the watchdogs, the move to another orchestrator, and the stream's end.
+
+The client talks only to the gateway's own channels (``in``, ``out``, ``events``, ``data``), so an
+orchestrator can change under it: the output keeps the gateway's numbering, the input goes on from
+the first segment the old orchestrator did not take. Bytes pass through chunk by chunk as they
+arrive; nothing here decodes media or holds more than a channel's ring of segments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from common.trickle.channel import Channel, IncompleteSegment, Segment, SegmentTooLarge
+from common.trickle.protocol import TrickleError
+from common.trickle.publisher import TricklePublisher
+from common.trickle.subscriber import ReceivedSegment, TrickleSubscriber
+
+from .livepeer import STREAM_ENDED_EVENT, JobRequest
+
+log = logging.getLogger("streams")
+
+KEEPALIVE = b'{"keep":"alive"}'  # go-livepeer's control message, every 10 s
+MAX_EVENT_BYTES = 64 * 1024  # one event document; a bigger one is dropped, not held
+SWAP_WINDOW = 60.0  # seconds over which swaps are counted
+_ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
+
+
+class StreamState(str, enum.Enum):
+    STARTING = "starting"  # started at an orchestrator, nothing back from the container yet
+    RUNNING = "running"  # the container has sent an event or an output segment
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class Session:
+    """One orchestrator's side of a stream: its channels' URLs and the key it gave for the stream."""
+
+    orchestrator: str
+    key: str
+    publish_url: str  # input: the gateway publishes here
+    subscribe_url: str  # output: the gateway reads here
+    control_url: str
+    events_url: str
+    data_url: str
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    idle_timeout: float = 30.0  # no client input this long: the stream ends
+    event_timeout: float = 30.0  # no event from the orchestrator this long: it is taken as lost
+    keepalive_seconds: float = 10.0
+    max_swaps: int = 2  # moves to another orchestrator within SWAP_WINDOW before giving up
+    trickle_timeout: float = 30.0  # each trickle request to an orchestrator
+    max_segment_bytes: int = 32 * 1024 * 1024
+    drain_seconds: float = 5.0  # after the events end, for the last output segment to come through
+    join_seconds: float = 5.0  # longest wait for a container to show it reads its input (see _input)
+
+
+class SessionLost(Exception):
+    """The orchestrator's side failed (unreachable, silent, refusing): the stream may move."""
+
+
+Mover = Callable[["LiveStream", set[str]], Awaitable[Session]]  # start it elsewhere, or ApiError
+Stopper = Callable[["LiveStream", Session, str], Awaitable[None]]  # /ai/stream/stop, best effort
+
+
+def _unwrap(document: bytes) -> dict[str, Any] | None:
+    """An event from its segment: a bare object with ``type``, or pytrickle's ``{"event": {...},
+    "queue_event_type": ...}`` wrapper; anything else is ``None``."""
+    try:
+        value = json.loads(document)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict) and isinstance(value.get("event"), dict):
+        value = value["event"]
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        return None
+    return value
+
+
+async def _until(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+
+
+def _reason(value: Any, fallback: str) -> str:
+    text = value if isinstance(value, str) and value else fallback
+    return "".join(c if c.isprintable() else " " for c in text[:300])
+
+
+async def _bounded(received: ReceivedSegment, limit: int) -> bytes | None:
+    """A small segment read whole, or ``None`` (and the rest left unread) once over ``limit``."""
+    body = bytearray()
+    async for chunk in received.chunks():
+        body += chunk
+        if len(body) > limit:
+            await received.aclose()
+            return None
+    return bytes(body)
+
+
+@dataclass
+class LiveStream:
+    """A stream from its start at an orchestrator to its end; :meth:`run` drives it."""
+
+    id: str
+    key: str  # the client's: every URL of the stream carries it
+    job: JobRequest  # the model, the timeout for calls to orchestrators, its filter
+    params: dict[str, Any] | None
+    limits: StreamLimits
+    client: httpx.AsyncClient
+    session: Session | None = None
+    state: StreamState = StreamState.STARTING
+    status: dict[str, Any] | None = None  # the container's last "status" event
+    update: dict[str, Any] | None = None  # the last update body that was accepted, replayed on a move
+    ended_reason: str | None = None
+    ended_at: float | None = None
+    segments_in: int = 0  # input segments passed to an orchestrator
+    segments_out: int = 0  # output segments passed to the client's channel
+    swaps: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    writers: int = 0  # the client's input POSTs open now
+    readers: int = 0  # data (SSE) readers now
+
+    def __post_init__(self) -> None:
+        size = self.limits.max_segment_bytes
+        self.input = Channel(self.id, "video/mp2t", size)
+        self.output = Channel(f"{self.id}-out", "video/mp2t", size)
+        self.events = Channel(f"{self.id}-events", "application/json", size)
+        self.data = Channel(f"{self.id}-data", "application/jsonl", size)
+        self.done = asyncio.Event()  # run() has finished: the orchestrator has been told
+        self._ended = asyncio.Event()
+        self._next_input = 0  # the client's input segment to send next
+        self._last_event = time.monotonic()
+        self._output_done = asyncio.Event()
+        self._heard = asyncio.Event()  # the container has sent an event (this session)
+        self._fed = asyncio.Event()  # the container has shown it reads its input (this session)
+        self._ending: str | None = None  # why the orchestrator or container said it ends
+
+    @property
+    def ended(self) -> bool:
+        return self.state is StreamState.ENDED
+
+    def start_params(self) -> dict[str, Any] | None:
+        """What a (re)start sends as ``params``: the start's, with the last update on top."""
+        if self.update is None:
+            return self.params
+        return {**(self.params or {}), **self.update}
+
+    def end(self, reason: str) -> None:
+        """End the stream, once: the final event to the client, every channel closed."""
+        if self.ended:
+            return
+        self.state, self.ended_reason, self.ended_at = StreamState.ENDED, reason, time.monotonic()
+        final = {"type": STREAM_ENDED_EVENT, "reason": reason, "stream_id": self.id}
+        self.events.write(json.dumps(final).encode())
+        for channel in (self.input, self.output, self.events, self.data):
+            channel.close()
+        self._ended.set()
+        log.info(
+            "stream %s (%s) ended: %s; %.1f s, %d segments in, %d out, %d moves",
+            self.id, self.job.capability, reason, self.ended_at - self.started,
+            self.segments_in, self.segments_out, len(self.swaps),
+        )  # fmt: skip
+
+    # -- the life of the stream ---------------------------------------------------------------
+
+    async def run(self, move: Mover, stop: Stopper) -> None:
+        """Serve the stream at its orchestrator; when that one is lost, move the stream (at most
+        ``max_swaps`` times a minute) or end it; finally tell the orchestrator it is over."""
+        tried: set[str] = set()
+        try:
+            while not self.ended:
+                assert self.session is not None
+                lost = await self._serve(self.session)
+                if lost is None:
+                    break
+                old = self.session
+                tried.add(old.orchestrator)
+                log.warning("stream %s: orchestrator %s lost: %s", self.id, old.orchestrator, lost)
+                await stop(self, old, f"moving away: {lost}")
+                now = time.monotonic()
+                recent = [t for t in self.swaps if now - t < SWAP_WINDOW]
+                if len(recent) >= self.limits.max_swaps:
+                    self.end(f"{lost}; the stream already moved {len(recent)} times within a minute")
+                    break
+                try:
+                    self.session = await move(self, tried)
+                except Exception as exc:
+                    detail = getattr(exc, "detail", None) or repr(exc)
+                    self.end(f"{lost}; no other orchestrator could take the stream: {detail}")
+                    break
+                self.swaps.append(now)
+                log.info(
+                    "stream %s moved from %s to %s", self.id, old.orchestrator, self.session.orchestrator
+                )
+        finally:
+            if self.session is not None:  # also after its own end: a second stop is a cheap 404
+                await stop(self, self.session, self.ended_reason or "the gateway shut down")
+            self.end(self.ended_reason or "the gateway shut down")
+            self.done.set()
+
+    async def _serve(self, session: Session) -> str | None:
+        """Run the pumps of one session until the stream ends (``None``) or the session is lost
+        (why, as text)."""
+        self._last_event = time.monotonic()
+        self._output_done, self._heard, self._fed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        pumps = [self._input(session), self._output(session), self._events(session), self._watch(session)]
+        if session.data_url:
+            pumps.append(self._data(session))
+        if session.control_url:
+            pumps.append(self._keepalive(session))
+        tasks = {
+            asyncio.create_task(p, name=f"stream {self.id}: {getattr(p, '__qualname__', 'pump')}")
+            for p in pumps
+        }
+        ended = asyncio.create_task(self._ended.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(tasks | {ended}, return_when=asyncio.FIRST_COMPLETED)
+                if ended in done:
+                    return None
+                for task in done:
+                    tasks.discard(task)
+                    if (exc := task.exception()) is None:
+                        continue  # a pump whose channel ended; the events pump ends the stream
+                    if self._ending is not None:  # it was ending anyway: not a reason to move
+                        self.end(self._ending)
+                        return None
+                    if not isinstance(exc, SessionLost):
+                        log.error("stream %s: %s failed", self.id, task.get_name(), exc_info=exc)
+                    return str(exc)
+        finally:
+            ended.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, ended, return_exceptions=True)
+
+    # -- pumps ------------------------------------------------------------------------------------
+
+    async def _input(self, session: Session) -> None:
+        """The client's input segments, in order, to the orchestrator's input channel.
+
+        A container joins its input at the live edge (``-2``: the segment written last, or the one
+        being written), so the first segment goes alone, once the container has started (its first
+        event), and the rest only once it shows it has that one (an event or an output segment
+        saying so), each wait bounded by ``join_seconds``: a quicker start would go unread.
+        """
+        publisher = TricklePublisher(self.client, session.publish_url, timeout=self.limits.trickle_timeout)
+        joined = False
+        try:
+            while True:
+                segment = self.input.for_read(self._next_input)
+                if segment is None:
+                    if self.input.closed:
+                        return
+                    # Fell behind the client by more than the ring: on from the oldest kept.
+                    self._next_input = max(self._next_input + 1, self.input.next_write - self.input.ring_size)
+                    continue
+                await segment.wait_started()
+                if segment.empty:
+                    pass
+                elif not joined:
+                    await _until(self._heard, self.limits.join_seconds)
+                    await self._send_first(segment, session)
+                    publisher.next_seq, joined = 1, True
+                    await _until(self._fed, self.limits.join_seconds)
+                elif not await self._send(publisher, segment, session):
+                    return  # the orchestrator closed its input: it is ending, the events say why
+                self._next_input = segment.seq + 1
+        finally:
+            # The client's end of input goes on (the container then finishes its output); in any
+            # other case the orchestrator's side is stopped anyway: closing is only tidy.
+            with contextlib.suppress(httpx.HTTPError, TrickleError, TimeoutError):
+                await asyncio.wait_for(publisher.close(), 5.0)
+
+    async def _send(self, publisher: TricklePublisher, segment: Segment, session: Session) -> bool:
+        """One input segment, streamed as the client sends it; ``False`` if the channel is closed."""
+        try:
+            async with publisher.segment() as writer:
+                async for chunk in segment.chunks():
+                    await writer.write(chunk)
+        except IncompleteSegment:  # the client broke off: the orchestrator saw it cut off too
+            log.info("stream %s: input segment %d was cut off by the client", self.id, segment.seq)
+            return True
+        except TrickleError as exc:
+            if exc.code == "stream_closed":
+                return False
+            raise SessionLost(f"{session.orchestrator} refused input segment {segment.seq}: {exc}") from None
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise SessionLost(f"input to {session.orchestrator} failed ({exc!r})") from None
+        self.segments_in += 1
+        return True
+
+    async def _send_first(self, segment: Segment, session: Session) -> None:
+        """Segment 0 of a session as one plain POST: no next one opened behind it, so it stays
+        the live edge until the container comes for it."""
+        try:
+            response = await self.client.post(
+                f"{session.publish_url}/0",
+                content=segment.chunks(),
+                headers={"Content-Type": "video/mp2t"},
+                timeout=self.limits.trickle_timeout,
+            )
+        except IncompleteSegment:
+            log.info("stream %s: input segment %d was cut off by the client", self.id, segment.seq)
+            return
+        except httpx.HTTPError as exc:
+            raise SessionLost(f"input to {session.orchestrator} failed ({exc!r})") from None
+        if response.status_code != 200:
+            raise SessionLost(
+                f"{session.orchestrator} refused the first input segment ({response.status_code})"
+            )
+        self.segments_in += 1
+
+    def _subscribe(self, url: str) -> TrickleSubscriber:
+        return TrickleSubscriber(self.client, url, start_seq=0, timeout=self.limits.trickle_timeout)
+
+    async def _next(
+        self, subscriber: TrickleSubscriber, session: Session, what: str
+    ) -> ReceivedSegment | None:
+        """The next segment of an orchestrator's channel; waiting longer than a request is fine
+        (the watchdogs bound the stream), failing is losing the orchestrator."""
+        while True:
+            try:
+                return await subscriber.next()
+            except httpx.TimeoutException:
+                continue
+            except (httpx.HTTPError, TrickleError) as exc:
+                raise SessionLost(f"{what} from {session.orchestrator} failed ({exc!r})") from None
+
+    async def _output(self, session: Session) -> None:
+        """The orchestrator's output segments into the client's ``out``, numbered by the gateway."""
+        subscriber = self._subscribe(session.subscribe_url)
+        try:
+            while (received := await self._next(subscriber, session, "output")) is not None:
+                await self._copy(received, self.output, session, "output")
+                self.segments_out += 1
+                self._fed.set()
+                self._running()
+        finally:
+            self._output_done.set()
+
+    async def _copy(self, received: ReceivedSegment, channel: Channel, session: Session, what: str) -> None:
+        local = channel.open_write()
+        if received.error is not None:  # an error report stays one, in band
+            code = received.error.get("error")
+            local.error = (
+                code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "processing_failed"
+            )
+            local.content_type = "application/json"
+        try:
+            async for chunk in received.chunks():
+                local.write(chunk)
+        except SegmentTooLarge:
+            log.warning("stream %s: a %s segment over %d bytes was cut", self.id, what, local.max_bytes)
+            await received.aclose()
+            return
+        except httpx.HTTPError as exc:
+            local.fail()
+            raise SessionLost(f"{what} from {session.orchestrator} broke off ({exc!r})") from None
+        except BaseException:
+            local.fail()
+            raise
+        local.close()
+
+    async def _data(self, session: Session) -> None:
+        """The container's JSON lines into the client's ``data``."""
+        subscriber = self._subscribe(session.data_url)
+        while (received := await self._next(subscriber, session, "data")) is not None:
+            await self._copy(received, self.data, session, "data")
+
+    async def _events(self, session: Session) -> None:
+        """The container's events into the client's ``events`` and the status; when the channel
+        ends, so does the stream (after the last output segment has come through)."""
+        subscriber = self._subscribe(session.events_url)
+        while (received := await self._next(subscriber, session, "events")) is not None:
+            try:
+                document = await _bounded(received, MAX_EVENT_BYTES)
+            except httpx.HTTPError as exc:
+                raise SessionLost(f"events from {session.orchestrator} broke off ({exc!r})") from None
+            self._last_event = time.monotonic()
+            event = _unwrap(document) if document is not None else None
+            if event is None:
+                log.info("stream %s: an event that is not a JSON object with a type was dropped", self.id)
+                continue
+            self._event(event)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._output_done.wait(), self.limits.drain_seconds)
+        self.end(self._ending or f"{session.orchestrator} closed the stream's events")
+
+    def _event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        event.pop("urls", None)  # the orchestrator's channels: the client has the gateway's own
+        self._heard.set()
+        if kind == "receive_first_ingest_segment":
+            self._fed.set()
+        if kind == STREAM_ENDED_EVENT:  # the orchestrator's last word; the gateway writes its own
+            self._ending = _reason(event.get("reason"), "the orchestrator ended the stream")
+            return
+        if kind == "stream_stopped" and self._ending is None:
+            self._ending = "the container stopped the stream: " + _reason(
+                event.get("reason"), "no reason given"
+            )
+        if kind == "status":
+            self.status = event
+        if not self.ended:
+            self._running()
+            self.events.write(json.dumps(event).encode())
+
+    def _running(self) -> None:
+        if self.state is StreamState.STARTING:
+            self.state = StreamState.RUNNING
+
+    async def _keepalive(self, session: Session) -> None:
+        publisher = TricklePublisher(
+            self.client,
+            session.control_url,
+            content_type="application/json",
+            timeout=self.limits.trickle_timeout,
+        )
+        try:
+            while True:
+                try:
+                    await publisher.write(KEEPALIVE)
+                except TrickleError as exc:
+                    if exc.code == "stream_closed":
+                        return
+                    raise SessionLost(f"{session.orchestrator} refused a control message: {exc}") from None
+                except (httpx.HTTPError, TimeoutError) as exc:
+                    raise SessionLost(f"control to {session.orchestrator} failed ({exc!r})") from None
+                await asyncio.sleep(self.limits.keepalive_seconds)
+        finally:
+            with contextlib.suppress(httpx.HTTPError, TrickleError, TimeoutError):
+                await asyncio.wait_for(publisher.close(), 2.0)
+
+    async def _watch(self, session: Session) -> None:
+        """No client input for the idle timeout ends the stream; no event from the orchestrator
+        for the event timeout loses the session."""
+        while True:
+            await asyncio.sleep(min(1.0, self.limits.idle_timeout / 4))
+            now = time.monotonic()
+            if now - self.input.last_active > self.limits.idle_timeout:
+                self.end(f"no input for {self.limits.idle_timeout:g} s")
+                return
+            if now - self._last_event > self.limits.event_timeout:
+                raise SessionLost(f"no event from {session.orchestrator} for {self.limits.event_timeout:g} s")

@@ -1,0 +1,551 @@
+"""Live streams at the Gateway, go-livepeer's BYOC streaming API: start, update, status, stop, data.
+
+``POST /process/stream/start`` names the model (``X-Model-Id``, ``?model_id=`` or a ``Livepeer``
+header) and takes ``{"stream_name", "stream_id", "params"}``. The gateway issues the stream's id and
+a key, starts the stream at an orchestrator (``POST /ai/stream/start``) and answers only once that
+worked, with the stream's URLs, each under ``/process/stream/{id}/{key}/``:
+
+- ``in``: trickle, the client ``POST``s its MPEG-TS segments to ``in/{seq}`` (``-1``: the next),
+  ``DELETE in`` ends its input;
+- ``out``, ``events``: trickle, ``GET out/{seq}`` (``-1``, ``-2``, ``next``);
+- ``data``: Server-Sent Events, one message per JSON line, then ``event: end`` with the reason;
+- ``update`` (POST, relayed to the container's ``/stream/params``), ``status`` (GET), ``stop`` (POST).
+
+The same operations answer at ``/process/stream/{id}/{op}`` with the key in ``Lp-Stream-Key``
+(go-livepeer's URL shape). A wrong or missing key is answered exactly as an unknown id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from common.errors import ApiError, from_loopback
+from common.http import read_body
+from common.names import check_job_id
+from common.trickle.channel import IncompleteSegment
+from common.trickle.protocol import CLOSED_HEADER, CLOSED_VALUE, SEQ_NEXT
+from common.trickle.publisher import STREAM_KEY_HEADER
+from common.trickle.server import next_seq_answer, parse_seq, receive_segment, serve_segment
+
+from .gateway_stream import LiveStream, Session, StreamLimits
+from .livepeer import (
+    CONTROL_URL_HEADER,
+    DATA_URL_HEADER,
+    EVENTS_URL_HEADER,
+    JOB_HEADER,
+    PUBLISH_URL_HEADER,
+    STREAM_START_PATH,
+    STREAM_STOP_PATH,
+    STREAM_UPDATE_PATH,
+    SUBSCRIBE_URL_HEADER,
+    JobRequest,
+    loads_bounded,
+)
+from .relay import Background, Deadline, check_plain_path
+
+log = logging.getLogger("streams")
+
+STREAM_BODY_BYTES = 10 * 1024 * 1024  # start and update bodies, as go-livepeer
+MAX_NAME_CHARS = 64  # stream_name / stream_id, the prefix of the id the gateway issues
+MAX_ANSWER_BYTES = 1024 * 1024  # an orchestrator's or container's answer relayed to the client
+MAX_URL_CHARS = 2048
+MAX_WRITERS = 4  # input POSTs open at once per stream (a publisher pre-opens one)
+MAX_READERS = 4  # data (SSE) readers at once per stream
+MAX_SSE_LINE = 64 * 1024  # go-livepeer's scanner limit; a longer line is dropped
+STOP_SECONDS = 10.0  # a stop call to an orchestrator
+START_PARAMETERS = {"enable_video_ingress": True, "enable_video_egress": True, "enable_data_output": True}
+_OPS = {
+    "in": ("POST", "DELETE"),
+    "out": ("GET",),
+    "events": ("GET",),
+    "data": ("GET",),
+    "update": ("POST",),
+    "status": ("GET",),
+    "stop": ("POST",),
+}
+_TRICKLE_OPS = ("in", "out", "events")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    max_streams: int = 64  # running at once; more is a 503
+    limits: StreamLimits = field(default_factory=StreamLimits)
+    forget_after: float = 300.0  # an ended stream still answers status/stop this long
+
+
+def stream_config(max_streams: int, idle_timeout: float, event_timeout: float) -> StreamConfig:
+    """The settings the command line gives (``-maxStreams``, ``-streamIdleTimeout``,
+    ``-streamEventTimeout``); the rest keep their defaults."""
+    return StreamConfig(max_streams, StreamLimits(idle_timeout=idle_timeout, event_timeout=event_timeout))
+
+
+JobFrom = Callable[[Request], JobRequest]
+Choose = Callable[[JobRequest, Deadline], Awaitable[list[str]]]
+
+
+def _bad_body(detail: str) -> ApiError:
+    return ApiError(400, "invalid_body", detail)
+
+
+def _prefix(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > MAX_NAME_CHARS:
+        raise _bad_body(f'"{key}" must be a string of at most {MAX_NAME_CHARS} characters')
+    return check_job_id(value)
+
+
+def _params(value: Any) -> dict[str, Any] | None:
+    """``params``: an object, or (as go-livepeer sends it) a string holding one, or absent."""
+    if isinstance(value, str):
+        value = loads_bounded(value, '"params"', "invalid_params") if value.strip() else None
+    if value is not None and not isinstance(value, dict):
+        raise ApiError(400, "invalid_params", '"params" must be a JSON object, or a string holding one')
+    return value
+
+
+async def _read(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """An answer's body, at most ``limit`` bytes of it."""
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk[: limit - len(body)]
+            if len(body) >= limit:
+                break
+    finally:
+        await response.aclose()
+    return bytes(body)
+
+
+def _refusal(orch: str, status: int, body: bytes) -> ApiError:
+    """An orchestrator's error answer as ours: its own code and detail when it sent our shape."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        detail = str(value.get("detail") or value.get("message") or value["error"])
+        code = value["error"] if value["error"].replace("_", "").isalnum() else "orchestrator_refused"
+    else:
+        code, detail = "orchestrator_refused", body[:300].decode("utf-8", "replace") or f"status {status}"
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return ApiError(status if 400 <= status <= 599 else 502, code[:64], f"{orch}: {detail}", headers)
+
+
+def _channel_url(orch: str, value: str | None, header: str) -> str:
+    """A channel URL from the start's answer: absolute http(s), or relative to the orchestrator."""
+    if not value:
+        raise ApiError(502, "orchestrator_failed", f"{orch} started the stream without a {header} header")
+    url = urljoin(orch + "/", value)
+    if not url.startswith(("http://", "https://")) or len(url) > MAX_URL_CHARS or not url.isprintable():
+        raise ApiError(502, "orchestrator_failed", f"{orch} answered an unusable {header}")
+    return url
+
+
+class StreamGateway:
+    """The streams a gateway runs, and the routes that start and serve them."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, job_from: JobFrom, choose: Choose, config: StreamConfig
+    ) -> None:
+        self.client = client
+        self.job_from = job_from
+        self.choose = choose
+        self.config = config
+        self.streams: dict[str, LiveStream] = {}
+        self.background = Background("live streams", limit=config.max_streams + 16)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/process/stream/start", self.start, methods=["POST"]),
+            Route("/process/stream/{stream_id}/{rest:path}", self.serve, methods=["GET", "POST", "DELETE"]),
+        ]
+
+    @property
+    def running(self) -> int:
+        return sum(not s.ended for s in self.streams.values())
+
+    # -- start ------------------------------------------------------------------------------------
+
+    async def start(self, request: Request) -> Response:
+        job = self.job_from(request)
+        if self.running >= self.config.max_streams:
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"this gateway runs {self.config.max_streams} streams, its limit (-maxStreams); retry later",
+                {"Retry-After": "5"},
+            )
+        raw = await read_body(request, STREAM_BODY_BYTES)
+        body = loads_bounded(raw, "the body", "invalid_body") if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise _bad_body(
+                'the body must be a JSON object: {"stream_name", "stream_id", "params"}, all optional'
+            )
+        prefix = _prefix(body, "stream_name") or _prefix(body, "stream_id")
+        stream_id = f"{prefix}-{secrets.token_hex(8)}" if prefix else secrets.token_hex(8)
+        stream = LiveStream(
+            stream_id,
+            secrets.token_urlsafe(24),
+            job,
+            _params(body.get("params")),
+            self.config.limits,
+            self.client,
+        )
+        self.streams[stream_id] = stream  # counted against the limit while it starts
+        try:
+            stream.session = await self._start_somewhere(stream, set())
+        except BaseException:
+            del self.streams[stream_id]
+            raise
+        if not self.background.spawn(stream.run(self._move, self._stop_at), f"stream {stream_id}"):
+            await self._stop_at(stream, stream.session, "the gateway is at its task limit")
+            del self.streams[stream_id]
+            raise ApiError(503, "too_many_streams", "the gateway is at its limit of streams; retry later")
+        log.info("stream %s (%s) started at %s", stream_id, job.capability, stream.session.orchestrator)
+        return JSONResponse(self._urls(request, stream))
+
+    def _urls(self, request: Request, stream: LiveStream) -> dict[str, str]:
+        base = f"{str(request.base_url).rstrip('/')}/process/stream/{stream.id}/{stream.key}"
+        urls = {op: f"{base}/{op}" for op in _OPS}
+        return {
+            "stream_id": stream.id,
+            "publish_url": urls["in"],
+            "subscribe_url": urls["out"],
+            "events_url": urls["events"],
+            "data_url": urls["data"],
+            "update_url": urls["update"],
+            "status_url": urls["status"],
+            "stop_url": urls["stop"],
+            "whip_url": "",
+            "whep_url": "",
+            "rtmp_url": "",
+            "rtmp_output_url": "",
+        }
+
+    async def _start_somewhere(self, stream: LiveStream, tried: set[str]) -> Session:
+        """Start ``stream`` at the first orchestrator with capacity that takes it; a refusal the
+        client caused (4xx) is final, a failure (5xx, unreachable) tries the next one."""
+        deadline = Deadline.after(stream.job.timeout_seconds)
+        orchestrators = [o for o in await self.choose(stream.job, deadline) if o not in tried]
+        if not orchestrators:
+            raise ApiError(
+                503,
+                "at_capacity",
+                f"no orchestrator but {', '.join(sorted(tried))} has capacity for {stream.job.capability}",
+                {"Retry-After": "1"},
+            )
+        failures: list[ApiError] = []
+        for orch in orchestrators:
+            try:
+                return await self._start_at(orch, stream, deadline)
+            except ApiError as exc:
+                if exc.status < 500:
+                    raise
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        statuses = {f.status for f in failures}
+        status = statuses.pop() if len(statuses) == 1 else 502
+        raise ApiError(
+            status,
+            failures[0].code if len({f.code for f in failures}) == 1 else "all_orchestrators_failed",
+            f"every orchestrator failed to start the stream: {'; '.join(f.detail for f in failures)}",
+            {"Retry-After": "1"} if status == 503 else None,
+        )
+
+    async def _start_at(self, orch: str, stream: LiveStream, deadline: Deadline) -> Session:
+        job = JobRequest(
+            capability=stream.job.capability,
+            timeout_seconds=max(int(deadline.remaining()), 1),
+            id=stream.id,
+            parameters={**stream.job.parameters, **START_PARAMETERS},
+        )
+        request = self.client.build_request(
+            "POST",
+            f"{orch}{STREAM_START_PATH}",
+            json={"params": stream.start_params()},
+            headers={JOB_HEADER: job.encode()},
+            timeout=deadline.timeout(),
+        )
+        response = await self._send(request, orch, deadline.remaining(), "start the stream")
+        body = await _read(response)
+        if response.status_code != 200:
+            raise _refusal(orch, response.status_code, body)
+        key = response.headers.get(STREAM_KEY_HEADER, "")
+        try:
+            if not key:
+                raise ApiError(
+                    502, "orchestrator_failed", f"{orch} started the stream without a {STREAM_KEY_HEADER}"
+                )
+            headers = response.headers
+            return Session(
+                orchestrator=orch,
+                key=key,
+                publish_url=_channel_url(orch, headers.get(PUBLISH_URL_HEADER), PUBLISH_URL_HEADER),
+                subscribe_url=_channel_url(orch, headers.get(SUBSCRIBE_URL_HEADER), SUBSCRIBE_URL_HEADER),
+                control_url=_channel_url(orch, headers.get(CONTROL_URL_HEADER), CONTROL_URL_HEADER),
+                events_url=_channel_url(orch, headers.get(EVENTS_URL_HEADER), EVENTS_URL_HEADER),
+                data_url=_channel_url(orch, headers.get(DATA_URL_HEADER), DATA_URL_HEADER),
+            )
+        except ApiError as exc:  # it runs there, unusable: free its capacity
+            partial = Session(orch, key, "", "", "", "", "")
+            await self._stop_at(stream, partial, exc.detail)
+            raise
+
+    async def _send(self, request: httpx.Request, orch: str, seconds: float, what: str) -> httpx.Response:
+        try:
+            return await asyncio.wait_for(self.client.send(request, stream=True), max(seconds, 0.1))
+        except (httpx.TimeoutException, TimeoutError):
+            raise ApiError(504, "orchestrator_timeout", f"{orch} did not answer in time to {what}") from None
+        except httpx.TransportError as exc:
+            raise ApiError(502, "orchestrator_unreachable", f"{orch} is unreachable ({exc!r})") from None
+
+    def _job(self, stream: LiveStream) -> str:
+        """The ``Livepeer`` header of an update or stop: the stream named in ``request``."""
+        return JobRequest(
+            capability=stream.job.capability,
+            timeout_seconds=int(STOP_SECONDS),
+            id=stream.id,
+            request={"stream_id": stream.id},
+        ).encode()
+
+    async def _move(self, stream: LiveStream, tried: set[str]) -> Session:
+        return await self._start_somewhere(stream, tried)
+
+    async def _stop_at(self, stream: LiveStream, session: Session, why: str) -> None:
+        """``POST /ai/stream/stop`` at ``session``'s orchestrator: bounded, a failure only logged."""
+        request = self.client.build_request(
+            "POST",
+            f"{session.orchestrator}{STREAM_STOP_PATH}",
+            content=why.encode(),
+            headers={
+                JOB_HEADER: self._job(stream),
+                STREAM_KEY_HEADER: session.key,
+                "Content-Type": "text/plain",
+            },
+            timeout=STOP_SECONDS,
+        )
+        try:
+            response = await self._send(request, session.orchestrator, STOP_SECONDS, "stop the stream")
+            await _read(response, 4096)
+        except ApiError as exc:
+            log.info("stream %s: stop at %s failed: %s", stream.id, session.orchestrator, exc.detail)
+            return
+        if response.status_code not in (200, 404):
+            log.info(
+                "stream %s: stop at %s answered %d", stream.id, session.orchestrator, response.status_code
+            )
+
+    # -- the stream's operations ------------------------------------------------------------------
+
+    def _owned(self, stream_id: str, key: str) -> LiveStream:
+        stream = self.streams.get(stream_id)
+        # latin-1 gives back the bytes the client sent; compare_digest refuses non-ASCII str.
+        if stream is None or not hmac.compare_digest(key.encode("latin-1", "replace"), stream.key.encode()):
+            raise ApiError(
+                404,
+                "unknown_stream",
+                "no such stream, or not with this key: use the URLs the start answered with "
+                f"(or send its key in {STREAM_KEY_HEADER})",
+            )
+        return stream
+
+    async def serve(self, request: Request) -> Response:
+        """Every ``/process/stream/{id}/...`` request: find the stream by id and key, then the op."""
+        check_plain_path(request)
+        stream_id = check_job_id(request.path_params["stream_id"])
+        parts = request.path_params["rest"].split("/")
+        if parts[0] in _OPS:
+            key = request.headers.get(STREAM_KEY_HEADER, "")
+        else:
+            key, parts = parts[0], parts[1:]
+        op, args = (parts[0], parts[1:]) if parts else ("", [])
+        trickle = op in _TRICKLE_OPS and len(args) <= 1
+        if op not in _OPS or (args and not trickle) or (op in ("out", "events") and not args):
+            raise ApiError(
+                400,
+                "invalid_path",
+                "stream URLs are /process/stream/{id}/{key}/{op} with op one of in/{seq}, out/{seq}, "
+                "events/{seq}, data, update, status, stop (or the same without {key}, sending "
+                f"{STREAM_KEY_HEADER}); use the URLs the start answered with",
+            )
+        stream = self._owned(stream_id, key)
+        if request.method not in _OPS[op] or (op == "in" and (request.method == "POST") != bool(args)):
+            raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on a stream's {op}")
+        if op == "in":
+            return await (self._write(request, stream, args[0]) if args else self._end_input(stream))
+        if op in ("out", "events"):
+            channel = stream.output if op == "out" else stream.events
+            if args[0] == "next":
+                return next_seq_answer(channel)
+            return await serve_segment(request, channel, parse_seq(args[0]))
+        handler = {"data": self._data, "update": self._update, "status": self._status, "stop": self._stop}[op]
+        return await handler(request, stream)
+
+    async def _write(self, request: Request, stream: LiveStream, seq_text: str) -> Response:
+        seq = parse_seq(seq_text, lowest=SEQ_NEXT)
+        if stream.input.closed:
+            reason = stream.ended_reason or "the client ended its input"
+            raise ApiError(
+                404,
+                "stream_ended",
+                f"the stream takes no more input: {reason}",
+                {CLOSED_HEADER: CLOSED_VALUE},
+            )
+        if stream.writers >= MAX_WRITERS:
+            raise ApiError(
+                503, "too_many_writers", f"{MAX_WRITERS} input segments are open; send them in order"
+            )
+        stream.writers += 1
+        try:
+            return await receive_segment(request, stream.input, seq)
+        finally:
+            stream.writers -= 1
+
+    async def _end_input(self, stream: LiveStream) -> Response:
+        stream.input.close()  # the orchestrator gets the end; the container finishes its output
+        log.info(
+            "stream %s: the client ended its input after %d segments", stream.id, stream.input.next_write
+        )
+        return JSONResponse(
+            {"stream_id": stream.id, "input_closed": True, "segments": stream.input.next_write}
+        )
+
+    async def _status(self, request: Request, stream: LiveStream) -> Response:
+        status: dict[str, Any] = {
+            "stream_id": stream.id,
+            "state": stream.state.value,
+            "model": stream.job.capability,
+            "segments_in": stream.segments_in,
+            "segments_out": stream.segments_out,
+            "moves": len(stream.swaps),
+            "seconds": round((stream.ended_at or time.monotonic()) - stream.started, 1),
+            "status": stream.status,
+            "ended_reason": stream.ended_reason,
+        }
+        if from_loopback(request.scope) and stream.session is not None:
+            status["orchestrator"] = stream.session.orchestrator
+        return JSONResponse(status)
+
+    async def _stop(self, request: Request, stream: LiveStream) -> Response:
+        stream.end("stopped by the client")
+        try:  # the orchestrator is told (bounded) before the answer: its capacity is free by then
+            await asyncio.wait_for(stream.done.wait(), STOP_SECONDS + 5)
+        except TimeoutError:
+            log.warning("stream %s: the orchestrator was not told of the stop in time", stream.id)
+        return JSONResponse({"stream_id": stream.id, "stopped": True, "reason": stream.ended_reason})
+
+    async def _update(self, request: Request, stream: LiveStream) -> Response:
+        """The body to the container's ``/stream/params`` via the orchestrator; its answer back."""
+        body = await read_body(request, STREAM_BODY_BYTES)
+        session = stream.session
+        if stream.ended or session is None:
+            raise ApiError(409, "stream_ended", f"the stream has ended: {stream.ended_reason}")
+        outgoing = self.client.build_request(
+            "POST",
+            f"{session.orchestrator}{STREAM_UPDATE_PATH}",
+            content=body,
+            headers={
+                JOB_HEADER: self._job(stream),
+                STREAM_KEY_HEADER: session.key,
+                "Content-Type": "application/json",
+            },
+            timeout=STOP_SECONDS,
+        )
+        response = await self._send(outgoing, session.orchestrator, STOP_SECONDS, "update the stream")
+        answer = await _read(response)
+        if response.status_code == 200:
+            try:
+                value = json.loads(body)
+            except (ValueError, RecursionError):
+                value = None
+            if isinstance(value, dict):
+                stream.update = {**(stream.update or {}), **value}  # replayed if the stream moves
+        return Response(
+            answer, response.status_code, media_type=response.headers.get("content-type", "application/json")
+        )
+
+    async def _data(self, request: Request, stream: LiveStream) -> Response:
+        if stream.readers >= MAX_READERS:
+            raise ApiError(
+                503, "too_many_readers", f"{MAX_READERS} readers follow this stream's data already"
+            )
+        return StreamingResponse(
+            self._sse(stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _sse(self, stream: LiveStream) -> AsyncIterator[bytes]:
+        """Each JSON line of the data channel as one SSE message, from the oldest segment kept;
+        when the stream ends, ``event: end`` with the reason."""
+        channel = stream.data
+        stream.readers += 1
+        try:
+            seq = max(channel.next_write - channel.ring_size, 0)
+            while True:
+                segment = channel.for_read(seq)
+                if segment is None:
+                    if channel.closed:
+                        break
+                    seq = max(seq + 1, channel.next_write - channel.ring_size)
+                    continue
+                pending = b""
+                try:
+                    async for chunk in segment.chunks():
+                        *lines, pending = (pending + chunk).split(b"\n")
+                        for line in lines:
+                            if message := _message(line):
+                                yield message
+                        if len(pending) > MAX_SSE_LINE:
+                            pending = b""
+                except IncompleteSegment:
+                    pending = b""
+                if message := _message(pending):
+                    yield message
+                seq += 1
+            end = {"reason": stream.ended_reason or "the stream ended"}
+            yield f"event: end\ndata: {json.dumps(end)}\n\n".encode()
+        finally:
+            stream.readers -= 1
+
+    # -- upkeep -----------------------------------------------------------------------------------
+
+    def forget_ended(self) -> None:
+        now = time.monotonic()
+        for stream in [
+            s for s in self.streams.values() if s.ended_at and now - s.ended_at > self.config.forget_after
+        ]:
+            del self.streams[stream.id]
+
+    async def sweep_forever(self, interval: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.forget_ended()
+
+    async def close(self) -> None:
+        await self.background.close()
+
+
+def _message(line: bytes) -> bytes:
+    """One SSE message for a line of JSON, or nothing for a blank line (or one too long)."""
+    line = line.strip()
+    if not line or len(line) > MAX_SSE_LINE:
+        return b""
+    return b"data: " + line.replace(b"\r", b" ") + b"\n\n"
