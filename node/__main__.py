@@ -23,6 +23,8 @@ from .jobs import JobLimits
 from .orchestrator import OrchestratorConfig, create_orchestrator_app
 from .registration import MAX_CAPACITY, Protocol, Registration
 from .registry import QueuePolicy, Registry
+from .stream_gateway import stream_config
+from .stream_orchestrator import StreamLimits
 
 log = logging.getLogger("node")
 
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("byocQueueTimeout", _seconds, 10.0, "orchestrator: longest wait in that queue (default 10s)"),
         ("maxJobTimeout", _count(1, 86400), 300, "cap on a job's or stream's timeout_seconds (default 300)"),
         ("streamIdleTimeout", _count(1, 86400), 30, "orchestrator: idle seconds ending streams (default 30)"),
+        ("streamEventTimeout", _count(1, 86400), 30, "orchestrator: no-event seconds ending streams (30)"),
+        ("maxStreamLifetime", _count(1, 604800), 3600, "orchestrator: longest stream in s (default 3600)"),
+        ("maxStreams", _count(1, 4096), 64, "gateway: live streams at once (default 64)"),
         ("maxBodyBytes", int, DEFAULT_MAX_BODY_BYTES, f"largest body (default {DEFAULT_MAX_BODY_BYTES})"),
         ("v", int, 3, "log verbosity; 5 or more also logs debug lines"),
     ]:  # fmt: skip
@@ -223,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         orchs = [_url(a) for a in args.orchAddr.split(",") if a]
         app = create_gateway_app(
             GatewayConfig(
-                orch_addrs=orchs, max_body_bytes=args.maxBodyBytes, max_job_timeout=args.maxJobTimeout
+                orch_addrs=orchs,
+                max_body_bytes=args.maxBodyBytes,
+                max_job_timeout=args.maxJobTimeout,
+                live=stream_config(args.maxStreams, args.streamIdleTimeout, args.streamEventTimeout),
             )
         )
         log.info("gateway listening on %s:%d, orchestrators: %s", host, port, ", ".join(orchs))
@@ -239,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
                 max_body_bytes=args.maxBodyBytes,
                 max_job_timeout=args.maxJobTimeout,
                 stream_idle_timeout=args.streamIdleTimeout,
+            ),
+            stream_limits=StreamLimits(
+                idle_timeout=args.streamIdleTimeout,
+                event_timeout=args.streamEventTimeout,
+                max_lifetime=args.maxStreamLifetime,
             ),
         )
         app = create_orchestrator_app(config, registry)

@@ -1,8 +1,10 @@
 """The Orchestrator role: its control plane and the app that puts it together with the data plane.
 
 go-livepeer's routes: ``/capability/register|unregister`` (containers, with the orchestrator
-secret), ``/process/token`` (gateways), ``/process/request/{path}`` (jobs, :mod:`node.jobs`);
-plus the trickle stream relay ``/live/...`` (:mod:`node.streams`), ``/status`` and ``/health``.
+secret), ``/process/token`` (gateways), ``/process/request/{path}`` (jobs, :mod:`node.jobs`),
+``/ai/stream/start|update|stop`` and the ``/ai/trickle/`` channels (live streams,
+:mod:`node.stream_orchestrator`); plus the trickle stream relay ``/live/...`` (:mod:`node.streams`),
+``/status`` and ``/health``.
 A container registered with ``"protocol": "trickle"`` (all of ours) serves streams over trickle.
 """
 
@@ -28,6 +30,7 @@ from .livepeer import CAPABILITY_HEADER, SENDER_HEADER, check_sender_header
 from .registration import check_resolved_host, registration_from_json, unregister_name
 from .registry import Registry
 from .relay import new_client
+from .stream_orchestrator import LiveStreams, StreamLimits
 from .streams import StreamRoutes
 
 log = logging.getLogger("orchestrator")
@@ -40,6 +43,7 @@ class OrchestratorConfig:
     service_addr: str  # the URL gateways are told to use, e.g. http://127.0.0.1:8936
     secret: str
     limits: JobLimits = field(default_factory=JobLimits)
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
     health_interval: float = 2.0
 
 
@@ -50,6 +54,7 @@ class Orchestrator:
         self.client = new_client()
         self.jobs = Jobs(config.limits, registry, self.client)
         self.streams = StreamRoutes(self.client, self.jobs.open_stream, config.limits.max_body_bytes)
+        self.live = LiveStreams(registry, self.jobs, self.client, config.service_addr, config.stream_limits)
 
     # -- registration -----------------------------------------------------------------------
 
@@ -125,7 +130,8 @@ class Orchestrator:
                 "role": "orchestrator",
                 "service_addr": self.config.service_addr,
                 "capabilities": [c.public(show_url) for c in self.registry.capabilities.values()],
-                "streams": len(self.streams.streams),
+                "streams": len(self.streams.streams) + len(self.live.streams),
+                "live_streams": len(self.live.streams),
             }
         )
 
@@ -133,6 +139,7 @@ class Orchestrator:
         return JSONResponse({"status": "OK"})
 
     async def close(self) -> None:
+        await self.live.close()
         await self.jobs.close()
         await self.client.aclose()
 
@@ -146,12 +153,14 @@ def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> S
             Route("/process/token", orch.token, methods=["GET"]),
             Route("/process/request/{path:path}", orch.jobs.process_request, methods=["POST"]),
             *orch.streams.routes(),
+            *orch.live.routes(),
             Route("/status", orch.status, methods=["GET"]),
             Route("/health", orch.health, methods=["GET"]),
         ],
         background=lambda: [
             registry.watch_health(orch.client, config.health_interval),
             orch.streams.sweep_forever(),
+            *orch.live.loops(),
         ],
         on_shutdown=orch.close,
     )
