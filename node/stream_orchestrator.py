@@ -130,15 +130,15 @@ class LiveStream:
             return f"the container is gone (health {capability.health.value})"
         if now - self.started > limits.max_lifetime:
             return f"the stream reached the maximum lifetime of {limits.max_lifetime:g} s"
-        if now - self.channels[INPUT].last_active > limits.idle_timeout:
-            return f"no input for {limits.idle_timeout:g} s"
-        if now - self.channels[EVENTS].last_active > limits.event_timeout:
-            return f"the container sent no event for {limits.event_timeout:g} s"
         source, output = self.channels[INPUT], self.channels[OUTPUT]
         if source.closed and (
             output.closed or now - max(source.closed_at, output.last_active) > INPUT_END_GRACE
         ):
             return "the input ended"
+        if now - source.last_active > limits.idle_timeout and not source.closed:
+            return f"no input for {limits.idle_timeout:g} s"
+        if now - self.channels[EVENTS].last_active > limits.event_timeout:
+            return f"the container sent no event for {limits.event_timeout:g} s"
         return None
 
 

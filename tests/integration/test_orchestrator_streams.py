@@ -13,7 +13,6 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -29,9 +28,18 @@ from harness import (
     node_argv,
     processor_argv,
 )
+from orch_stream import (
+    EVENT_WAIT,
+    URL_HEADERS,
+    Stream,
+    load,
+    named_header,
+    orch_status,
+    start_header,
+    start_stream,
+)
 
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
-from common.trickle.subscriber import TrickleSubscriber
 from node.livepeer import (
     CONTROL_URL_HEADER,
     DATA_URL_HEADER,
@@ -46,14 +54,6 @@ from scripts.clips import make_clip
 
 SECRET = "test-orch-secret"
 MODEL = "passthrough-cpu"
-URL_HEADERS = (
-    PUBLISH_URL_HEADER,
-    SUBSCRIBE_URL_HEADER,
-    CONTROL_URL_HEADER,
-    EVENTS_URL_HEADER,
-    DATA_URL_HEADER,
-)
-END_WAIT = 20.0  # generous: a 2-core host under load
 
 
 # -- a stand-in container ---------------------------------------------------------------------
@@ -142,95 +142,12 @@ def clip() -> list[bytes]:
     return make_clip(None, 4, width=320, height=180, fps=15, gop_seconds=1)
 
 
-# -- the gateway's side -------------------------------------------------------------------------
-
-
-def header(capability: str = MODEL, stream_id: str = "", **request: Any) -> dict[str, str]:
-    job = JobRequest(capability=capability, timeout_seconds=30, id=stream_id, request=request)
-    return {JOB_HEADER: job.encode()}
-
-
-@dataclass
-class Stream:
-    """One started stream as the gateway holds it: its id, key and channel URLs."""
-
-    id: str
-    key: str
-    urls: dict[str, str]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[bytes] = field(default_factory=list)
-
-    @classmethod
-    def started(cls, response: httpx.Response, stream_id: str) -> Stream:
-        assert response.status_code == 200, response.text
-        assert response.json() == {"stream_id": stream_id}
-        assert response.headers["Livepeer-Balance"] == "0"
-        return cls(
-            stream_id, response.headers[STREAM_KEY_HEADER], {h: response.headers[h] for h in URL_HEADERS}
-        )
-
-    def owner(self) -> dict[str, str]:
-        """Headers of an update or stop of this stream, as a gateway sends them."""
-        return {JOB_HEADER: _stream_job(self.id), STREAM_KEY_HEADER: self.key}
-
-    def types(self) -> list[str]:
-        return [_type(e) for e in self.events]
-
-    async def read_events(self, http: httpx.AsyncClient) -> None:
-        subscriber = TrickleSubscriber(http, self.urls[EVENTS_URL_HEADER], start_seq=0, timeout=60)
-        while (segment := await subscriber.next()) is not None:
-            if body := await segment.read():
-                self.events.append(json.loads(body))
-
-    async def read_output(self, http: httpx.AsyncClient) -> None:
-        subscriber = TrickleSubscriber(http, self.urls[SUBSCRIBE_URL_HEADER], start_seq=0, timeout=60)
-        while (segment := await subscriber.next()) is not None:
-            if body := await segment.read():
-                self.outputs.append(body)
-
-    async def wait_event(self, kind: str, timeout: float = END_WAIT) -> dict[str, Any]:
-        async def seen() -> dict[str, Any]:
-            while kind not in self.types():  # noqa: ASYNC110 - filled by a reader task
-                await asyncio.sleep(0.02)
-            return self.events[self.types().index(kind)]
-
-        return await asyncio.wait_for(seen(), timeout)
-
-
-def _stream_job(stream_id: str) -> str:
-    return JobRequest(capability=MODEL, timeout_seconds=10, request={"stream_id": stream_id}).encode()
-
-
-def _type(event: dict[str, Any]) -> str:
-    """A bare event's type, or the type inside go-livepeer's envelope ``{"event": {...}}``."""
-    inner = event.get("event")
-    return str(inner.get("type") if isinstance(inner, dict) else event.get("type"))
-
-
-def status(orch: ServerProcess) -> dict[str, Any]:
-    with orch.client() as client:
-        return dict(client.get("/status").json())
-
-
-def load(orch: ServerProcess, model: str = MODEL) -> int:
-    return int(next(c for c in status(orch)["capabilities"] if c["name"] == model)["load"])
-
-
-async def start(http: httpx.AsyncClient, orch: ServerProcess, stream_id: str, **options: Any) -> Stream:
-    model = options.pop("model", MODEL)
-    params = options.pop("params", {})
-    response = await http.post(
-        f"{orch.url}/ai/stream/start", json={"params": params}, headers=header(model, stream_id)
-    )
-    return Stream.started(response, stream_id)
-
-
 # -- a whole stream -----------------------------------------------------------------------------
 
 
 async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, clip: list[bytes]) -> None:
     async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
-        stream = await start(http, orch, "cam1")
+        stream = await start_stream(http, orch.url, MODEL, "cam1")
         # Absolute URLs on the orchestrator's trickle server, named from the id and a random part.
         base = stream.urls[PUBLISH_URL_HEADER]
         assert base.startswith(f"{orch.url}/ai/trickle/cam1-") and len(base.rsplit("-", 1)[1]) == 16
@@ -242,7 +159,7 @@ async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, cl
             EVENTS_URL_HEADER: "-events",
             DATA_URL_HEADER: "-data",
         }
-        assert status(orch)["live_streams"] == 1 and load(orch) == 1
+        assert orch_status(orch)["live_streams"] == 1 and load(orch, MODEL) == 1
         readers = [
             asyncio.create_task(stream.read_events(http)),
             asyncio.create_task(stream.read_output(http)),
@@ -260,7 +177,7 @@ async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, cl
             while len(stream.outputs) < len(clip):  # noqa: ASYNC110 - filled by a reader task
                 await asyncio.sleep(0.05)
 
-        await asyncio.wait_for(all_out(), END_WAIT)
+        await asyncio.wait_for(all_out(), EVENT_WAIT)
         assert stream.outputs == clip, "passthrough: every segment out as it went in"
 
         updated = await http.post(
@@ -278,13 +195,13 @@ async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, cl
         stopped = await http.post(f"{orch.url}/ai/stream/stop", content=b"bye", headers=stream.owner())
         assert stopped.status_code == 200, stopped.text
         assert stopped.json() == {"stream_id": "cam1", "stopped": True}
-        await asyncio.wait_for(asyncio.gather(*readers), END_WAIT)  # every channel ended: Closed
+        await asyncio.wait_for(asyncio.gather(*readers), EVENT_WAIT)  # every channel ended: Closed
 
         final = stream.events[-1]
         assert final == {"type": STREAM_ENDED_EVENT, "reason": "stopped by its gateway", "stream_id": "cam1"}
         assert stream.types().count(STREAM_ENDED_EVENT) == 1
         assert "stream_stopped" in stream.types(), "the container's own last events come before it"
-        assert status(orch)["live_streams"] == 0 and load(orch) == 0
+        assert orch_status(orch)["live_streams"] == 0 and load(orch, MODEL) == 0
 
         # Ended: stop and update answer as for a stream that never was; the channels are closed.
         again = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
@@ -300,16 +217,18 @@ async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, cl
 
 async def test_a_stream_belongs_to_whoever_holds_its_key(orch: ServerProcess) -> None:
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
-        stream = await start(http, orch, "owned")
+        stream = await start_stream(http, orch.url, MODEL, "owned")
         try:
             for key in ("", "x" * 32, stream.key[:-1], stream.key + "x"):
                 for op in ("update", "stop"):
                     headers = {**stream.owner(), STREAM_KEY_HEADER: key}
                     answer = await http.post(f"{orch.url}/ai/stream/{op}", json={}, headers=headers)
                     assert_error(answer, 404, "unknown_stream")
-            other = {**stream.owner(), JOB_HEADER: _stream_job("never-started")}
+            other = {**stream.owner(), **named_header(MODEL, "never-started")}
             assert_error(await http.post(f"{orch.url}/ai/stream/stop", headers=other), 404, "unknown_stream")
-            twin = await http.post(f"{orch.url}/ai/stream/start", json={}, headers=header(MODEL, "owned"))
+            twin = await http.post(
+                f"{orch.url}/ai/stream/start", json={}, headers=start_header(MODEL, "owned")
+            )
             assert_error(twin, 409, "stream_exists")
             # Channels are the orchestrator's: nobody creates one, and a guessed name is not there.
             assert (await http.post(f"{orch.url}/ai/trickle/owned-mine")).status_code == 404
@@ -317,7 +236,7 @@ async def test_a_stream_belongs_to_whoever_holds_its_key(orch: ServerProcess) ->
         finally:
             stopped = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
             assert stopped.status_code == 200, stopped.text
-        assert load(orch) == 0
+        assert load(orch, MODEL) == 0
 
 
 def test_bad_starts_are_refused_with_what_to_fix(orch: ServerProcess) -> None:
@@ -325,20 +244,28 @@ def test_bad_starts_are_refused_with_what_to_fix(orch: ServerProcess) -> None:
         url = "/ai/stream/start"
         assert_error(client.post(url, json={}), 400, "missing_livepeer_header")
         unknown = assert_error(
-            client.post(url, json={}, headers=header("nope-cpu", "s1")), 404, "unknown_model_id"
+            client.post(url, json={}, headers=start_header("nope-cpu", "s1")), 404, "unknown_model_id"
         )
         assert MODEL in unknown["detail"] and "stand-in" in unknown["detail"]
-        assert_error(client.post(url, json={}, headers=header(MODEL, "")), 400, "missing_stream_id")
-        assert_error(client.post(url, json={}, headers=header(MODEL, "a" * 100)), 400, "invalid_stream_id")
-        assert_error(client.post(url, content=b"{not json", headers=header(MODEL, "s1")), 400, "invalid_body")
-        assert_error(client.post(url, json=[1], headers=header(MODEL, "s1")), 400, "invalid_body")
-        assert_error(client.post(url, json={"params": 3}, headers=header(MODEL, "s1")), 400, "invalid_params")
+        assert_error(client.post(url, json={}, headers=start_header(MODEL, "")), 400, "missing_stream_id")
+        assert_error(
+            client.post(url, json={}, headers=start_header(MODEL, "a" * 100)), 400, "invalid_stream_id"
+        )
+        assert_error(
+            client.post(url, content=b"{not json", headers=start_header(MODEL, "s1")), 400, "invalid_body"
+        )
+        assert_error(client.post(url, json=[1], headers=start_header(MODEL, "s1")), 400, "invalid_body")
+        assert_error(
+            client.post(url, json={"params": 3}, headers=start_header(MODEL, "s1")), 400, "invalid_params"
+        )
         big = b'{"params": {"x": "' + b"a" * (10 * 1024 * 1024) + b'"}}'
-        assert_error(client.post(url, content=big, headers=header(MODEL, "s1")), 413, "payload_too_large")
+        assert_error(
+            client.post(url, content=big, headers=start_header(MODEL, "s1")), 413, "payload_too_large"
+        )
         bad_id = JobRequest(capability=MODEL, timeout_seconds=5, request={"stream_id": "../x"}).encode()
         headers = {JOB_HEADER: bad_id, STREAM_KEY_HEADER: "k"}
         assert_error(client.post("/ai/stream/stop", headers=headers), 400, "invalid_job_id")
-        assert load(orch) == 0 and status(orch)["live_streams"] == 0
+        assert load(orch, MODEL) == 0 and orch_status(orch)["live_streams"] == 0
 
 
 # -- capacity -----------------------------------------------------------------------------------
@@ -346,16 +273,18 @@ def test_bad_starts_are_refused_with_what_to_fix(orch: ServerProcess) -> None:
 
 async def test_one_unit_for_exactly_the_life_of_a_stream(orch: ServerProcess) -> None:
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
-        first = await start(http, orch, "first")
-        assert load(orch) == 1
-        busy = await http.post(f"{orch.url}/ai/stream/start", json={}, headers=header(MODEL, "second"))
+        first = await start_stream(http, orch.url, MODEL, "first")
+        assert load(orch, MODEL) == 1
+        busy = await http.post(f"{orch.url}/ai/stream/start", json={}, headers=start_header(MODEL, "second"))
         assert_error(busy, 503, "at_capacity")
         assert busy.headers["Retry-After"]
         assert (await http.post(f"{orch.url}/ai/stream/stop", headers=first.owner())).status_code == 200
-        assert load(orch) == 0
-        second = await start(http, orch, "second")  # the unit (and the container) are free again
+        assert load(orch, MODEL) == 0
+        second = await start_stream(
+            http, orch.url, MODEL, "second"
+        )  # the unit (and the container) are free again
         assert (await http.post(f"{orch.url}/ai/stream/stop", headers=second.owner())).status_code == 200
-        assert load(orch) == 0
+        assert load(orch, MODEL) == 0
 
 
 # -- what the container gets, and its refusals ----------------------------------------------------
@@ -366,7 +295,7 @@ async def test_the_container_gets_go_livepeers_start_and_its_refusals_come_back(
 ) -> None:
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
         StandIn.calls.clear()
-        stream = await start(http, orch, "look", model="stand-in", params={"strength": 0.5})
+        stream = await start_stream(http, orch.url, "stand-in", "look", {"strength": 0.5})
         call = StandIn.calls[-1]
         assert call["path"] == "/stream/start" and call["stream_id"] == "look"
         assert call["headers"]["Authorization"] == f"Bearer {TEST_TOKEN}"
@@ -390,21 +319,21 @@ async def test_the_container_gets_go_livepeers_start_and_its_refusals_come_back(
         assert StandIn.calls[-1]["path"] == "/stream/stop" and StandIn.calls[-1]["stream_id"] == "look"
 
         refused = await http.post(
-            f"{orch.url}/ai/stream/start", json={}, headers=header("stand-in", "refuse-1")
+            f"{orch.url}/ai/stream/start", json={}, headers=start_header("stand-in", "refuse-1")
         )
         assert refused.status_code == 422 and refused.json() == {
             "error": "bad_params",
             "detail": "width must be even",
         }
         unauthorized = await http.post(
-            f"{orch.url}/ai/stream/start", json={}, headers=header("stand-in", "unauth-1")
+            f"{orch.url}/ai/stream/start", json={}, headers=start_header("stand-in", "unauth-1")
         )
         assert_error(unauthorized, 502, "container_unauthorized")
         no_api = await http.post(
-            f"{orch.url}/ai/stream/start", json={}, headers=header("stand-in", "nostream-1")
+            f"{orch.url}/ai/stream/start", json={}, headers=start_header("stand-in", "nostream-1")
         )
         assert_error(no_api, 400, "not_a_stream")
-        assert load(orch, "stand-in") == 0 and status(orch)["live_streams"] == 0
+        assert load(orch, "stand-in") == 0 and orch_status(orch)["live_streams"] == 0
 
 
 # -- watchdogs ----------------------------------------------------------------------------------
@@ -431,21 +360,33 @@ def watched(
 
 async def ended(http: httpx.AsyncClient, stream: Stream) -> dict[str, Any]:
     """The stream's final event, read as a gateway does, once every reader has seen the end."""
-    await asyncio.wait_for(asyncio.gather(stream.read_events(http), stream.read_output(http)), END_WAIT)
+    await asyncio.wait_for(asyncio.gather(stream.read_events(http), stream.read_output(http)), EVENT_WAIT)
     assert stream.types().count(STREAM_ENDED_EVENT) == 1, stream.events
     return stream.events[-1]
 
 
-async def test_watchdogs_end_streams_with_a_reason(watched: tuple[ServerProcess, ServerProcess]) -> None:
+async def test_watchdogs_end_streams_with_a_reason(
+    watched: tuple[ServerProcess, ServerProcess], clip: list[bytes]
+) -> None:
     orch, container = watched
     async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
+        # The gateway ends its input (DELETE): once the container's output is over, so is the stream.
+        short = await start_stream(http, orch.url, MODEL, "short")
+        readers = asyncio.gather(short.read_events(http), short.read_output(http))
+        assert (await http.post(f"{short.urls[PUBLISH_URL_HEADER]}/0", content=clip[0])).status_code == 200
+        await short.wait_event("receive_first_ingest_segment")
+        assert (await http.delete(short.urls[PUBLISH_URL_HEADER])).status_code == 200
+        await asyncio.wait_for(readers, EVENT_WAIT)
+        assert short.outputs == clip[:1] and short.events[-1]["reason"] == "the input ended"
+        assert load(orch, MODEL) == 0
+
         # A publisher that never sends: the input's idle timeout.
-        idle = await start(http, orch, "idle")
+        idle = await start_stream(http, orch.url, MODEL, "idle")
         assert (await ended(http, idle))["reason"] == "no input for 2 s"
-        assert load(orch) == 0
+        assert load(orch, MODEL) == 0
 
         # A container that never sends an event, while the input keeps coming.
-        silent = await start(http, orch, "silent", model="stand-in")
+        silent = await start_stream(http, orch.url, "stand-in", "silent")
         source = TricklePublisher(http, silent.urls[PUBLISH_URL_HEADER])
 
         async def publish() -> None:
@@ -464,8 +405,8 @@ async def test_watchdogs_end_streams_with_a_reason(watched: tuple[ServerProcess,
         assert load(orch, "stand-in") == 0
 
         # The container killed mid-stream: its health check fails and the stream ends at once.
-        gone = await start(http, orch, "gone")
+        gone = await start_stream(http, orch.url, MODEL, "gone")
         container.process.send_signal(signal.SIGKILL)
         reason = (await ended(http, gone))["reason"]
         assert reason.startswith("the container is gone"), reason
-        assert load(orch) == 0 and status(orch)["live_streams"] == 0
+        assert load(orch, MODEL) == 0 and orch_status(orch)["live_streams"] == 0

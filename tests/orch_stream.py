@@ -1,0 +1,124 @@
+"""The gateway's side of a live stream on our orchestrator, for tests: start it with go-livepeer's
+``/ai/stream/start``, then read its events and output channels with our trickle clients.
+
+Used by tests/integration/test_orchestrator_streams.py (our container) and
+tests/interop/test_pytrickle_worker_node.py (PyTrickle's worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from harness import ServerProcess
+
+from common.trickle.publisher import STREAM_KEY_HEADER
+from common.trickle.subscriber import TrickleSubscriber
+from node.livepeer import (
+    CONTROL_URL_HEADER,
+    DATA_URL_HEADER,
+    EVENTS_URL_HEADER,
+    JOB_HEADER,
+    PUBLISH_URL_HEADER,
+    SUBSCRIBE_URL_HEADER,
+    JobRequest,
+)
+
+URL_HEADERS = (
+    PUBLISH_URL_HEADER,
+    SUBSCRIBE_URL_HEADER,
+    CONTROL_URL_HEADER,
+    EVENTS_URL_HEADER,
+    DATA_URL_HEADER,
+)
+EVENT_WAIT = 20.0  # generous: a 2-core host under load
+
+
+def start_header(capability: str, stream_id: str) -> dict[str, str]:
+    """The ``Livepeer`` header of a start: the capability and the stream id."""
+    return {JOB_HEADER: JobRequest(capability=capability, timeout_seconds=30, id=stream_id).encode()}
+
+
+def named_header(capability: str, stream_id: str) -> dict[str, str]:
+    """The ``Livepeer`` header of an update or stop: the stream named in ``request``."""
+    job = JobRequest(capability=capability, timeout_seconds=10, request={"stream_id": stream_id})
+    return {JOB_HEADER: job.encode()}
+
+
+def event_type(event: dict[str, Any]) -> str:
+    """A bare event's type, or the type inside the envelope ``{"event": {...}}`` containers use."""
+    inner = event.get("event")
+    return str(inner.get("type") if isinstance(inner, dict) else event.get("type"))
+
+
+@dataclass
+class Stream:
+    """One started stream as its gateway holds it: id, key, channel URLs, what was read."""
+
+    id: str
+    capability: str
+    key: str
+    urls: dict[str, str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def started(cls, response: httpx.Response, capability: str, stream_id: str) -> Stream:
+        assert response.status_code == 200, response.text
+        assert response.json() == {"stream_id": stream_id}
+        assert response.headers["Livepeer-Balance"] == "0"
+        urls = {h: response.headers[h] for h in URL_HEADERS}
+        return cls(stream_id, capability, response.headers[STREAM_KEY_HEADER], urls)
+
+    def owner(self) -> dict[str, str]:
+        """Headers of an update or stop of this stream, as its gateway sends them."""
+        return {**named_header(self.capability, self.id), STREAM_KEY_HEADER: self.key}
+
+    def types(self) -> list[str]:
+        return [event_type(e) for e in self.events]
+
+    async def read_events(self, http: httpx.AsyncClient) -> None:
+        """Every event, one JSON document per segment, until the channel closes."""
+        subscriber = TrickleSubscriber(http, self.urls[EVENTS_URL_HEADER], start_seq=0, timeout=60)
+        while (segment := await subscriber.next()) is not None:
+            if body := await segment.read():  # an empty segment is a keepalive
+                self.events.append(json.loads(body))
+
+    async def read_output(self, http: httpx.AsyncClient) -> None:
+        subscriber = TrickleSubscriber(http, self.urls[SUBSCRIBE_URL_HEADER], start_seq=0, timeout=60)
+        while (segment := await subscriber.next()) is not None:
+            if body := await segment.read():
+                self.outputs.append(body)
+
+    async def wait_event(self, kind: str, timeout: float = EVENT_WAIT) -> dict[str, Any]:
+        """The first event of type ``kind`` (read by a :meth:`read_events` task)."""
+
+        async def seen() -> dict[str, Any]:
+            while kind not in self.types():  # noqa: ASYNC110 - filled by a reader task
+                await asyncio.sleep(0.02)
+            return self.events[self.types().index(kind)]
+
+        return await asyncio.wait_for(seen(), timeout)
+
+
+async def start_stream(
+    http: httpx.AsyncClient, orch: str, capability: str, stream_id: str, params: dict[str, Any] | None = None
+) -> Stream:
+    """``POST {orch}/ai/stream/start`` as go-livepeer's gateway sends it; asserts a 200."""
+    response = await http.post(
+        f"{orch}/ai/stream/start", json={"params": params or {}}, headers=start_header(capability, stream_id)
+    )
+    return Stream.started(response, capability, stream_id)
+
+
+def orch_status(orch: ServerProcess) -> dict[str, Any]:
+    with orch.client() as client:
+        return dict(client.get("/status").json())
+
+
+def load(orch: ServerProcess, model: str) -> int:
+    """Units of ``model``'s capacity taken now."""
+    return int(next(c for c in orch_status(orch)["capabilities"] if c["name"] == model)["load"])
