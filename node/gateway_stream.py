@@ -69,7 +69,16 @@ class StreamLimits:
 
 
 class SessionLost(Exception):
-    """The orchestrator's side failed (unreachable, silent, refusing): the stream may move."""
+    """The orchestrator's side failed (unreachable, silent, refusing): the stream may move.
+
+    ``reason`` is for the client (the stream's end reason, should it end) and names no address;
+    ``detail`` is for the log.
+    """
+
+    def __init__(self, reason: str, detail: object = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = str(detail)[:300]
 
 
 Mover = Callable[["LiveStream", set[str]], Awaitable[Session]]  # start it elsewhere, or ApiError
@@ -93,6 +102,12 @@ def _unwrap(document: bytes) -> dict[str, Any] | None:
 async def _until(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+def _failed(what: str, exc: BaseException) -> str:
+    """A failure as the client may read it: what failed and the kind of error, no address."""
+    kind = "timed out" if isinstance(exc, (httpx.TimeoutException, TimeoutError)) else "failed"
+    return f"{what} {kind} ({type(exc).__name__})"
 
 
 def _reason(value: Any, fallback: str) -> str:
@@ -180,7 +195,6 @@ class LiveStream:
     async def run(self, move: Mover, stop: Stopper) -> None:
         """Serve the stream at its orchestrator; when that one is lost, move the stream (at most
         ``max_swaps`` times a minute) or end it; finally tell the orchestrator it is over."""
-        tried: set[str] = set()
         try:
             while not self.ended:
                 assert self.session is not None
@@ -188,19 +202,25 @@ class LiveStream:
                 if lost is None:
                     break
                 old = self.session
-                tried.add(old.orchestrator)
-                log.warning("stream %s: orchestrator %s lost: %s", self.id, old.orchestrator, lost)
-                await stop(self, old, f"moving away: {lost}")
+                log.warning(
+                    "stream %s: orchestrator %s lost: %s %s",
+                    self.id,
+                    old.orchestrator,
+                    lost.reason,
+                    lost.detail,
+                )
+                await stop(self, old, f"moving away: {lost.reason}")
                 now = time.monotonic()
                 recent = [t for t in self.swaps if now - t < SWAP_WINDOW]
                 if len(recent) >= self.limits.max_swaps:
-                    self.end(f"{lost}; the stream already moved {len(recent)} times within a minute")
+                    self.end(f"{lost.reason}; the stream already moved {len(recent)} times within a minute")
                     break
                 try:
-                    self.session = await move(self, tried)
-                except Exception as exc:
-                    detail = getattr(exc, "detail", None) or repr(exc)
-                    self.end(f"{lost}; no other orchestrator could take the stream: {detail}")
+                    self.session = await move(self, {old.orchestrator})
+                except Exception as exc:  # an ApiError, whose code says why without addresses
+                    log.warning("stream %s: no orchestrator to move to: %r", self.id, exc)
+                    why = getattr(exc, "code", type(exc).__name__)
+                    self.end(f"{lost.reason}; no other orchestrator could take the stream ({why})")
                     break
                 self.swaps.append(now)
                 log.info(
@@ -212,9 +232,8 @@ class LiveStream:
             self.end(self.ended_reason or "the gateway shut down")
             self.done.set()
 
-    async def _serve(self, session: Session) -> str | None:
-        """Run the pumps of one session until the stream ends (``None``) or the session is lost
-        (why, as text)."""
+    async def _serve(self, session: Session) -> SessionLost | None:
+        """Run the pumps of one session until the stream ends (``None``) or the session is lost."""
         self._last_event = time.monotonic()
         self._output_done, self._heard, self._fed = asyncio.Event(), asyncio.Event(), asyncio.Event()
         pumps = [self._input(session), self._output(session), self._events(session), self._watch(session)]
@@ -239,9 +258,10 @@ class LiveStream:
                     if self._ending is not None:  # it was ending anyway: not a reason to move
                         self.end(self._ending)
                         return None
-                    if not isinstance(exc, SessionLost):
-                        log.error("stream %s: %s failed", self.id, task.get_name(), exc_info=exc)
-                    return str(exc)
+                    if isinstance(exc, SessionLost):
+                        return exc
+                    log.error("stream %s: %s failed", self.id, task.get_name(), exc_info=exc)
+                    return SessionLost(f"the gateway's relay failed ({type(exc).__name__})", exc)
         finally:
             ended.cancel()
             for task in tasks:
@@ -298,9 +318,11 @@ class LiveStream:
         except TrickleError as exc:
             if exc.code == "stream_closed":
                 return False
-            raise SessionLost(f"{session.orchestrator} refused input segment {segment.seq}: {exc}") from None
+            raise SessionLost(
+                f"the orchestrator refused input segment {segment.seq} ({exc.code})", exc
+            ) from None
         except (httpx.HTTPError, TimeoutError) as exc:
-            raise SessionLost(f"input to {session.orchestrator} failed ({exc!r})") from None
+            raise SessionLost(_failed("the orchestrator's input", exc), repr(exc)) from None
         self.segments_in += 1
         return True
 
@@ -318,11 +340,9 @@ class LiveStream:
             log.info("stream %s: input segment %d was cut off by the client", self.id, segment.seq)
             return
         except httpx.HTTPError as exc:
-            raise SessionLost(f"input to {session.orchestrator} failed ({exc!r})") from None
+            raise SessionLost(_failed("the orchestrator's input", exc), repr(exc)) from None
         if response.status_code != 200:
-            raise SessionLost(
-                f"{session.orchestrator} refused the first input segment ({response.status_code})"
-            )
+            raise SessionLost(f"the orchestrator refused the first input segment ({response.status_code})")
         self.segments_in += 1
 
     def _subscribe(self, url: str) -> TrickleSubscriber:
@@ -339,7 +359,7 @@ class LiveStream:
             except httpx.TimeoutException:
                 continue
             except (httpx.HTTPError, TrickleError) as exc:
-                raise SessionLost(f"{what} from {session.orchestrator} failed ({exc!r})") from None
+                raise SessionLost(_failed(f"the orchestrator's {what}", exc), repr(exc)) from None
 
     async def _output(self, session: Session) -> None:
         """The orchestrator's output segments into the client's ``out``, numbered by the gateway."""
@@ -370,7 +390,7 @@ class LiveStream:
             return
         except httpx.HTTPError as exc:
             local.fail()
-            raise SessionLost(f"{what} from {session.orchestrator} broke off ({exc!r})") from None
+            raise SessionLost(_failed(f"the orchestrator's {what}", exc), repr(exc)) from None
         except BaseException:
             local.fail()
             raise
@@ -390,7 +410,7 @@ class LiveStream:
             try:
                 document = await _bounded(received, MAX_EVENT_BYTES)
             except httpx.HTTPError as exc:
-                raise SessionLost(f"events from {session.orchestrator} broke off ({exc!r})") from None
+                raise SessionLost(_failed("the orchestrator's events", exc), repr(exc)) from None
             self._last_event = time.monotonic()
             event = _unwrap(document) if document is not None else None
             if event is None:
@@ -438,9 +458,11 @@ class LiveStream:
                 except TrickleError as exc:
                     if exc.code == "stream_closed":
                         return
-                    raise SessionLost(f"{session.orchestrator} refused a control message: {exc}") from None
+                    raise SessionLost(
+                        f"the orchestrator refused a control message ({exc.code})", exc
+                    ) from None
                 except (httpx.HTTPError, TimeoutError) as exc:
-                    raise SessionLost(f"control to {session.orchestrator} failed ({exc!r})") from None
+                    raise SessionLost(_failed("the orchestrator's control channel", exc), repr(exc)) from None
                 await asyncio.sleep(self.limits.keepalive_seconds)
         finally:
             with contextlib.suppress(httpx.HTTPError, TrickleError, TimeoutError):
@@ -456,4 +478,4 @@ class LiveStream:
                 self.end(f"no input for {self.limits.idle_timeout:g} s")
                 return
             if now - self._last_event > self.limits.event_timeout:
-                raise SessionLost(f"no event from {session.orchestrator} for {self.limits.event_timeout:g} s")
+                raise SessionLost(f"no event from the orchestrator for {self.limits.event_timeout:g} s")

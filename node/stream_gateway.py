@@ -207,6 +207,7 @@ class StreamGateway:
             self.config.limits,
             self.client,
         )
+        self.forget_ended(keep=self.config.max_streams * 4)
         self.streams[stream_id] = stream  # counted against the limit while it starts
         try:
             stream.session = await self._start_somewhere(stream, set())
@@ -419,13 +420,10 @@ class StreamGateway:
             stream.writers -= 1
 
     async def _end_input(self, stream: LiveStream) -> Response:
-        stream.input.close()  # the orchestrator gets the end; the container finishes its output
-        log.info(
-            "stream %s: the client ended its input after %d segments", stream.id, stream.input.next_write
-        )
-        return JSONResponse(
-            {"stream_id": stream.id, "input_closed": True, "segments": stream.input.next_write}
-        )
+        if not stream.input.closed:
+            stream.input.close()  # the orchestrator gets the end; the container finishes its output
+            log.info("stream %s: the client ended its input", stream.id)
+        return JSONResponse({"stream_id": stream.id, "input_closed": True})
 
     async def _status(self, request: Request, stream: LiveStream) -> Response:
         status: dict[str, Any] = {
@@ -527,11 +525,16 @@ class StreamGateway:
 
     # -- upkeep -----------------------------------------------------------------------------------
 
-    def forget_ended(self) -> None:
+    def forget_ended(self, keep: int | None = None) -> None:
+        """Forget streams ended ``forget_after`` ago, and the oldest ended beyond ``keep`` of them:
+        an ended stream answers status and stop a while, but its channels' tails hold memory."""
         now = time.monotonic()
-        for stream in [
-            s for s in self.streams.values() if s.ended_at and now - s.ended_at > self.config.forget_after
-        ]:
+        ended = sorted(
+            (s for s in self.streams.values() if s.ended_at is not None), key=lambda s: s.ended_at or 0
+        )
+        old = [s for s in ended if now - (s.ended_at or now) > self.config.forget_after]
+        surplus = ended[: max(len(ended) - keep, 0)] if keep is not None else []
+        for stream in {s.id: s for s in old + surplus}.values():
             del self.streams[stream.id]
 
     async def sweep_forever(self, interval: float = 10.0) -> None:

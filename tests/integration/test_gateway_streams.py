@@ -1,0 +1,526 @@
+"""Live streams through the Gateway: ``/process/stream/start`` and the URLs it answers with.
+
+Everything is a real process on loopback: our passthrough container, one or two orchestrators
+registering it, and a gateway in front. The tests play the client the way a user does: start a
+stream at the gateway, publish an MPEG-TS clip (made with PyAV) to ``publish_url`` with our trickle
+publisher, read ``subscribe_url`` and ``events_url`` with our subscriber, ``data_url`` as SSE, and
+call update, status and stop. Faults kill processes for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import httpx
+import pytest
+from harness import (
+    CLIENT_OPTIONS,
+    NODE_READY,
+    TEST_TOKEN,
+    ServerProcess,
+    StartServer,
+    assert_error,
+    node_argv,
+    processor_argv,
+    restart_server,
+)
+
+from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
+from common.trickle.subscriber import TrickleSubscriber
+from node.livepeer import STREAM_ENDED_EVENT
+from scripts.clips import frame_index, make_clip
+
+SECRET = "test-orch-secret"
+MODEL = "passthrough-cpu"
+IDLE = 4  # the module gateway's -streamIdleTimeout: short, so an abandoned stream ends quickly
+WAIT = 20.0  # generous bound on any one wait: a 2-core host under load
+FPS = 15
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def container_argv() -> list[str]:
+    return processor_argv("passthrough")
+
+
+def orchestrator_argv(container: ServerProcess, *flags: str) -> list[str]:
+    return node_argv(
+        "orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
+        "-byocModelID", MODEL, "-byocContainerURL", container.url, *flags,
+    )  # fmt: skip
+
+
+def gateway_argv(*orchestrators: ServerProcess, flags: tuple[str, ...] = ()) -> list[str]:
+    return node_argv("gateway", "-orchAddr", ",".join(o.url for o in orchestrators), *flags)
+
+
+@dataclass
+class Topology:
+    gateway: ServerProcess
+    orchestrators: list[ServerProcess]
+    containers: list[ServerProcess]
+
+
+def topology(start: Callable[..., ServerProcess], pairs: int, *gateway_flags: str) -> Topology:
+    """``pairs`` orchestrators, each with a passthrough container of its own, and a gateway."""
+    containers = [start(container_argv(), env={"TRICKLE_TIMEOUT": "10"}) for _ in range(pairs)]
+    orchestrators = [
+        start(orchestrator_argv(c, "-byocQueue", "0"), ready_status=NODE_READY) for c in containers
+    ]
+    gateway = start(gateway_argv(*orchestrators, flags=gateway_flags), ready_status=NODE_READY)
+    return Topology(gateway, orchestrators, containers)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    """One orchestrator (capacity 1, no queue) and a gateway with a short idle timeout, for the
+    tests that leave every process running; each stops its streams."""
+    logs = tmp_path_factory.mktemp("gateway-streams")
+    with ExitStack() as stack:
+
+        def start(argv: list[str], **options: Any) -> ServerProcess:
+            server = ServerProcess.start(argv, log_dir=logs, **options)
+            stack.callback(server.stop)
+            return server
+
+        yield topology(start, 1, "-streamIdleTimeout", str(IDLE))
+
+
+@pytest.fixture(scope="module")
+def clip() -> list[bytes]:
+    """8 s of 320x180 H.264 at 15 fps, one segment per second, each frame numbered."""
+    return make_clip(None, 8, width=320, height=180, fps=FPS, gop_seconds=1, audio=None)
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    """One stream as a user of the gateway sees it, through the URLs of the start's answer."""
+
+    http: httpx.AsyncClient
+    urls: dict[str, str]
+    outputs: list[bytes] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, http: httpx.AsyncClient, gateway: ServerProcess, **body: Any) -> Client:
+        answer = await http.post(
+            f"{gateway.url}/process/stream/start", headers={"X-Model-Id": MODEL}, json=body
+        )
+        assert answer.status_code == 200, answer.text
+        client = cls(http, answer.json())
+        client.tasks = [
+            asyncio.create_task(client._read_output()),
+            asyncio.create_task(client._read_events()),
+        ]
+        return client
+
+    async def _read_output(self) -> None:
+        subscriber = TrickleSubscriber(self.http, self.urls["subscribe_url"], start_seq=0, timeout=WAIT)
+        while (segment := await subscriber.next()) is not None:
+            if body := await segment.read():
+                self.outputs.append(body)
+
+    async def _read_events(self) -> None:
+        subscriber = TrickleSubscriber(self.http, self.urls["events_url"], start_seq=0, timeout=WAIT)
+        while (segment := await subscriber.next()) is not None:
+            self.events.append(json.loads(await segment.read()))
+
+    def publisher(self) -> TricklePublisher:
+        return TricklePublisher(self.http, self.urls["publish_url"], timeout=WAIT)
+
+    async def publish(self, segments: list[bytes], pause: float = 0.0) -> None:
+        publisher = self.publisher()
+        for segment in segments:
+            await publisher.write(segment)
+            await asyncio.sleep(pause)
+        await publisher.close()
+
+    async def status(self) -> dict[str, Any]:
+        response = await self.http.get(self.urls["status_url"])
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def stop(self) -> dict[str, Any]:
+        response = await self.http.post(self.urls["stop_url"])
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def ended(self) -> dict[str, Any]:
+        """The final event, once the stream's channels have closed (both readers are done)."""
+        await asyncio.wait_for(asyncio.gather(*self.tasks), WAIT)
+        assert self.events and self.events[-1]["type"] == STREAM_ENDED_EVENT, self.events
+        return self.events[-1]
+
+    def frames(self) -> list[int]:
+        with av.open(io.BytesIO(b"".join(self.outputs)), format="mpegts") as container:
+            return [frame_index(frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+async def sse(http: httpx.AsyncClient, url: str) -> list[tuple[str, str]]:
+    """Every (event, data) message of an SSE answer until it ends."""
+    messages: list[tuple[str, str]] = []
+    async with http.stream("GET", url, timeout=WAIT) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event, data = "message", ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data = line[len("data: ") :]
+            elif not line and data:
+                messages.append((event, data))
+                event, data = "message", ""
+    return messages
+
+
+def live_streams(server: ServerProcess) -> int:
+    return int(httpx.get(f"{server.url}/status", **CLIENT_OPTIONS).json()["live_streams"])
+
+
+def async_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": WAIT})
+
+
+# -- a whole stream -------------------------------------------------------------------------------
+
+
+def test_a_whole_stream_frames_out_equal_frames_in(shared: Topology, clip: list[bytes]) -> None:
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(
+                http, shared.gateway, stream_name="cam", params='{"width": 320, "height": 180}'
+            )
+            urls = client.urls
+            assert urls["stream_id"].startswith("cam-") and len(urls["stream_id"]) == len("cam-") + 16
+            key = urls["publish_url"].split("/")[-2]
+            for name, op in [("publish_url", "in"), ("subscribe_url", "out"), ("events_url", "events"),
+                             ("data_url", "data"), ("update_url", "update"), ("status_url", "status"),
+                             ("stop_url", "stop")]:  # fmt: skip
+                assert urls[name] == f"{shared.gateway.url}/process/stream/{urls['stream_id']}/{key}/{op}"
+            assert urls["whip_url"] == urls["whep_url"] == urls["rtmp_url"] == urls["rtmp_output_url"] == ""
+            data = asyncio.create_task(sse(http, urls["data_url"]))
+
+            # Three segments, then DELETE in: the container finishes its output and the stream ends.
+            await client.publish(clip[:3], pause=0.3)
+            final = await client.ended()
+            assert client.frames() == list(range(3 * FPS))
+            assert "input" in final["reason"], final
+            types = [e["type"] for e in client.events]
+            assert "status" in types and types.count(STREAM_ENDED_EVENT) == 1, types
+            assert all("urls" not in e for e in client.events)  # no orchestrator channel leaks out
+
+            status = await client.status()
+            assert status["state"] == "ended" and status["ended_reason"] == final["reason"]
+            assert status["segments_in"] == status["segments_out"] == 3
+            assert status["model"] == MODEL and status["orchestrator"] == shared.orchestrators[0].url
+            assert status["status"]["type"] == "status"
+            messages = await asyncio.wait_for(data, WAIT)
+            assert messages[-1][0] == "end" and json.loads(messages[-1][1]) == {"reason": final["reason"]}
+
+            first, second = await client.stop(), await client.stop()  # idempotent
+            assert (
+                first
+                == second
+                == {"stream_id": urls["stream_id"], "stopped": True, "reason": final["reason"]}
+            )
+            assert live_streams(shared.gateway) == 0 and live_streams(shared.orchestrators[0]) == 0
+
+    asyncio.run(scenario())
+
+
+def test_update_status_and_stop_mid_stream_also_with_the_key_in_a_header(
+    shared: Topology, clip: list[bytes]
+) -> None:
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, shared.gateway)
+            stream_id = client.urls["stream_id"]
+            key = client.urls["publish_url"].split("/")[-2]
+            publisher = client.publisher()
+            for segment in clip[:2]:
+                await publisher.write(segment)
+            await until(lambda: _has_output(client), "output")
+
+            updated = await http.post(client.urls["update_url"], json={"width": 320, "height": 180})
+            assert updated.status_code == 200, updated.text
+            assert updated.json()["params"] == {"width": 320, "height": 180}
+            refused = await http.post(client.urls["update_url"], json={"max_framerate": 61})
+            assert refused.status_code == 400, refused.text  # the container's own refusal comes back
+
+            # go-livepeer's URL shape: the key in Lp-Stream-Key instead of the path.
+            base = f"{shared.gateway.url}/process/stream/{stream_id}"
+            by_header = await http.get(f"{base}/status", headers={STREAM_KEY_HEADER: key})
+            assert by_header.status_code == 200 and by_header.json()["state"] == "running", by_header.text
+            assert live_streams(shared.gateway) == 1 and live_streams(shared.orchestrators[0]) == 1
+
+            stopped = await http.post(f"{base}/stop", headers={STREAM_KEY_HEADER: key})
+            assert stopped.json() == {
+                "stream_id": stream_id,
+                "stopped": True,
+                "reason": "stopped by the client",
+            }
+            assert (await client.ended())["reason"] == "stopped by the client"
+            assert live_streams(shared.orchestrators[0]) == 0  # the unit is free once stop answered
+            late = await http.post(f"{client.urls['publish_url']}/5", content=clip[2])
+            assert_error(late, 404, "stream_ended")
+            await publisher.close()
+
+    asyncio.run(scenario())
+
+
+async def _has_output(client: Client) -> bool:
+    return bool(client.outputs)
+
+
+def test_only_the_key_holder_reaches_a_stream(shared: Topology) -> None:
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, shared.gateway)
+            stream_id, key = client.urls["stream_id"], client.urls["publish_url"].split("/")[-2]
+            base = f"{shared.gateway.url}/process/stream"
+            wrong = "A" * len(key)
+            unknown = [
+                await http.get(f"{base}/{stream_id}/{wrong}/status"),
+                await http.post(f"{base}/{stream_id}/{wrong}/stop"),
+                await http.post(f"{base}/{stream_id}/{wrong}/in/0", content=b"x"),
+                await http.get(f"{base}/{stream_id}/{wrong}/out/0"),
+                await http.get(f"{base}/{stream_id}/status"),  # no key at all
+                await http.get(f"{base}/{stream_id}/status", headers={STREAM_KEY_HEADER: wrong}),
+                await http.post(f"{base}/nosuchstream/{key}/update", json={"width": 64}),
+                await http.post(f"{base}/nosuchstream/update", json={}, headers={STREAM_KEY_HEADER: key}),
+            ]
+            bodies = [assert_error(response, 404, "unknown_stream") for response in unknown]
+            assert all(body == bodies[0] for body in bodies)  # a wrong key looks like no stream
+            assert (await client.status())["state"] in ("starting", "running")  # untouched
+            assert_error(await http.get(f"{base}/{stream_id}/{key}/nothing"), 400, "invalid_path")
+            assert_error(await http.get(f"{base}/{stream_id}/{key}/stop"), 405)
+            assert_error(await http.get(f"{base}/bad..id/{key}/status"), 400, "invalid_job_id")
+            await client.stop()
+
+    asyncio.run(scenario())
+
+
+def test_bad_starts_are_refused_with_what_to_fix(shared: Topology) -> None:
+    start = f"{shared.gateway.url}/process/stream/start"
+    with httpx.Client(**CLIENT_OPTIONS) as http:
+        unknown = assert_error(http.post(start, headers={"X-Model-Id": "nope-cpu"}), 404, "unknown_model_id")
+        assert MODEL in unknown["detail"]
+        assert_error(http.post(start), 400, "missing_model_id")
+        model = {"X-Model-Id": MODEL}
+        assert_error(http.post(start, headers=model, content=b"{not json"), 400, "invalid_body")
+        assert_error(http.post(start, headers=model, json=[1]), 400, "invalid_body")
+        assert_error(http.post(start, headers=model, json={"stream_name": "a/b"}), 400, "invalid_job_id")
+        assert_error(http.post(start, headers=model, json={"stream_name": "x" * 65}), 400, "invalid_body")
+        assert_error(http.post(start, headers=model, json={"params": "[1]"}), 400, "invalid_params")
+        assert_error(http.post(start, headers=model, json={"params": 5}), 400, "invalid_params")
+        # The container's own refusal comes back as it is, never a 200; its unit is free again.
+        refused = assert_error(
+            http.post(start, headers=model, json={"params": {"no": 1}}), 400, "invalid_params"
+        )
+        assert "unknown parameter 'no'" in refused["detail"]
+        assert live_streams(shared.orchestrators[0]) == 0
+        assert live_streams(shared.gateway) == 0
+
+
+def test_a_start_at_capacity_is_a_503_and_the_unit_comes_back_with_the_stop(shared: Topology) -> None:
+    async def scenario() -> None:
+        async with async_client() as http:
+            first = await Client.start(http, shared.gateway)
+            full = await http.post(
+                f"{shared.gateway.url}/process/stream/start", headers={"X-Model-Id": MODEL}
+            )
+            assert_error(full, 503, "at_capacity")
+            assert full.headers["retry-after"]
+            await first.stop()
+            second = await Client.start(http, shared.gateway)  # the unit is free again
+            await second.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_publisher_that_stops_sending_is_ended_by_the_idle_timeout(
+    shared: Topology, clip: list[bytes]
+) -> None:
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, shared.gateway)
+            publisher = client.publisher()
+            await publisher.write(clip[0])  # ... and nothing more, nor a close
+            final = await client.ended()
+            assert final["reason"] == f"no input for {IDLE} s"
+            assert (await client.status())["ended_reason"] == final["reason"]
+            await until(lambda: _freed(shared.orchestrators[0]), "the orchestrator's unit freed")
+            await publisher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_never_reads_does_not_hold_up_the_publisher(shared: Topology) -> None:
+    segments = make_clip(None, 30, width=320, height=180, fps=FPS, gop_seconds=1, audio=None)
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            answer = await http.post(
+                f"{shared.gateway.url}/process/stream/start", headers={"X-Model-Id": MODEL}, json={}
+            )
+            urls = answer.json()
+            rss = shared.gateway.rss_kib()
+            publisher = TricklePublisher(http, urls["publish_url"], timeout=WAIT)
+            # Nobody reads the output or the events: every segment is still taken at once.
+            await asyncio.wait_for(asyncio.gather(*(publisher.write(s) for s in segments[:1])), WAIT)
+            for segment in segments[1:]:
+                await asyncio.wait_for(publisher.write(segment), WAIT)
+            await until(lambda: _status(http, urls, "segments_out", 5), "five output segments")
+            latest = await http.get(f"{urls['subscribe_url']}/-2")  # the ring holds the newest
+            assert latest.status_code == 200 and latest.content
+            assert shared.gateway.rss_kib() - rss < 40 * 1024  # a ring of segments, not the stream
+            await publisher.close()
+            await http.post(urls["stop_url"])
+
+    asyncio.run(scenario())
+
+
+async def _freed(orchestrator: ServerProcess) -> bool:
+    return live_streams(orchestrator) == 0
+
+
+async def _status(http: httpx.AsyncClient, urls: dict[str, str], key: str, at_least: int) -> bool:
+    return int((await http.get(urls["status_url"])).json()[key]) >= at_least
+
+
+# -- faults -----------------------------------------------------------------------------------------
+
+
+async def _publish_forever(client: Client, segments: list[bytes], pause: float) -> None:
+    """Publish the clip over and over (frame numbers repeat), until cancelled or refused."""
+    publisher = client.publisher()
+    try:
+        while True:
+            for segment in segments:
+                await publisher.write(segment)
+                await asyncio.sleep(pause)
+    finally:
+        await asyncio.shield(asyncio.wait_for(publisher.close(), 5.0))
+
+
+def test_a_killed_container_ends_the_stream_with_a_reason_and_frees_its_unit(
+    start_server: StartServer, clip: list[bytes]
+) -> None:
+    nodes = topology(start_server, 1)
+    container = nodes.containers[0]
+
+    async def killed() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, nodes.gateway)
+            publishing = asyncio.create_task(_publish_forever(client, clip, 0.3))
+            await until(lambda: _has_output(client), "output")
+            container.process.kill()
+            killed_at = time.monotonic()
+            final = await client.ended()
+            assert time.monotonic() - killed_at < 10.0, final  # a clear end, soon
+            assert "container" in final["reason"], final
+            status = await client.status()
+            assert status["state"] == "ended" and status["ended_reason"] == final["reason"]
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            assert live_streams(nodes.orchestrators[0]) == 0 and live_streams(nodes.gateway) == 0
+
+    asyncio.run(killed())
+    restart_server(container)
+
+    async def again() -> None:
+        async with async_client() as http:
+
+            async def started() -> bool:
+                answer = await http.post(
+                    f"{nodes.gateway.url}/process/stream/start", headers={"X-Model-Id": MODEL}
+                )
+                if answer.status_code == 200:
+                    await http.post(answer.json()["stop_url"])
+                return answer.status_code == 200
+
+            await until(started, "a new stream started on the restarted container")
+
+    asyncio.run(again())
+
+
+def test_a_stream_moves_when_its_orchestrator_dies_and_output_goes_on(
+    start_server: StartServer, clip: list[bytes]
+) -> None:
+    nodes = topology(start_server, 2)
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, nodes.gateway)
+            publishing = asyncio.create_task(_publish_forever(client, clip, 0.3))
+            await until(lambda: _has_output(client), "output")
+            first = (await client.status())["orchestrator"]
+            dead = next(o for o in nodes.orchestrators if o.url == first)
+            dead.process.kill()
+            await until(lambda: _moved(client), "moved to the other orchestrator")
+            seen = len(client.outputs)
+            await until(lambda: _more_output(client, seen + 3), "output after the move")
+            status = await client.status()
+            assert status["state"] == "running" and status["moves"] == 1, status
+            assert status["orchestrator"] != first
+            assert not publishing.done()  # the publisher never noticed
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await client.stop()
+            assert (await client.ended())["reason"] == "stopped by the client"
+
+    asyncio.run(scenario())
+
+
+async def _moved(client: Client) -> bool:
+    return int((await client.status())["moves"]) == 1
+
+
+async def _more_output(client: Client, count: int) -> bool:
+    return len(client.outputs) >= count
+
+
+def test_a_stream_whose_orchestrator_dies_with_no_other_ends_cleanly(
+    start_server: StartServer, clip: list[bytes]
+) -> None:
+    nodes = topology(start_server, 1)
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, nodes.gateway)
+            data = asyncio.create_task(sse(http, client.urls["data_url"]))
+            publishing = asyncio.create_task(_publish_forever(client, clip, 0.3))
+            await until(lambda: _has_output(client), "output")
+            nodes.orchestrators[0].process.kill()
+            final = await client.ended()
+            assert "no other orchestrator could take the stream" in final["reason"], final
+            assert "127.0.0.1" not in final["reason"]  # no internal address in what the client reads
+            assert (await client.status())["ended_reason"] == final["reason"]
+            messages = await asyncio.wait_for(data, WAIT)
+            assert messages[-1] == ("end", json.dumps({"reason": final["reason"]}))
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            assert live_streams(nodes.gateway) == 0
+
+    asyncio.run(scenario())
