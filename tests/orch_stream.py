@@ -64,6 +64,7 @@ class Stream:
     urls: dict[str, str]
     events: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[bytes] = field(default_factory=list)
+    cut: int = 0  # output segments cut short by their writer
 
     @classmethod
     def started(cls, response: httpx.Response, capability: str, stream_id: str) -> Stream:
@@ -88,9 +89,16 @@ class Stream:
                 self.events.append(json.loads(body))
 
     async def read_output(self, http: httpx.AsyncClient) -> None:
+        """Every whole output segment; one whose writer broke off (its transfer cut short) is
+        counted in ``cut``, as a gateway drops it."""
         subscriber = TrickleSubscriber(http, self.urls[SUBSCRIBE_URL_HEADER], start_seq=0, timeout=60)
         while (segment := await subscriber.next()) is not None:
-            if body := await segment.read():
+            try:
+                body = await segment.read()
+            except httpx.RemoteProtocolError:
+                self.cut += 1
+                continue
+            if body:
                 self.outputs.append(body)
 
     async def wait_event(self, kind: str, timeout: float = EVENT_WAIT) -> dict[str, Any]:

@@ -178,7 +178,7 @@ async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, cl
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(all_out(), EVENT_WAIT)
-        assert stream.outputs == clip, "passthrough: every segment out as it went in"
+        assert stream.outputs == clip and stream.cut == 0, "passthrough: every segment out as it went in"
 
         updated = await http.post(
             f"{orch.url}/ai/stream/update", json={"width": 640, "height": 360}, headers=stream.owner()
