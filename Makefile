@@ -56,6 +56,9 @@ test-jobs: venv ## the test job for every model the compose topology serves
 live-video: venv ## stream a video live through one container: make live-video MODEL=green-tint-cpu [INPUT=file.mp4]
 	$(PY) scripts/live_video.py $(INPUT) --model $(MODEL) $(if $(filter whisper-tiny-cpu,$(MODEL)),--speech "$(SPEECH)")
 
+test-live: venv ## a live stream through gateway and orchestrator, checked as it plays: make test-live MODEL=whisper-tiny-cpu [INPUT=file.mp4]
+	$(PY) scripts/test_byoc_job.py --model $(MODEL) --live $(INPUT)
+
 build: docker-ready wheelhouse env ## build every image
 	$(BUILD_ENV) $(COMPOSE) build
 
@@ -141,6 +144,6 @@ bench-whisper: venv ## whisper real-time factor in process and through the topol
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .venv-pytrickle .pytest_cache .ruff_cache
 
-.PHONY: help env up down logs ps test-job test-jobs live-video build wheelhouse base-image docker-setup docker-ready \
+.PHONY: help env up down logs ps test-job test-jobs live-video test-live build wheelhouse base-image docker-setup docker-ready \
 	docker-test up-local down-local venv test lint format bench bench-whisper clean \
 	pytrickle-venv bench-live

@@ -173,10 +173,12 @@ class Playback:
 
     def report(self, model: str, elapsed: float, out_path: Path) -> None:
         """The figures every run prints: frames in/out, fps, segment latency p50/p95, the file."""
-        self.say(
-            f"{model}: {len(self.segments)} segments, frames in {self.frames_in} / out "
-            f"{self.frames_out}, {self.frames_out / max(elapsed, 1e-9):.1f} fps over {elapsed:.1f} s"
-        )
+        counts = f"{model}: {len(self.segments)} segments, frames in {self.frames_in}"
+        if self.output:
+            fps = self.frames_out / max(elapsed, 1e-9)
+            self.say(f"{counts} / out {self.frames_out}, {fps:.1f} fps over {elapsed:.1f} s")
+        else:
+            self.say(f"{counts}, no video back (a data-only model) over {elapsed:.1f} s")
         if latencies := self.latencies():
             p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
             self.say(f"segment latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")

@@ -4,8 +4,11 @@
     python scripts/test_byoc_job.py --model green-tint-cpu
     python scripts/test_byoc_job.py --model grayscale-cpu --input photo.jpg --out gray.jpg
     python scripts/test_byoc_job.py --model passthrough-cpu --stream 100
+    python scripts/test_byoc_job.py --model green-tint-cpu --live [video.mp4]
 
 Prints one verdict line and exits non-zero on any failure, with the gateway's error detail.
+``--live``: a live stream through the gateway's stream API, checked as it plays
+(scripts/live_check.py says what is checked per model).
 """
 
 from __future__ import annotations
@@ -217,8 +220,20 @@ def main() -> int:
     parser.add_argument("--stream", type=int, default=0, metavar="N", help="send N frames as one stream")
     parser.add_argument("--params", help="X-Params JSON, e.g. '{\"strength\": 0.5}'")
     parser.add_argument("--timeout", type=int, default=30, help="job timeout in seconds")
+    parser.add_argument(
+        "--live",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="stream a video live through the gateway (default: a generated 720p30 clip with speech)",
+    )
     args = parser.parse_args()
     args.gateway = args.gateway.rstrip("/")
+    if args.live is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages
+        from scripts import live_check
+
+        return live_check.main(args)
 
     check = CHECKS.get(args.model)
     if check is None:
