@@ -45,6 +45,7 @@ CLIP_SECONDS = 12.0
 CAPTIONS_MODEL = "whisper-tiny-cpu"  # answers on the data stream, no video
 CAPTION_TARGET_SECONDS = 2.0  # phrase said -> on the data stream, p50
 STOP_WAIT_SECONDS = 15.0  # stop -> the data stream's end message
+END_GRACE_SECONDS = 5.0  # the container done -> the node's own end of the stream
 STREAM_ENDED = "stream_ended"  # the node's final event on the events channel
 STREAM_STOPPED = "stream_stopped"  # the container's last event
 GREEN_TINT_STRENGTH = 0.3  # green-tint's default, unless --params sets "strength"
@@ -195,6 +196,9 @@ async def play(
             )
         if not over:
             say(f"the stream had not finished {END_WAIT_SECONDS:.0f} s after its input ended")
+        # The node ends a stream whose input ended once the container is done; stop is for the
+        # rest (and idempotent), after the last data line has had time to come through.
+        await until(lambda: feeds.end is not None, END_GRACE_SECONDS)
         last = max(playback.received.values(), default=time.monotonic())
         assert playback.started is not None
         elapsed = max(last, max(playback.sent.values(), default=last)) - playback.started
