@@ -30,13 +30,15 @@ from harness import (
     assert_error,
     node_argv,
     processor_argv,
+    require_whisper,
     restart_server,
 )
 
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
-from node.livepeer import STREAM_ENDED_EVENT
+from node.livepeer import JOB_HEADER, STREAM_ENDED_EVENT, JobRequest
 from scripts.clips import frame_index, make_clip
+from scripts.test_byoc_job import words
 
 SECRET = "test-orch-secret"
 MODEL = "passthrough-cpu"
@@ -48,14 +50,10 @@ FPS = 15
 # -- processes ------------------------------------------------------------------------------------
 
 
-def container_argv() -> list[str]:
-    return processor_argv("passthrough")
-
-
-def orchestrator_argv(container: ServerProcess, *flags: str) -> list[str]:
+def orchestrator_argv(container: ServerProcess, *flags: str, model: str = MODEL) -> list[str]:
     return node_argv(
         "orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
-        "-byocModelID", MODEL, "-byocContainerURL", container.url, *flags,
+        "-byocModelID", model, "-byocContainerURL", container.url, *flags,
     )  # fmt: skip
 
 
@@ -72,7 +70,7 @@ class Topology:
 
 def topology(start: Callable[..., ServerProcess], pairs: int, *gateway_flags: str) -> Topology:
     """``pairs`` orchestrators, each with a passthrough container of its own, and a gateway."""
-    containers = [start(container_argv(), env={"TRICKLE_TIMEOUT": "10"}) for _ in range(pairs)]
+    containers = [start(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"}) for _ in range(pairs)]
     orchestrators = [
         start(orchestrator_argv(c, "-byocQueue", "0"), ready_status=NODE_READY) for c in containers
     ]
@@ -115,9 +113,11 @@ class Client:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, http: httpx.AsyncClient, gateway: ServerProcess, **body: Any) -> Client:
+    async def start(
+        cls, http: httpx.AsyncClient, gateway: ServerProcess, model: str = MODEL, **body: Any
+    ) -> Client:
         answer = await http.post(
-            f"{gateway.url}/process/stream/start", headers={"X-Model-Id": MODEL}, json=body
+            f"{gateway.url}/process/stream/start", headers={"X-Model-Id": model}, json=body
         )
         assert answer.status_code == 200, answer.text
         client = cls(http, answer.json())
@@ -343,6 +343,32 @@ def test_bad_starts_are_refused_with_what_to_fix(shared: Topology) -> None:
         assert live_streams(shared.gateway) == 0
 
 
+def test_a_go_livepeer_start_with_its_header_and_body(shared: Topology) -> None:
+    """go-livepeer's client shape: a ``Livepeer`` header, ``params`` as a JSON string, fields we
+    do not use (``rtmp_output``) ignored; the start's answer has go-livepeer's keys too."""
+    job = JobRequest(
+        capability=MODEL, timeout_seconds=20, request={}, parameters={"enable_video_ingress": True}
+    )
+    body = {
+        "stream_name": "go",
+        "rtmp_output": "rtmp://example/out",
+        "params": '{"width": 320, "height": 180}',
+    }
+    with httpx.Client(**CLIENT_OPTIONS) as http:
+        start = f"{shared.gateway.url}/process/stream/start"
+        answer = http.post(start, headers={JOB_HEADER: job.encode()}, json=body)
+        assert answer.status_code == 200, answer.text
+        urls = answer.json()
+        assert urls["stream_id"].startswith("go-")
+        assert {"whip_url", "whep_url", "rtmp_url", "rtmp_output_url", "update_url", "status_url"} <= set(
+            urls
+        )
+        assert http.post(urls["stop_url"]).json()["stopped"] is True
+        chunks = iter([b" " * (1 << 20)] * 11)  # chunked, over go-livepeer's 10 MiB: read, then refused
+        too_big = http.post(start, headers={JOB_HEADER: job.encode()}, content=chunks)
+        assert_error(too_big, 413, "payload_too_large")
+
+
 def test_a_start_at_capacity_is_a_503_and_the_unit_comes_back_with_the_stop(shared: Topology) -> None:
     async def scenario() -> None:
         async with async_client() as http:
@@ -427,12 +453,16 @@ async def _publish_forever(client: Client, segments: list[bytes], pause: float) 
 def test_a_killed_container_ends_the_stream_with_a_reason_and_frees_its_unit(
     start_server: StartServer, clip: list[bytes]
 ) -> None:
-    nodes = topology(start_server, 1)
+    nodes = topology(start_server, 1, "-maxStreams", "1")
     container = nodes.containers[0]
 
     async def killed() -> None:
         async with async_client() as http:
             client = await Client.start(http, nodes.gateway)
+            second = await http.post(
+                f"{nodes.gateway.url}/process/stream/start", headers={"X-Model-Id": MODEL}
+            )
+            assert_error(second, 503, "too_many_streams")  # -maxStreams, before any orchestrator is asked
             publishing = asyncio.create_task(_publish_forever(client, clip, 0.3))
             await until(lambda: _has_output(client), "output")
             container.process.kill()
@@ -524,3 +554,35 @@ def test_a_stream_whose_orchestrator_dies_with_no_other_ends_cleanly(
             assert live_streams(nodes.gateway) == 0
 
     asyncio.run(scenario())
+
+
+# -- captions: the data channel as Server-Sent Events -----------------------------------------------
+
+SPOKEN = "hello world this is a test of the livepeer pipeline. the quick brown fox jumps over the lazy dog."
+HEARD = {"hello", "world", "pipeline", "fox", "lazy", "dog"}
+WHISPER = "whisper-tiny-cpu"
+
+
+def test_whisper_captions_arrive_as_sse_messages_before_the_end_message(start_server: StartServer) -> None:
+    require_whisper()
+    container = start_server(processor_argv("whisper-tiny"), env={"TRICKLE_TIMEOUT": "10"}, timeout=90.0)
+    orchestrator = start_server(orchestrator_argv(container, model=WHISPER), ready_status=NODE_READY)
+    gateway = start_server(gateway_argv(orchestrator), ready_status=NODE_READY)
+    clip = make_clip(None, 10, width=320, height=180, fps=FPS, gop_seconds=2, audio="speech:" + SPOKEN)
+
+    async def scenario() -> list[tuple[str, str]]:
+        async with async_client() as http:
+            client = await Client.start(http, gateway, model=WHISPER)
+            data = asyncio.create_task(sse(http, client.urls["data_url"]))
+            await client.publish(clip, pause=0.5)
+            final = await client.ended()
+            messages = await asyncio.wait_for(data, WAIT)
+            assert messages[-1] == ("end", json.dumps({"reason": final["reason"]}))
+            return messages[:-1]
+
+    captions = asyncio.run(scenario())
+    assert captions and all(event == "message" for event, _ in captions), captions
+    lines = [json.loads(data) for _, data in captions]
+    assert all(line["type"] == "transcript" for line in lines), lines
+    text = " ".join(line["text"] for line in lines)
+    assert HEARD <= words(text), text
