@@ -25,7 +25,7 @@ from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
 from scripts.clips import Phrase, make_clip, split_at_keyframes
 
-WINDOW = 3  # fast mode: input segments ahead of the output at most (a trickle ring keeps 5)
+WINDOW = 1  # fast mode: input segments ahead of the output; more and the overload policy drops frames
 END_WAIT_SECONDS = 60.0  # the longest any one wait of a run lasts (a reader, the output's end)
 
 

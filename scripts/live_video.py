@@ -103,12 +103,32 @@ async def run(args: argparse.Namespace) -> int:
     serving = asyncio.create_task(uv.serve())
     while not uv.started:  # noqa: ASYNC110 - uvicorn offers no event for it
         await asyncio.sleep(0.01)
+    try:
+        played = await play(args, f"http://127.0.0.1:{port}", server, playback)
+    finally:
+        uv.should_exit = True
+        await serving
+    if played is None:
+        return 1
+    live, elapsed = played
+    out_path = Path(args.out or ROOT / "out" / f"live-{args.model}.ts")
+    playback.save(out_path)
+    playback.report(args.model, elapsed, out_path)
+    if args.model == WHISPER.model_id:  # audio in, transcript lines out: no video comes back
+        return 0 if live.data_lines else 1
+    return 0 if playback.output_ended.is_set() and playback.frames_out == playback.frames_in else 1
+
+
+async def play(
+    args: argparse.Namespace, trickle_url: str, server: ChannelServer, playback: Playback
+) -> tuple[LiveRun, float] | None:
+    """Start the container on the stream's channels, publish, read back, stop; None if it
+    refused to start."""
     token = args.token or os.environ.get("BYOC_TOKEN") or token_from_env_file()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     name = f"live-{secrets.token_hex(4)}"
-    out_path = Path(args.out or ROOT / "out" / f"live-{args.model}.ts")
     async with httpx.AsyncClient(timeout=30.0) as http:
-        live = LiveRun(http, f"http://127.0.0.1:{port}", server, name)
+        live = LiveRun(http, trickle_url, server, name)
         body = {
             "gateway_request_id": name,
             "subscribe_url": live.urls["in"],
@@ -123,27 +143,23 @@ async def run(args: argparse.Namespace) -> int:
         )
         print(f"live_video: POST /stream/start -> {started.status_code} {started.text}")
         if started.status_code != 200:
-            return 1
+            return None
         output = TrickleSubscriber(http, live.urls["out"], start_seq=0, timeout=END_WAIT_SECONDS)
         readers = [asyncio.create_task(playback.read_output(output))]
         readers += [asyncio.create_task(live.print_lines(kind)) for kind in ("events", "data")]
         began = time.monotonic()
-        await live.publish(playback, not args.fast)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(playback.output_ended.wait(), END_WAIT_SECONDS)
-        elapsed = time.monotonic() - began
-        await http.post(f"{args.container}/stream/stop", headers={**headers, "X-Stream-Id": name})
-        await asyncio.sleep(0.5)  # the last events (stream_stopped) reach their reader
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-    uv.should_exit = True
-    await serving
-    playback.save(out_path)
-    playback.report(args.model, elapsed, out_path)
-    if args.model == WHISPER.model_id:  # audio in, transcript lines out: no video comes back
-        return 0 if live.data_lines else 1
-    return 0 if playback.output_ended.is_set() and playback.frames_out == playback.frames_in else 1
+        try:
+            await live.publish(playback, not args.fast)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(playback.output_ended.wait(), END_WAIT_SECONDS)
+            elapsed = time.monotonic() - began
+        finally:
+            await http.post(f"{args.container}/stream/stop", headers={**headers, "X-Stream-Id": name})
+            await asyncio.sleep(0.5)  # the last events (stream_stopped) reach their reader
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+    return live, elapsed
 
 
 def main() -> int:
