@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import av
@@ -50,10 +52,11 @@ FPS = 15
 # -- processes ------------------------------------------------------------------------------------
 
 
-def orchestrator_argv(container: ServerProcess, *flags: str, model: str = MODEL) -> list[str]:
+def orchestrator_argv(container: ServerProcess | str, *flags: str, model: str = MODEL) -> list[str]:
+    url = container if isinstance(container, str) else container.url
     return node_argv(
         "orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
-        "-byocModelID", model, "-byocContainerURL", container.url, *flags,
+        "-byocModelID", model, "-byocContainerURL", url, *flags,
     )  # fmt: skip
 
 
@@ -552,6 +555,67 @@ def test_a_stream_whose_orchestrator_dies_with_no_other_ends_cleanly(
             publishing.cancel()
             await asyncio.gather(publishing, return_exceptions=True)
             assert live_streams(nodes.gateway) == 0
+
+    asyncio.run(scenario())
+
+
+class SilentContainer(BaseHTTPRequestHandler):
+    """Someone else's container that takes a stream and then says nothing: no event, no output."""
+
+    def do_GET(self) -> None:  # /health
+        self._answer({"status": "IDLE"})
+
+    def do_POST(self) -> None:  # /stream/start|stop|params
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer({"status": "success"})
+
+    def _answer(self, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SilentContainer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_stream_whose_container_sends_no_event_moves_to_another_orchestrator(
+    start_server: StartServer, silent: str, clip: list[bytes]
+) -> None:
+    """The gateway's event watchdog (-streamEventTimeout): no event for that long loses the
+    orchestrator, as a dead one would. The silent one has more capacity, so it is chosen first."""
+    quiet = start_server(orchestrator_argv(silent, "-byocCapacity", "2"), ready_status=NODE_READY)
+    container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
+    working = start_server(orchestrator_argv(container), ready_status=NODE_READY)
+    gateway = start_server(
+        gateway_argv(quiet, working, flags=("-streamEventTimeout", "3")), ready_status=NODE_READY
+    )
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, gateway)
+            assert (await client.status())["orchestrator"] == quiet.url
+            publishing = asyncio.create_task(_publish_forever(client, clip, 0.3))
+            await until(lambda: _moved(client), "moved away from the silent container")
+            await until(lambda: _has_output(client), "output from the other orchestrator")
+            status = await client.status()
+            assert status["orchestrator"] == working.url and status["state"] == "running", status
+            await until(lambda: _freed(quiet), "the silent orchestrator's unit freed")  # it was told
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await client.stop()
 
     asyncio.run(scenario())
 
