@@ -135,8 +135,9 @@ bench: venv ## run the benchmarks and print their figures (~8 minutes)
 pytrickle-venv: ## make .venv-pytrickle: the real PyTrickle 0.1.6 (CPU torch) for interop tests and bench-live
 	@scripts/setup-pytrickle.sh
 
-bench-live: venv pytrickle-venv ## live 720p30 green tint, ours vs PyTrickle 0.1.6 side by side (BENCH_ARGS=--full)
+bench-live: venv pytrickle-venv ## live 720p30: ours vs PyTrickle 0.1.6 side by side (BENCH_ARGS=--full), then through gateway + orchestrator vs direct
 	$(PY) bench/bench_live.py $(BENCH_ARGS)
+	$(PY) bench/bench_live_topology.py
 
 bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
 	$(PY) bench/bench_whisper.py $(BENCH_ARGS)

@@ -216,6 +216,22 @@ async def play(
     return feeds, elapsed
 
 
+async def start_stream(
+    http: httpx.AsyncClient, gateway: str, model: str, params: dict[str, Any]
+) -> dict[str, str]:
+    """``POST /process/stream/start``: the stream's URLs, or :class:`LiveFailed` with the reason."""
+    start = await http.post(
+        f"{gateway}/process/stream/start",
+        headers={"X-Model-Id": model},
+        json={"stream_name": "test-live", "params": params},
+    )
+    if start.status_code != 200:
+        raise LiveFailed(f"stream start: the gateway answered {error_detail(start)}")
+    urls: dict[str, str] = start.json()
+    say(f"stream {urls['stream_id']} started; publish_url {urls['publish_url']}")
+    return urls
+
+
 async def run(args: argparse.Namespace) -> int:
     captions = args.model == CAPTIONS_MODEL
     speech = shutil.which("espeak-ng") is not None or captions  # whisper says why it needs it
@@ -227,15 +243,7 @@ async def run(args: argparse.Namespace) -> int:
     out_path = args.out or Path("out") / f"test-live-{args.model}.ts"
     params = json.loads(args.params) if args.params else {}
     async with httpx.AsyncClient(timeout=30.0) as http:
-        start = await http.post(
-            f"{args.gateway}/process/stream/start",
-            headers={"X-Model-Id": args.model},
-            json={"stream_name": "test-live", "params": params},
-        )
-        if start.status_code != 200:
-            raise LiveFailed(f"stream start: the gateway answered {error_detail(start)}")
-        urls = start.json()
-        say(f"stream {urls['stream_id']} started; publish_url {urls['publish_url']}")
+        urls = await start_stream(http, args.gateway, args.model, params)
         try:
             feeds, elapsed = await play(http, urls, playback, captions)
         except (TrickleError, TimeoutError, httpx.TransportError) as exc:
@@ -318,6 +326,30 @@ def check_video(model: str, playback: Playback, params: dict[str, Any]) -> str:
     return f"tint within codec error ({summary}, worst {max(errors):.2f}, limit {CODEC_ERROR})"
 
 
+def caption_latencies(feeds: Feeds, playback: Playback) -> list[float]:
+    """Per phrase of the generated clip: its last word said -> its key words on the data stream
+    (seconds); :class:`LiveFailed` if a phrase never arrived."""
+    from scripts.test_byoc_job import words  # the tutorial client's word split
+
+    lines = feeds.transcripts()
+    heard: set[str] = set()
+    arrivals: list[float | None] = [None] * len(PHRASES)
+    for at, text in lines:
+        heard |= words(text)
+        for i, keywords in enumerate(PHRASE_KEYWORDS):
+            if arrivals[i] is None and keywords <= heard:
+                arrivals[i] = at
+    if any(at is None for at in arrivals):
+        missing = sorted(set().union(*PHRASE_KEYWORDS) - heard)
+        raise LiveFailed(f"the transcript misses {', '.join(missing)}: {' | '.join(t for _, t in lines)}")
+    origin = START_PTS / 90000
+    return [
+        at - playback.wall_time(origin + end)
+        for at, (_, end) in zip(arrivals, spoken_spans(PHRASES), strict=True)
+        if at is not None
+    ]
+
+
 def check_captions(feeds: Feeds, playback: Playback, known: bool) -> str:
     """Words on the data stream while it played; with the generated clip each phrase is timed."""
     lines = feeds.transcripts()
@@ -329,26 +361,9 @@ def check_captions(feeds: Feeds, playback: Playback, known: bool) -> str:
     early = sum(1 for at, _ in lines if at <= played)
     if not known:
         return f"{len(lines)} transcript lines, {early} while the file played"
-    from scripts.test_byoc_job import words  # the tutorial client's word split
-
-    heard: set[str] = set()
-    arrivals: list[float | None] = [None] * len(PHRASES)
-    for at, text in lines:
-        heard |= words(text)
-        for i, keywords in enumerate(PHRASE_KEYWORDS):
-            if arrivals[i] is None and keywords <= heard:
-                arrivals[i] = at
-    if any(at is None for at in arrivals):
-        missing = sorted(set().union(*PHRASE_KEYWORDS) - heard)
-        raise LiveFailed(f"the transcript misses {', '.join(missing)}: {' | '.join(t for _, t in lines)}")
+    latencies = caption_latencies(feeds, playback)
     if not early:
         raise LiveFailed("no phrase arrived while the clip played; all came after its input ended")
-    origin = START_PTS / 90000
-    latencies = [
-        at - playback.wall_time(origin + end)
-        for at, (_, end) in zip(arrivals, spoken_spans(PHRASES), strict=True)
-        if at is not None
-    ]
     for phrase, latency in zip(PHRASES, latencies, strict=True):
         say(f"phrase {phrase.text!r}: on the data stream {latency:.2f} s after it was said")
     p50 = statistics.median(latencies)

@@ -97,17 +97,7 @@ async def run(args: argparse.Namespace) -> int:
     audio = f"speech:{args.speech}" if args.speech else "tone"
     segments = await asyncio.to_thread(load_input, args.input, args.seconds, audio)
     playback = Playback(segments, "live_video")
-    server = ChannelServer()
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(channel_app(server), "127.0.0.1", port, log_level="warning"))
-    serving = asyncio.create_task(uv.serve())
-    while not uv.started:  # noqa: ASYNC110 - uvicorn offers no event for it
-        await asyncio.sleep(0.01)
-    try:
-        played = await play(args, f"http://127.0.0.1:{port}", server, playback)
-    finally:
-        uv.should_exit = True
-        await serving
+    played = await play_direct(args, playback)
     if played is None:
         return 1
     live, elapsed = played
@@ -117,6 +107,21 @@ async def run(args: argparse.Namespace) -> int:
     if args.model == WHISPER.model_id:  # audio in, transcript lines out: no video comes back
         return 0 if live.data_lines else 1
     return 0 if playback.output_ended.is_set() and playback.frames_out == playback.frames_in else 1
+
+
+async def play_direct(args: argparse.Namespace, playback: Playback) -> tuple[LiveRun, float] | None:
+    """:func:`play` on a trickle server of its own, on a free loopback port for the run."""
+    server = ChannelServer()
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(channel_app(server), "127.0.0.1", port, log_level="warning"))
+    serving = asyncio.create_task(uv.serve())
+    while not uv.started:  # noqa: ASYNC110 - uvicorn offers no event for it
+        await asyncio.sleep(0.01)
+    try:
+        return await play(args, f"http://127.0.0.1:{port}", server, playback)
+    finally:
+        uv.should_exit = True
+        await serving
 
 
 async def play(
