@@ -99,6 +99,15 @@ def _unwrap(document: bytes) -> dict[str, Any] | None:
     return value
 
 
+async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended, cancelling again those still running:
+    Python 3.11's ``asyncio.wait_for`` drops a cancellation that arrives as its wait completes."""
+    while tasks:
+        for task in tasks:
+            task.cancel()
+        _, tasks = await asyncio.wait(tasks, timeout=1.0)
+
+
 async def _until(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
@@ -223,6 +232,7 @@ class LiveStream:
                     self.end(f"{lost.reason}; no other orchestrator could take the stream ({why})")
                     break
                 self.swaps.append(now)
+                self.status = None  # the old container's; the new one sends its own
                 log.info(
                     "stream %s moved from %s to %s", self.id, old.orchestrator, self.session.orchestrator
                 )
@@ -263,10 +273,7 @@ class LiveStream:
                     log.error("stream %s: %s failed", self.id, task.get_name(), exc_info=exc)
                     return SessionLost(f"the gateway's relay failed ({type(exc).__name__})", exc)
         finally:
-            ended.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, ended, return_exceptions=True)
+            await _cancel(tasks | {ended})
 
     # -- pumps ------------------------------------------------------------------------------------
 

@@ -508,15 +508,19 @@ def test_a_stream_moves_when_its_orchestrator_dies_and_output_goes_on(
             client = await Client.start(http, nodes.gateway)
             publishing = asyncio.create_task(_publish_forever(client, clip, 0.3))
             await until(lambda: _has_output(client), "output")
+            size = {"width": 320, "height": 180}
+            assert (await http.post(client.urls["update_url"], json=size)).status_code == 200
             first = (await client.status())["orchestrator"]
             dead = next(o for o in nodes.orchestrators if o.url == first)
             dead.process.kill()
             await until(lambda: _moved(client), "moved to the other orchestrator")
             seen = len(client.outputs)
             await until(lambda: _more_output(client, seen + 3), "output after the move")
+            await until(lambda: _has_status(client), "the new container's status")
             status = await client.status()
             assert status["state"] == "running" and status["moves"] == 1, status
             assert status["orchestrator"] != first
+            assert status["status"]["params"] == size, status  # the last update, replayed at the move
             assert not publishing.done()  # the publisher never noticed
             publishing.cancel()
             await asyncio.gather(publishing, return_exceptions=True)
@@ -528,6 +532,10 @@ def test_a_stream_moves_when_its_orchestrator_dies_and_output_goes_on(
 
 async def _moved(client: Client) -> bool:
     return int((await client.status())["moves"]) == 1
+
+
+async def _has_status(client: Client) -> bool:
+    return (await client.status())["status"] is not None
 
 
 async def _more_output(client: Client, count: int) -> bool:
