@@ -3,7 +3,8 @@
 A job names its model with ``X-Model-Id`` (or ``?model_id=``, or a go-livepeer ``Livepeer``
 header). The gateway asks every ``-orchAddr`` for a token (``GET /process/token``), forwards the
 job with a go-livepeer ``Livepeer`` header to those with capacity, one after another until one
-answers, and never answers 200 with an empty body when all of them failed.
+answers, and never answers 200 with an empty body when all of them failed. Live streams
+(``/process/stream/...``, go-livepeer's BYOC streaming) are :mod:`node.stream_gateway`'s.
 
 It faces the network, so everything a client sends is checked before it goes on: names, paths,
 timeouts (capped by ``max_job_timeout``), ``X-Params``; the job's timeout is one deadline for
