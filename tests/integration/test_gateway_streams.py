@@ -388,6 +388,28 @@ def test_a_start_at_capacity_is_a_503_and_the_unit_comes_back_with_the_stop(shar
     asyncio.run(scenario())
 
 
+def test_a_start_waits_in_the_orchestrators_queue_for_a_unit(start_server: StartServer) -> None:
+    """With a queue (-byocQueue), a start at capacity waits for the unit instead of a 503."""
+    container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
+    orchestrator = start_server(
+        orchestrator_argv(container, "-byocQueue", "1", "-byocQueueTimeout", "15s"), ready_status=NODE_READY
+    )
+    gateway = start_server(gateway_argv(orchestrator), ready_status=NODE_READY)
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            first = await Client.start(http, gateway)
+            waiting = asyncio.create_task(Client.start(http, gateway))
+            await asyncio.sleep(1.0)
+            assert not waiting.done()  # queued at the orchestrator, not refused
+            await first.stop()
+            second = await asyncio.wait_for(waiting, WAIT)
+            assert (await second.status())["state"] in ("starting", "running")
+            await second.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_publisher_that_stops_sending_is_ended_by_the_idle_timeout(
     shared: Topology, clip: list[bytes]
 ) -> None:
@@ -624,6 +646,30 @@ def test_a_stream_whose_container_sends_no_event_moves_to_another_orchestrator(
             publishing.cancel()
             await asyncio.gather(publishing, return_exceptions=True)
             await client.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_that_keeps_losing_its_orchestrator_ends_after_two_moves_a_minute(
+    start_server: StartServer, silent: str
+) -> None:
+    """go-livepeer's swap limit: two moves within a minute, and the third loss ends the stream."""
+    quiet = [start_server(orchestrator_argv(silent), ready_status=NODE_READY) for _ in range(2)]
+    gateway = start_server(gateway_argv(*quiet, flags=("-streamEventTimeout", "2")), ready_status=NODE_READY)
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, gateway)
+            publishing = asyncio.create_task(_publish_forever(client, [b"\x47" * 188 * 10], 0.5))
+            final = await client.ended()
+            assert final["reason"] == (
+                "no event from the orchestrator for 2 s; the stream already moved 2 times within a minute"
+            )
+            assert (await client.status())["moves"] == 2
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await until(lambda: _freed(quiet[0]), "every orchestrator told")
+            await until(lambda: _freed(quiet[1]), "every orchestrator told")
 
     asyncio.run(scenario())
 
