@@ -24,7 +24,7 @@ import httpx
 
 from common.trickle.channel import Channel, IncompleteSegment, Segment, SegmentTooLarge
 from common.trickle.protocol import TrickleError
-from common.trickle.publisher import TricklePublisher
+from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
 from common.trickle.subscriber import ReceivedSegment, TrickleSubscriber
 
 from .livepeer import STREAM_ENDED_EVENT, JobRequest
@@ -53,7 +53,10 @@ class Session:
     subscribe_url: str  # output: the gateway reads here
     control_url: str
     events_url: str
-    data_url: str
+    data_url: str  # "" when the orchestrator gave none (go-livepeer's: data output off); so control
+
+    def key_header(self) -> dict[str, str]:
+        return {STREAM_KEY_HEADER: self.key} if self.key else {}
 
 
 @dataclass(frozen=True)

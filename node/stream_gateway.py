@@ -147,9 +147,12 @@ def _refusal(orch: str, status: int, body: bytes) -> ApiError:
     return ApiError(status if 400 <= status <= 599 else 502, code[:64], f"{orch}: {detail}", headers)
 
 
-def _channel_url(orch: str, value: str | None, header: str) -> str:
-    """A channel URL from the start's answer: absolute http(s), or relative to the orchestrator."""
+def _channel_url(orch: str, value: str | None, header: str, required: bool = True) -> str:
+    """A channel URL from the start's answer: absolute http(s), or relative to the orchestrator
+    (go-livepeer resolves them so too); "" for an optional one it did not give."""
     if not value:
+        if not required:
+            return ""
         raise ApiError(502, "orchestrator_failed", f"{orch} started the stream without a {header} header")
     url = urljoin(orch + "/", value)
     if not url.startswith(("http://", "https://")) or len(url) > MAX_URL_CHARS or not url.isprintable():
@@ -288,21 +291,20 @@ class StreamGateway:
         body = await _read(response)
         if response.status_code != 200:
             raise _refusal(orch, response.status_code, body)
+        # Ours gives a key that update and stop must send back; go-livepeer's orchestrator none.
         key = response.headers.get(STREAM_KEY_HEADER, "")
         try:
-            if not key:
-                raise ApiError(
-                    502, "orchestrator_failed", f"{orch} started the stream without a {STREAM_KEY_HEADER}"
-                )
+            if not (key.isascii() and key.isprintable() and len(key) <= 256):
+                raise ApiError(502, "orchestrator_failed", f"{orch} answered an unusable {STREAM_KEY_HEADER}")
             headers = response.headers
             return Session(
                 orchestrator=orch,
                 key=key,
                 publish_url=_channel_url(orch, headers.get(PUBLISH_URL_HEADER), PUBLISH_URL_HEADER),
                 subscribe_url=_channel_url(orch, headers.get(SUBSCRIBE_URL_HEADER), SUBSCRIBE_URL_HEADER),
-                control_url=_channel_url(orch, headers.get(CONTROL_URL_HEADER), CONTROL_URL_HEADER),
+                control_url=_channel_url(orch, headers.get(CONTROL_URL_HEADER), CONTROL_URL_HEADER, False),
                 events_url=_channel_url(orch, headers.get(EVENTS_URL_HEADER), EVENTS_URL_HEADER),
-                data_url=_channel_url(orch, headers.get(DATA_URL_HEADER), DATA_URL_HEADER),
+                data_url=_channel_url(orch, headers.get(DATA_URL_HEADER), DATA_URL_HEADER, False),
             )
         except ApiError as exc:  # it runs there, unusable: free its capacity
             partial = Session(orch, key, "", "", "", "", "")
@@ -337,7 +339,7 @@ class StreamGateway:
             content=why.encode(),
             headers={
                 JOB_HEADER: self._job(stream),
-                STREAM_KEY_HEADER: session.key,
+                **session.key_header(),
                 "Content-Type": "text/plain",
             },
             timeout=STOP_SECONDS,
@@ -461,7 +463,7 @@ class StreamGateway:
             content=body,
             headers={
                 JOB_HEADER: self._job(stream),
-                STREAM_KEY_HEADER: session.key,
+                **session.key_header(),
                 "Content-Type": "application/json",
             },
             timeout=STOP_SECONDS,
