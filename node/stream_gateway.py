@@ -217,7 +217,7 @@ class StreamGateway:
         except BaseException:
             del self.streams[stream_id]
             raise
-        if not self.background.spawn(stream.run(self._move, self._stop_at), f"stream {stream_id}"):
+        if not self.background.spawn(stream.run(self._start_somewhere, self._stop_at), f"stream {stream_id}"):
             await self._stop_at(stream, stream.session, "the gateway is at its task limit")
             del self.streams[stream_id]
             raise ApiError(503, "too_many_streams", "the gateway is at its limit of streams; retry later")
@@ -327,9 +327,6 @@ class StreamGateway:
             id=stream.id,
             request={"stream_id": stream.id},
         ).encode()
-
-    async def _move(self, stream: LiveStream, tried: set[str]) -> Session:
-        return await self._start_somewhere(stream, tried)
 
     async def _stop_at(self, stream: LiveStream, session: Session, why: str) -> None:
         """``POST /ai/stream/stop`` at ``session``'s orchestrator: bounded, a failure only logged."""
