@@ -18,6 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("errors")
 
+# A scope key: the request's path as log lines may show it, when the path holds a secret.
+LOG_PATH = "byoc.log_path"
+
 _CODES_BY_STATUS = {
     400: "bad_request",
     401: "unauthorized",
@@ -106,12 +109,16 @@ class CatchAll:
         try:
             await self.app(scope, receive, watch)
         except ClientDisconnect:  # nobody is left to answer: not a fault of ours
-            log.info("%s %s: the client left before the answer", scope["method"], scope["path"][:200])
+            log.info("%s %s: the client left before the answer", scope["method"], _logged_path(scope))
         except Exception as exc:
-            log.exception("%s %s failed", scope["method"], scope["path"][:200])
+            log.exception("%s %s failed", scope["method"], _logged_path(scope))
             if started:
                 raise
             await internal_error(exc, scope).response()(scope, receive, send)
+
+
+def _logged_path(scope: Scope) -> str:
+    return str(scope.get(LOG_PATH) or scope["path"])[:200]
 
 
 def install_error_handlers(app: Starlette) -> None:

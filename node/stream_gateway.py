@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.errors import ApiError, from_loopback
+from common.errors import LOG_PATH, ApiError, from_loopback
 from common.http import read_body
 from common.names import check_job_id
 from common.trickle.channel import IncompleteSegment
@@ -375,6 +375,8 @@ class StreamGateway:
             key = request.headers.get(STREAM_KEY_HEADER, "")
         else:
             key, parts = parts[0], parts[1:]
+            # The key is the stream's secret: the log lines of a failed request must not show it.
+            request.scope[LOG_PATH] = request.url.path.replace(f"/{key}", "/<key>", 1)
         op, args = (parts[0], parts[1:]) if parts else ("", [])
         trickle = op in _TRICKLE_OPS and len(args) <= 1
         if op not in _OPS or (args and not trickle) or (op in ("out", "events") and not args):

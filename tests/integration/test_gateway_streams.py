@@ -249,6 +249,8 @@ def test_a_whole_stream_frames_out_equal_frames_in(shared: Topology, clip: list[
                 == {"stream_id": urls["stream_id"], "stopped": True, "reason": final["reason"]}
             )
             assert live_streams(shared.gateway) == 0 and live_streams(shared.orchestrators[0]) == 0
+            # The key is the stream's only secret: operators share logs, the key stays out of them.
+            assert key not in shared.gateway.output() and key not in shared.orchestrators[0].output()
 
     asyncio.run(scenario())
 
