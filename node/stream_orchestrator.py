@@ -44,6 +44,7 @@ from common.names import check_job_id
 from common.trickle.channel import Channel
 from common.trickle.publisher import STREAM_KEY_HEADER
 from common.trickle.server import ChannelServer
+from common.trickle.subscriber import read_bounded
 
 from .jobs import CONNECT_TIMEOUT, Jobs
 from .livepeer import (
@@ -169,15 +170,6 @@ def _unknown_stream(stream_id: str) -> ApiError:
         f"no stream {stream_id!r} runs here, or {STREAM_KEY_HEADER} is not the key its start answered "
         "with; it may have ended (its events channel says why)",
     )
-
-
-async def _read_bounded(response: httpx.Response) -> bytes:
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk[: MAX_CONTAINER_ANSWER - len(body)]
-        if len(body) >= MAX_CONTAINER_ANSWER:
-            break
-    return bytes(body)
 
 
 @dataclass
@@ -434,10 +426,7 @@ class LiveStreams:
                     timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
                 )
                 response = await self.client.send(request, stream=True)
-                try:
-                    content = await _read_bounded(response)
-                finally:
-                    await response.aclose()
+                content = await read_bounded(response, MAX_CONTAINER_ANSWER)
         except httpx.ConnectError as exc:
             self.registry.set_health(capability, Health.UNREACHABLE, started)
             raise self._unreachable(stream, path, exc) from None

@@ -35,6 +35,7 @@ from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
 from scripts.clips import START_PTS, Phrase, spoken_spans
 from scripts.live_client import END_WAIT_SECONDS, Playback, load_input, percentile
+from scripts.test_byoc_job import error_detail, words
 
 NAME = "test_live"
 # The generated clip's audio: the tutorial's sentence in three phrases with pauses between (a
@@ -142,14 +143,6 @@ async def until(done: Callable[[], bool], seconds: float) -> bool:
     while not done() and time.monotonic() < deadline:  # noqa: ASYNC110 - several sources, any of them
         await asyncio.sleep(0.1)
     return done()
-
-
-def error_detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        return f"{response.status_code} {body['error']}: {body['detail']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code} {response.text[:300]}"
 
 
 def brief_status(response: httpx.Response) -> str:
@@ -329,8 +322,6 @@ def check_video(model: str, playback: Playback, params: dict[str, Any]) -> str:
 def caption_latencies(feeds: Feeds, playback: Playback) -> list[float]:
     """Per phrase of the generated clip: its last word said -> its key words on the data stream
     (seconds); :class:`LiveFailed` if a phrase never arrived."""
-    from scripts.test_byoc_job import words  # the tutorial client's word split
-
     lines = feeds.transcripts()
     heard: set[str] = set()
     arrivals: list[float | None] = [None] * len(PHRASES)

@@ -140,7 +140,7 @@ CHECKS: dict[str, ModelCheck] = {
 }
 
 
-def _error_detail(response: httpx.Response) -> str:
+def error_detail(response: httpx.Response) -> str:
     try:
         body = response.json()
         return f"{response.status_code} {body['error']}: {body['detail']}"
@@ -161,7 +161,7 @@ def run_one(args: argparse.Namespace, check: ModelCheck, data: bytes, content_ty
     )
     elapsed = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
-        raise CheckFailed(f"gateway answered {_error_detail(response)}")
+        raise CheckFailed(f"gateway answered {error_detail(response)}")
     summary = check.check(data, response.content)
     via = response.headers.get("x-orchestrator-url", "?")
     return response.content, f"{summary}; {elapsed:.1f} ms via {via}"
@@ -187,12 +187,12 @@ async def run_stream(
             async with in_flight:
                 put = await client.put(f"{job_url}/source", content=data, headers={**headers, **key})
                 if put.status_code != 200:
-                    raise CheckFailed(f"frame {i}: gateway answered {_error_detail(put)}")
+                    raise CheckFailed(f"frame {i}: gateway answered {error_detail(put)}")
                 if not key:
                     key[STREAM_KEY_HEADER] = put.headers.get(STREAM_KEY_HEADER, "")
                 got = await client.get(f"{job_url}/output/{put.headers['lp-trickle-seq']}", headers=key)
                 if got.status_code != 200 or ERROR_HEADER in got.headers:  # an error segment is a 200
-                    raise CheckFailed(f"frame {i}: output {_error_detail(got)}")
+                    raise CheckFailed(f"frame {i}: output {error_detail(got)}")
                 check.check(data, got.content)
                 return got.content
 

@@ -27,7 +27,8 @@ AHEAD_PAUSE = 0.1  # between attempts while the reader is ahead of the writer (4
 MAX_ERROR_BODY = 64 * 1024  # an error report is a small JSON object; more is not read
 
 
-async def _read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+async def read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+    """An answer's body, at most ``limit`` bytes of it (the rest unread); the response closed."""
     body = bytearray()
     try:
         async for chunk in response.aiter_bytes():
@@ -174,7 +175,7 @@ class TrickleSubscriber:
                 continue
             seq = _header_int(response, SEQ_HEADER)
             if status != 200 or seq is None:
-                body = _error_body("http_error", await _read_bounded(response))
+                body = _error_body("http_error", await read_bounded(response))
                 failures += 1
                 if failures > self.retries:
                     raise TrickleError(status, str(body.get("error")), str(body.get("detail")))
@@ -190,7 +191,7 @@ class TrickleSubscriber:
         code = response.headers.get(ERROR_HEADER)
         if code is None:
             return ReceivedSegment(seq, content_type, None, _response=response)
-        body = await _read_bounded(response)
+        body = await read_bounded(response)
         return ReceivedSegment(seq, content_type, _error_body(code, body), _body=body)
 
     async def __aiter__(self) -> AsyncIterator[ReceivedSegment]:
