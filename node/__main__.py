@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("streamEventTimeout", _count(1, 86400), 30, "no-event seconds: a stream ends or moves (30)"),
         ("maxStreamLifetime", _count(1, 604800), 3600, "orchestrator: longest stream in s (default 3600)"),
         ("maxStreams", _count(1, 4096), 64, "gateway: live streams at once (default 64)"),
+        ("dataKeepalive", _seconds, 15.0, "gateway: a comment on a quiet data stream (SSE) this often (15s)"),
         ("maxBodyBytes", int, DEFAULT_MAX_BODY_BYTES, f"largest body (default {DEFAULT_MAX_BODY_BYTES})"),
         ("v", int, 3, "log verbosity; 5 or more also logs debug lines"),
     ]:  # fmt: skip
@@ -231,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
                 orch_addrs=orchs,
                 max_body_bytes=args.maxBodyBytes,
                 max_job_timeout=args.maxJobTimeout,
-                live=stream_config(args.maxStreams, args.streamIdleTimeout, args.streamEventTimeout),
+                live=stream_config(
+                    args.maxStreams, args.streamIdleTimeout, args.streamEventTimeout, args.dataKeepalive
+                ),
             )
         )
         log.info("gateway listening on %s:%d, orchestrators: %s", host, port, ", ".join(orchs))

@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -40,6 +40,7 @@ from common.trickle.channel import IncompleteSegment
 from common.trickle.protocol import CLOSED_HEADER, CLOSED_VALUE, SEQ_NEXT
 from common.trickle.publisher import STREAM_KEY_HEADER
 from common.trickle.server import next_seq_answer, parse_seq, receive_segment, serve_segment
+from common.trickle.subscriber import read_bounded
 
 from .gateway_stream import LiveStream, Session, StreamLimits
 from .livepeer import (
@@ -85,12 +86,18 @@ class StreamConfig:
     max_streams: int = 64  # running at once; more is a 503
     limits: StreamLimits = field(default_factory=StreamLimits)
     forget_after: float = 300.0  # an ended stream still answers status/stop this long
+    # A comment line on a quiet data stream this often: a stream with no data lines for minutes
+    # (green-tint writes none) is then not taken for a dead connection by clients and proxies.
+    data_keepalive: float = 15.0
 
 
-def stream_config(max_streams: int, idle_timeout: float, event_timeout: float) -> StreamConfig:
+def stream_config(
+    max_streams: int, idle_timeout: float, event_timeout: float, data_keepalive: float
+) -> StreamConfig:
     """The settings the command line gives (``-maxStreams``, ``-streamIdleTimeout``,
-    ``-streamEventTimeout``); the rest keep their defaults."""
-    return StreamConfig(max_streams, StreamLimits(idle_timeout=idle_timeout, event_timeout=event_timeout))
+    ``-streamEventTimeout``, ``-dataKeepalive``); the rest keep their defaults."""
+    limits = StreamLimits(idle_timeout=idle_timeout, event_timeout=event_timeout)
+    return StreamConfig(max_streams, limits, data_keepalive=data_keepalive)
 
 
 JobFrom = Callable[[Request], JobRequest]
@@ -117,19 +124,6 @@ def _params(value: Any) -> dict[str, Any] | None:
     if value is not None and not isinstance(value, dict):
         raise ApiError(400, "invalid_params", '"params" must be a JSON object, or a string holding one')
     return value
-
-
-async def _read(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> bytes:
-    """An answer's body, at most ``limit`` bytes of it."""
-    body = bytearray()
-    try:
-        async for chunk in response.aiter_bytes():
-            body += chunk[: limit - len(body)]
-            if len(body) >= limit:
-                break
-    finally:
-        await response.aclose()
-    return bytes(body)
 
 
 def _refusal(orch: str, status: int, body: bytes) -> ApiError:
@@ -288,7 +282,7 @@ class StreamGateway:
             timeout=deadline.timeout(),
         )
         response = await self._send(request, orch, deadline.remaining(), "start the stream")
-        body = await _read(response)
+        body = await read_bounded(response, MAX_ANSWER_BYTES)
         if response.status_code != 200:
             raise _refusal(orch, response.status_code, body)
         # Ours gives a key that update and stop must send back; go-livepeer's orchestrator none.
@@ -343,7 +337,7 @@ class StreamGateway:
         )
         try:
             response = await self._send(request, session.orchestrator, STOP_SECONDS, "stop the stream")
-            await _read(response, 4096)
+            await read_bounded(response, 4096)
         except ApiError as exc:
             log.info("stream %s: stop at %s failed: %s", stream.id, session.orchestrator, exc.detail)
             return
@@ -468,7 +462,7 @@ class StreamGateway:
             timeout=STOP_SECONDS,
         )
         response = await self._send(outgoing, session.orchestrator, STOP_SECONDS, "update the stream")
-        answer = await _read(response)
+        answer = await read_bounded(response, MAX_ANSWER_BYTES)
         if response.status_code == 200:
             try:
                 value = json.loads(body)
@@ -486,12 +480,12 @@ class StreamGateway:
                 503, "too_many_readers", f"{MAX_READERS} readers follow this stream's data already"
             )
         return StreamingResponse(
-            self._sse(stream),
+            _with_keepalives(self._sse(stream), self.config.data_keepalive),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _sse(self, stream: LiveStream) -> AsyncIterator[bytes]:
+    async def _sse(self, stream: LiveStream) -> AsyncGenerator[bytes, None]:
         """Each JSON line of the data channel as one SSE message, from the oldest segment kept;
         when the stream ends, ``event: end`` with the reason."""
         channel = stream.data
@@ -545,6 +539,25 @@ class StreamGateway:
 
     async def close(self) -> None:
         await self.background.close()
+
+
+async def _with_keepalives(messages: AsyncGenerator[bytes, None], every: float) -> AsyncIterator[bytes]:
+    """``messages``, with an SSE comment line whenever none came for ``every`` seconds."""
+    waiting: asyncio.Future[bytes | None] = asyncio.ensure_future(anext(messages, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=every)
+            if not done:
+                yield b": keepalive\n\n"
+                continue
+            if (message := waiting.result()) is None:
+                return
+            yield message
+            waiting = asyncio.ensure_future(anext(messages, None))
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await messages.aclose()
 
 
 def _message(line: bytes) -> bytes:

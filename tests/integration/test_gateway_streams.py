@@ -48,6 +48,7 @@ MODEL = "passthrough-cpu"
 IDLE = 4  # the module gateway's -streamIdleTimeout: short, so an abandoned stream ends quickly
 WAIT = 20.0  # generous bound on any one wait: a 2-core host under load
 FPS = 15
+KEEPALIVE = 1  # the module gateway's -dataKeepalive: a quiet data stream's comment line, seconds
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
             stack.callback(server.stop)
             return server
 
-        yield topology(start, 1, "-streamIdleTimeout", str(IDLE))
+        yield topology(start, 1, "-streamIdleTimeout", str(IDLE), "-dataKeepalive", str(KEEPALIVE))
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +252,27 @@ def test_a_whole_stream_frames_out_equal_frames_in(shared: Topology, clip: list[
             assert live_streams(shared.gateway) == 0 and live_streams(shared.orchestrators[0]) == 0
             # The key is the stream's only secret: operators share logs, the key stays out of them.
             assert key not in shared.gateway.output() and key not in shared.orchestrators[0].output()
+
+    asyncio.run(scenario())
+
+
+def test_a_quiet_data_stream_gets_a_comment_line_every_keepalive(shared: Topology) -> None:
+    """passthrough writes no data lines: the data stream stays open with comments until the end."""
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, shared.gateway)
+            lines: list[tuple[float, str]] = []
+            began = time.monotonic()
+            async with http.stream("GET", client.urls["data_url"], timeout=WAIT) as response:
+                async for line in response.aiter_lines():
+                    lines.append((time.monotonic() - began, line))
+                    if sum(text == ": keepalive" for _, text in lines) == 2:
+                        break
+            await client.stop()
+            comments = [at for at, text in lines if text == ": keepalive"]
+            assert len(comments) == 2 and comments[0] < IDLE, lines
+            assert not [text for _, text in lines if text.startswith(("data:", "event:"))], lines
 
     asyncio.run(scenario())
 
