@@ -196,8 +196,9 @@ class Channel:
         return min((kept for kept in self._segments if kept > seq), default=None)
 
     def end_waits_before(self, seq: int) -> None:
-        """Close the segments readers wait on below ``seq`` that no writer took: for a writer that
-        writes in seq order and skipped them, so that those readers move on."""
+        """Close the segments readers wait on below ``seq`` that no writer took: once ``seq`` is
+        written, a writer that writes in seq order (pre-opening at most the next) skipped them,
+        and those readers must move on."""
         for earlier, segment in self._segments.items():
             if earlier < seq and not segment.claimed:
                 segment.close()

@@ -255,6 +255,10 @@ async def receive_segment(
         segment.fail()
         raise
     segment.close()
+    if not segment.empty:
+        # A writer skipped a seq (its POST was lost before reaching us): readers parked on it
+        # would wait for ever, so they go on; a seq still to come was opened before this one.
+        channel.end_waits_before(segment.seq)
     headers = {SEQ_HEADER: str(segment.seq)}
     if channel.closed:
         headers[CLOSED_HEADER] = CLOSED_VALUE

@@ -80,6 +80,19 @@ async def test_pre_opened_writes_in_any_order_are_read_in_seq_order(trickle: Ser
         assert await _read_all(TrickleSubscriber(client, url, start_seq=0)) == [(0, b"zero"), (1, b"one")]
 
 
+async def test_a_reader_parked_on_a_seq_the_writer_skipped_moves_on(trickle: ServerProcess) -> None:
+    """A publisher whose POST n was lost on the way (a pooled connection the server had closed)
+    goes on with n+1; a reader waiting on n gets it as empty once n+1 is written, not never."""
+    url = channel(trickle)
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        assert (await client.post(url)).status_code == 200
+        reading = asyncio.create_task(_read_all(TrickleSubscriber(client, url, start_seq=0, timeout=10)))
+        await asyncio.sleep(0.3)  # the reader is parked on segment 0
+        assert (await client.post(f"{url}/1", content=b"one")).status_code == 200
+        await client.delete(url)
+        assert await asyncio.wait_for(reading, 10) == [(0, b""), (1, b"one")]
+
+
 async def test_the_clients_round_trip_with_the_next_post_pre_opened(trickle: ServerProcess) -> None:
     url = channel(trickle)
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
