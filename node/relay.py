@@ -21,7 +21,13 @@ from starlette.responses import Response
 
 from common.errors import ApiError
 from common.http import read_body
-from common.trickle.protocol import CLOSED_HEADER, LATEST_HEADER, PARAMS_HEADER, SEQ_HEADER
+from common.trickle.protocol import (
+    CLOSED_HEADER,
+    KEEPALIVE_EXPIRY,
+    LATEST_HEADER,
+    PARAMS_HEADER,
+    SEQ_HEADER,
+)
 
 from .livepeer import loads_bounded
 
@@ -56,7 +62,9 @@ class _Transport(httpx.AsyncHTTPTransport):
 def new_client() -> httpx.AsyncClient:
     """The node's HTTP client: httpx's own transport, so header values and framing are checked by
     a maintained library; a bounded pool and a deadline on every phase of every request."""
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0)
+    limits = httpx.Limits(
+        max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY
+    )
     return httpx.AsyncClient(
         transport=_Transport(limits=limits),
         timeout=httpx.Timeout(30.0, connect=5.0, pool=10.0),

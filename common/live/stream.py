@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ApiError
 from ..processor import BaseProcessor, ImageProcessor, Output, _job_context
-from ..trickle.protocol import SEQ_LATEST, TrickleError
+from ..trickle.protocol import KEEPALIVE_EXPIRY, SEQ_LATEST, TrickleError
 from ..trickle.publisher import TricklePublisher
 from ..trickle.subscriber import ReceivedSegment, TrickleSubscriber
 from ..work import WorkSlots
@@ -238,7 +238,9 @@ class LiveStream:
         timeout = httpx.Timeout(
             self.settings.trickle_timeout, connect=min(10.0, self.settings.trickle_timeout)
         )
-        limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
+        limits = httpx.Limits(
+            max_connections=16, max_keepalive_connections=8, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
         async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=self._tls) as client:
             await self._run_with(client)
 

@@ -21,6 +21,10 @@ PARAMS_HEADER = "X-Params"
 STATUS_UNAVAILABLE = 470  # segment gone from the ring, or not reachable yet
 SEQ_NEXT = -1  # the next segment to be written
 SEQ_LATEST = -2  # the segment written last
+# How long a client keeps an idle pooled connection: under uvicorn's 5 s keep-alive, so a client
+# never picks a connection as the server closes it. A pre-opened POST sent on such a connection
+# is lost without an error until its body is written, and its segment is skipped.
+KEEPALIVE_EXPIRY = 4.0
 
 
 def params_json(params: Mapping[str, Any]) -> str:
