@@ -10,7 +10,6 @@ A container registered with ``"protocol": "trickle"`` (all of ours) serves strea
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from .jobs import JobLimits, Jobs, on_loopback
 from .livepeer import CAPABILITY_HEADER, SENDER_HEADER, check_sender_header
 from .registration import check_resolved_host, registration_from_json, unregister_name
 from .registry import Registry
-from .relay import new_client
+from .relay import new_client, same_secret
 from .stream_orchestrator import LiveStreams, StreamLimits
 from .streams import StreamRoutes
 
@@ -59,8 +58,7 @@ class Orchestrator:
     # -- registration -----------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, self.config.secret.encode()):
+        if not same_secret(request.headers.get("authorization", ""), self.config.secret):
             raise ApiError(
                 401,
                 "invalid_authorization",

@@ -8,6 +8,7 @@ than streaming each chunk through (bench/bench_topology.py).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 import time
@@ -157,6 +158,15 @@ def forwardable(headers: Mapping[str, str], names: tuple[str, ...]) -> dict[str,
                 400, "invalid_params", f'{PARAMS_HEADER} must be a JSON object such as {{"strength": 0.5}}'
             )
     return picked
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Whether a secret a client sent (a header value, a path segment) is ours, in constant time.
+
+    A header value is the latin-1 decoding of the bytes sent: encoded back, any value compares
+    (``hmac.compare_digest`` refuses a ``str`` that is not ASCII).
+    """
+    return hmac.compare_digest(given.encode("latin-1", "replace"), expected.encode())
 
 
 def pick(headers: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:

@@ -18,7 +18,6 @@ The same operations answer at ``/process/stream/{id}/{op}`` with the key in ``Lp
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
@@ -56,7 +55,7 @@ from .livepeer import (
     JobRequest,
     loads_bounded,
 )
-from .relay import Background, Deadline, check_plain_path
+from .relay import Background, Deadline, check_plain_path, same_secret
 
 log = logging.getLogger("streams")
 
@@ -350,8 +349,7 @@ class StreamGateway:
 
     def _owned(self, stream_id: str, key: str) -> LiveStream:
         stream = self.streams.get(stream_id)
-        # latin-1 gives back the bytes the client sent; compare_digest refuses non-ASCII str.
-        if stream is None or not hmac.compare_digest(key.encode("latin-1", "replace"), stream.key.encode()):
+        if stream is None or not same_secret(key, stream.key):
             raise ApiError(
                 404,
                 "unknown_stream",

@@ -24,7 +24,6 @@ the gateway and the container's output over (or silent for a few seconds).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
@@ -63,7 +62,7 @@ from .livepeer import (
     loads_bounded,
 )
 from .registry import UNHEALTHY, Capability, Health, Registry
-from .relay import Background
+from .relay import Background, same_secret
 
 log = logging.getLogger("streams")
 
@@ -118,9 +117,7 @@ class LiveStream:
     ended: bool = False
 
     def owned_by(self, request: Request) -> bool:
-        # latin-1 gives back the bytes the client sent; compare_digest refuses non-ASCII str.
-        given = request.headers.get(STREAM_KEY_HEADER, "").encode("latin-1")
-        return hmac.compare_digest(given, self.key.encode())
+        return same_secret(request.headers.get(STREAM_KEY_HEADER, ""), self.key)
 
     def overdue(self, limits: StreamLimits, registry: Registry, now: float) -> str | None:
         """Why a watchdog ends this stream now, or None."""

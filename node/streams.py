@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import re
 import secrets
@@ -31,7 +30,7 @@ from common.names import check_job_id
 from common.trickle.protocol import CLOSED_HEADER, SEQ_LATEST
 from common.trickle.publisher import STREAM_KEY_HEADER
 
-from .relay import Background, check_plain_path, relay
+from .relay import Background, check_plain_path, relay, same_secret
 
 log = logging.getLogger("streams")
 
@@ -61,9 +60,7 @@ class Stream:
         return request.url.path[len(f"/live/{self.job_id}") :]
 
     def owned_by(self, request: Request) -> bool:
-        # latin-1 gives back the bytes the client sent; compare_digest refuses non-ASCII str.
-        given = request.headers.get(STREAM_KEY_HEADER, "").encode("latin-1")
-        return hmac.compare_digest(given, self.key.encode())
+        return same_secret(request.headers.get(STREAM_KEY_HEADER, ""), self.key)
 
     def end(self) -> None:
         if self.on_end is not None:
