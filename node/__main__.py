@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("maxJobTimeout", _count(1, 86400), 300, "cap on a job's or stream's timeout_seconds (default 300)"),
         ("streamIdleTimeout", _count(1, 86400), 30, "seconds without input ending a stream (default 30)"),
         ("streamEventTimeout", _count(1, 86400), 30, "no-event seconds: a stream ends or moves (30)"),
-        ("maxStreamLifetime", _count(1, 604800), 3600, "orchestrator: longest stream in s (default 3600)"),
+        ("maxStreamLifetime", _count(1, 604800), 3600, "longest live stream in s (default 3600)"),
         ("maxStreams", _count(1, 4096), 64, "gateway: live streams at once (default 64)"),
         ("dataKeepalive", _seconds, 15.0, "gateway: a comment on a quiet data stream (SSE) this often (15s)"),
         ("maxBodyBytes", int, DEFAULT_MAX_BODY_BYTES, f"largest body (default {DEFAULT_MAX_BODY_BYTES})"),
@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> None:
                 max_body_bytes=args.maxBodyBytes,
                 max_job_timeout=args.maxJobTimeout,
                 live=stream_config(
-                    args.maxStreams, args.streamIdleTimeout, args.streamEventTimeout, args.dataKeepalive
+                    args.maxStreams,
+                    args.streamIdleTimeout,
+                    args.streamEventTimeout,
+                    args.maxStreamLifetime,
+                    args.dataKeepalive,
                 ),
             )
         )

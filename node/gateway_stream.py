@@ -63,6 +63,7 @@ class Session:
 class StreamLimits:
     idle_timeout: float = 30.0  # no client input this long: the stream ends
     event_timeout: float = 30.0  # no event from the orchestrator this long: it is taken as lost
+    max_lifetime: float = 3600.0  # the longest a stream runs, whatever its orchestrators say
     keepalive_seconds: float = 10.0
     max_swaps: int = 2  # moves to another orchestrator within SWAP_WINDOW before giving up
     trickle_timeout: float = 30.0  # each trickle request to an orchestrator
@@ -479,13 +480,16 @@ class LiveStream:
                 await asyncio.wait_for(publisher.close(), 2.0)
 
     async def _watch(self, session: Session) -> None:
-        """No client input for the idle timeout ends the stream; no event from the orchestrator
-        for the event timeout loses the session."""
+        """No client input for the idle timeout, or the stream's maximum lifetime, ends the
+        stream; no event from the orchestrator for the event timeout loses the session."""
         while True:
             await asyncio.sleep(min(1.0, self.limits.idle_timeout / 4))
             now = time.monotonic()
             if now - self.input.last_active > self.limits.idle_timeout:
                 self.end(f"no input for {self.limits.idle_timeout:g} s")
+                return
+            if now - self.started > self.limits.max_lifetime:
+                self.end(f"the stream reached the maximum lifetime of {self.limits.max_lifetime:g} s")
                 return
             if now - self._last_event > self.limits.event_timeout:
                 raise SessionLost(f"no event from the orchestrator for {self.limits.event_timeout:g} s")

@@ -91,11 +91,12 @@ class StreamConfig:
 
 
 def stream_config(
-    max_streams: int, idle_timeout: float, event_timeout: float, data_keepalive: float
+    max_streams: int, idle_timeout: float, event_timeout: float, max_lifetime: float, data_keepalive: float
 ) -> StreamConfig:
     """The settings the command line gives (``-maxStreams``, ``-streamIdleTimeout``,
-    ``-streamEventTimeout``, ``-dataKeepalive``); the rest keep their defaults."""
-    limits = StreamLimits(idle_timeout=idle_timeout, event_timeout=event_timeout)
+    ``-streamEventTimeout``, ``-maxStreamLifetime``, ``-dataKeepalive``); the rest keep their
+    defaults."""
+    limits = StreamLimits(idle_timeout=idle_timeout, event_timeout=event_timeout, max_lifetime=max_lifetime)
     return StreamConfig(max_streams, limits, data_keepalive=data_keepalive)
 
 

@@ -452,6 +452,30 @@ def test_a_publisher_that_stops_sending_is_ended_by_the_idle_timeout(
     asyncio.run(scenario())
 
 
+def test_a_stream_that_goes_on_is_ended_at_the_gateways_maximum_lifetime(
+    start_server: StartServer, clip: list[bytes]
+) -> None:
+    """-maxStreamLifetime on the gateway ends a stream that keeps sending, whatever its
+    orchestrator allows (here its default hour)."""
+    container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
+    orchestrator = start_server(orchestrator_argv(container, "-byocQueue", "0"), ready_status=NODE_READY)
+    gateway = start_server(
+        gateway_argv(orchestrator, flags=("-maxStreamLifetime", "3")), ready_status=NODE_READY
+    )
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            client = await Client.start(http, gateway)
+            publishing = asyncio.create_task(client.publish(clip, pause=0.5))  # 8 segments, ~4+ s
+            final = await client.ended()
+            assert final["reason"] == "the stream reached the maximum lifetime of 3 s"
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await until(lambda: _freed(orchestrator), "the orchestrator's unit freed")
+
+    asyncio.run(scenario())
+
+
 def test_a_reader_that_never_reads_does_not_hold_up_the_publisher(
     shared: Topology, clip: list[bytes]
 ) -> None:
