@@ -123,7 +123,7 @@ def latency_cdf(
     axes.set_ylabel("fraction of segments")
     axes.set_ylim(0, 1.02)
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize=9)
+    axes.legend(loc="best", fontsize=9)
     return _save(figure, path)
 
 
@@ -136,9 +136,12 @@ def rss_over_time(
     target_mb: float | None = None,
     cap_mb: float | None = None,
     capped: Mapping[str, bool] | None = None,
+    input_ends: float | None = None,
 ) -> Path:
     """Each process tree's RSS over time (``[seconds, MB]`` pairs, 0 = first input sent), with
-    the target and the cap past which a worker is killed as lines; a capped series is marked."""
+    the target and the cap past which a worker is killed as lines; a capped series is marked.
+    ``input_ends``: when the last input segment was sent, so what a worker still holds while it
+    works through its backlog shows apart from what it took on while input came."""
     figure, (axes,) = _figure(title, source)
     for name, samples in series.items():
         if not samples:
@@ -152,6 +155,10 @@ def rss_over_time(
     if target_mb is not None:
         axes.axhline(
             target_mb, color="#2ca02c", linestyle="--", linewidth=1, label=f"target {target_mb:.0f} MB"
+        )
+    if input_ends is not None:
+        axes.axvline(
+            input_ends, color="#777777", linestyle=":", linewidth=1, label=f"{input_ends:g} s of input sent"
         )
     if cap_mb is not None and capped and any(capped.values()):
         axes.axhline(cap_mb, color="#d62728", linestyle=":", linewidth=1, label=f"cap {cap_mb:.0f} MB")
@@ -282,6 +289,7 @@ def bench_live_figures(result: Mapping[str, Any], directory: Path) -> list[Path]
                 target_mb=result.get("targets", {}).get("peak_rss_mb"),
                 cap_mb=result.get("rss_cap_mb"),
                 capped={name: bool(side.get("rss_capped")) for name, side in sides.items()},
+                input_ends=seconds,
             )
         )
     if _has(sides, "saturated_output", "bench-live-fps"):
