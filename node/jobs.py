@@ -91,10 +91,7 @@ class Jobs:
 
     async def process_request(self, request: Request) -> Response:
         path = forward_path(request, JOB_PREFIX)
-        header = request.headers.get(JOB_HEADER)
-        if header is None:
-            raise ApiError(400, "missing_livepeer_header", f"the {JOB_HEADER} header is required")
-        job = JobRequest.decode(header)
+        job = JobRequest.required(request.headers.get(JOB_HEADER))
         timeout = min(job.timeout_seconds, self.limits.max_job_timeout)
         params = params_header(request)
         check_declared_length(request, self.limits.max_body_bytes)
@@ -163,11 +160,9 @@ class Jobs:
         self, capability: Capability, path: str, body: bytes, content_type: str | None, params: dict | None
     ) -> asyncio.Task[Upstream]:
         """Run the container call in a task that owns the job's unit until the call has ended."""
-        headers = {"Content-Type": content_type or "application/octet-stream"}
+        headers = {"Content-Type": content_type or "application/octet-stream", **capability.auth_headers()}
         if params is not None:
             headers[PARAMS_HEADER] = params_json(params)
-        if capability.token:
-            headers["Authorization"] = f"Bearer {capability.token}"
         task = asyncio.create_task(self._call(capability, f"{capability.url}/{path}", body, headers))
         self.calls.add(task)
         task.add_done_callback(self._call_ended)
@@ -242,7 +237,7 @@ class Jobs:
                 400, "not_a_stream", f"{job.capability} does not speak trickle; use POST /process/request/"
             )
         capability = await self.admit(request, job.capability, timeout)
-        headers = {"Authorization": f"Bearer {capability.token}"} if capability.token else {}
+        headers = capability.auth_headers()
         return Stream(
             job_id,
             capability.name,

@@ -121,6 +121,13 @@ class JobRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def required(cls, header: str | None) -> JobRequest:
+        """The job a request's ``Livepeer`` header describes, which the request must carry."""
+        if header is None:
+            raise ApiError(400, "missing_livepeer_header", f"the {JOB_HEADER} header is required")
+        return cls.decode(header)
+
+    @classmethod
     def decode(cls, header: str) -> JobRequest:
         if len(header) > MAX_HEADER_CHARS:
             raise _bad_header(f"the Livepeer header is over {MAX_HEADER_CHARS} characters")

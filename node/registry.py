@@ -84,6 +84,10 @@ class Capability:
     def token(self) -> str:
         return self.registration.token
 
+    def auth_headers(self) -> dict[str, str]:
+        """What every call to the container carries: its bearer token, when it registered one."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     @property
     def free(self) -> int:
         return max(self.capacity - self.load, 0)

@@ -233,7 +233,7 @@ class LiveStreams:
     # -- start ----------------------------------------------------------------------------------
 
     async def start(self, request: Request) -> Response:
-        job = _job(request)
+        job = JobRequest.required(request.headers.get(JOB_HEADER))
         stream_id = job.id
         if not stream_id:
             raise ApiError(400, "missing_stream_id", f'the {JOB_HEADER} header needs "id": the stream id')
@@ -297,7 +297,7 @@ class LiveStreams:
     def _owned(self, request: Request) -> LiveStream:
         """The stream an update or stop names (``request.stream_id`` in the ``Livepeer`` header),
         if the caller holds its key; otherwise the same 404 whichever was wrong."""
-        job = _job(request)
+        job = JobRequest.required(request.headers.get(JOB_HEADER))
         stream_id = job.request.get("stream_id") or job.id
         if not isinstance(stream_id, str) or not stream_id:
             raise ApiError(
@@ -409,9 +409,7 @@ class LiveStreams:
     async def _call(self, stream: LiveStream, path: str, body: bytes, timeout: float) -> _Answer:
         """``POST {container}{path}`` as go-livepeer's orchestrator sends it, within ``timeout``."""
         capability = stream.capability
-        headers = {"Content-Type": "application/json", "X-Stream-Id": stream.id}
-        if capability.token:
-            headers["Authorization"] = f"Bearer {capability.token}"
+        headers = {"Content-Type": "application/json", "X-Stream-Id": stream.id, **capability.auth_headers()}
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
@@ -496,13 +494,6 @@ class _ContainerRefusal(ApiError):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self._body, status_code=self.status, headers=self.headers)
-
-
-def _job(request: Request) -> JobRequest:
-    header = request.headers.get(JOB_HEADER)
-    if header is None:
-        raise ApiError(400, "missing_livepeer_header", f"the {JOB_HEADER} header is required")
-    return JobRequest.decode(header)
 
 
 def _start_params(raw: bytes) -> dict[str, Any]:
