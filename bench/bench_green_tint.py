@@ -5,7 +5,8 @@
 Prints (a) decode + tint + encode in process, (b) one ``POST`` job through the container (p50,
 p99), (c) a 300-frame trickle stream with 4 segments in flight (fps), their ratios, the same
 ``POST`` to passthrough (HTTP transport alone), each processor's idle RSS, and the targets of
-issue 2 with PASS/MISS; writes the same figures to ``bench/results/green_tint.json``.
+issue 2 with PASS/MISS; writes the same figures, with the per-job times behind them, to
+``out/bench-green-tint.json`` and its plot next to it (bench/plots.py).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.plots import bench_green_tint_figures  # noqa: E402
 from common.serve import load_processor_class  # noqa: E402
 from common.trickle.publisher import TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
 from tests.harness import AUTH_HEADERS, CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "green_tint.json"
+RESULTS = ROOT / "out" / "bench-green-tint.json"
 COMMAND = "make bench  # or: .venv/bin/python bench/bench_green_tint.py"
 IN_PROCESS_RUNS = 100
 POST_RUNS = 300
@@ -147,6 +149,7 @@ def target_line(what: str, figure: str, target: str, ok: bool) -> None:
 
 
 def main() -> None:
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     frame = make_frame()
     print(f"green-tint benchmark: 1280x720 JPEG q90, {len(frame) / 1024:.0f} KiB, {platform.node()}")
 
@@ -225,10 +228,16 @@ def main() -> None:
             "idle_rss_mb": {"max": TARGET_RSS_MB, "pass": all(mb <= TARGET_RSS_MB for mb in rss.values())},
         },
         "command": COMMAND,
+        "date": date,
+        # The raw times the plot draws (bench/plots.py), ms.
+        "in_process_ms_samples": [round(t, 3) for t in [*a_before, *a_after]],
+        "post_ms_samples": [round(t, 3) for t in posts],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {RESULTS.relative_to(ROOT)}")
+    for png in bench_green_tint_figures(results, RESULTS.parent):
+        print(f"plot: {png.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ neighbour's load on a shared host hits them alike:
 - the CPU each process spends per job and per frame (``/proc``), the idle RSS of both node roles.
 
 Prints the figures, ratios (topology/direct), the p50 overhead split by hop, the targets of issue 3
-with PASS/MISS, and writes ``bench/results/topology.json`` (``topology-compose.json`` with
-``--compose``). ``--profile`` then samples both node processes with py-spy under each load and
+with PASS/MISS, and writes ``out/bench-topology.json`` (``bench-topology-compose.json`` with
+``--compose``), with the per-job times behind the percentiles, and its plots next to it
+(bench/plots.py). ``--profile`` then samples both node processes with py-spy under each load and
 prints where their GIL time goes (raw stacks in ``bench/results/profile-<load>-<role>.txt``).
 """
 
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_green_tint import make_frame, target_line  # noqa: E402
+from bench.plots import bench_topology_figures  # noqa: E402
 from common.trickle.protocol import TrickleError  # noqa: E402
 from common.trickle.publisher import StreamKey, TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
@@ -56,7 +58,7 @@ from node.livepeer import JOB_HEADER, JobRequest  # noqa: E402
 from scripts.topology import PROCESSORS, Secrets, env_file_secrets, services  # noqa: E402
 from tests.harness import CLIENT_OPTIONS, ServerProcess, free_port  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "topology.json"
+RESULTS = ROOT / "out" / "bench-topology.json"
 PROFILES = ROOT / "bench" / "results"
 MODEL = "green-tint-cpu"
 JOB_PATH = "frame"  # POST {container}/frame direct, POST {node}/process/request/frame via the node
@@ -583,6 +585,8 @@ def report(topology: Topology, frame: bytes, measured: dict, command: str) -> di
             "in_flight": IN_FLIGHT,
         },
         "post_ms": {name: {"p50": p50[name], "p99": p99[name], "jobs": jobs} for name in posts},
+        # The raw times the plots draw (bench/plots.py): each job's, in the order run.
+        "post_ms_samples": {name: [round(ms, 3) for ms in t.times_ms] for name, t in posts.items()},
         "stream_fps": {name: {"median": fps[name], "rounds": t.fps} for name, t in streams.items()},
         "ratios_topology_over_direct": {
             "post_p50": p50["topology"] / p50["direct"],
@@ -626,6 +630,7 @@ def main() -> None:
     if not args.compose and not args.profile:
         command = f"make bench  # or: {command}"
 
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     frame = make_frame()
     with ExitStack() as stack:
         topology = compose_topology() if args.compose else stack.enter_context(local_topology())
@@ -638,10 +643,13 @@ def main() -> None:
         results = report(topology, frame, measured, command)
         if args.profile:
             results["profile"] = run_profiles(topology, frame)
-    out = RESULTS if not args.compose else RESULTS.with_name("topology-compose.json")
+    results["date"] = date
+    out = RESULTS if not args.compose else RESULTS.with_name("bench-topology-compose.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {out.relative_to(ROOT)}")
+    for png in bench_topology_figures(results, out.parent):
+        print(f"plot: {png.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ directly in this process and (b) one job through gateway + orchestrator + proces
 local processes on free ports, with ``--compose`` the Docker topology on 8935), their ratio, then
 for the Docker image (when an engine and the image are there): start to IDLE, peak RSS after a
 job, image size. Each figure is checked against issue 4's target with PASS/MISS; the same figures
-go to ``bench/results/whisper.json``.
+go to ``out/bench-whisper.json``, and its plot (each run's real-time factor) next to it
+(bench/plots.py).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.plots import bench_whisper_figures  # noqa: E402
 from common.audio import decode_audio  # noqa: E402
 from common.serve import load_processor_class  # noqa: E402
 from scripts import topology  # noqa: E402
 from scripts.test_byoc_job import speech_wav  # noqa: E402
 from tests.harness import ServerProcess, free_port  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "whisper.json"
+RESULTS = ROOT / "out" / "bench-whisper.json"
 COMMAND = "make bench-whisper  # or: .venv/bin/python bench/bench_whisper.py [--compose]"
 MODEL = "whisper-tiny-cpu"
 IMAGE = "byoc-whisper-tiny:latest"
@@ -180,6 +182,7 @@ def main() -> None:
     )
     parser.add_argument("--compose", action="store_true", help="use the running Docker topology on :8935")
     args = parser.parse_args()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     clip, samples = make_clip()
     seconds = len(samples) / RATE
     print(f"whisper-tiny benchmark: {seconds:.1f} s espeak-ng speech, 16 kHz WAV, {platform.node()}")
@@ -249,11 +252,14 @@ def main() -> None:
         "container": container,
         "local_processor_peak_rss_mb": local_rss,
         "targets": {k: {"max": TARGETS[k], "pass": ok} for k, ok in checks.items()},
-        "command": COMMAND,
+        "command": "make bench-whisper" + " BENCH_ARGS=--compose" * args.compose,
+        "date": date,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {RESULTS.relative_to(ROOT)}")
+    for png in bench_whisper_figures(results, RESULTS.parent):
+        print(f"plot: {png.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
