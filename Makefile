@@ -123,7 +123,7 @@ lint: venv ## ruff (lint and formatting) and mypy (types of common/, node/, scri
 format: venv ## ruff: fix formatting
 	$(VENV)/bin/ruff format .
 
-bench: venv ## run the benchmarks and print their figures (~8 minutes)
+bench: venv ## run the benchmarks, print their figures; JSON and PNG plots in out/ (~8 minutes)
 	$(PY) bench/bench_green_tint.py
 	$(PY) bench/bench_topology.py
 	$(PY) bench/bench_load.py
@@ -139,10 +139,10 @@ bench-live: venv pytrickle-venv ## live 720p30: ours vs PyTrickle 0.1.6 side by 
 	$(PY) bench/bench_live.py $(BENCH_ARGS)
 	$(PY) bench/bench_live_topology.py
 
-plots: venv ## redraw the README's plots (docs/plots/*.png) from the latest out/bench-live*.json, no rerun
+plots: venv ## redraw the README's plots (docs/plots/*.png) from the latest out/bench-*.json, no rerun
 	$(PY) bench/plots.py --out docs/plots
 
-bench-whisper: venv ## whisper real-time factor in process and through the topology (--compose: Docker)
+bench-whisper: venv ## whisper real-time factor in process and through the topology, JSON and plot in out/ (--compose: Docker)
 	$(PY) bench/bench_whisper.py $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and caches
