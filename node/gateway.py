@@ -42,6 +42,7 @@ from common.service import service_app
 from common.trickle.protocol import PARAMS_HEADER
 
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, JOB_PREFIX, SENDER_HEADER, JobRequest, sender_header
+from .page import page_routes
 from .relay import Deadline, forward_path, forwardable, new_client, pick
 from .stream_gateway import StreamConfig, StreamGateway
 from .streams import Stream, StreamRoutes
@@ -588,6 +589,7 @@ def create_gateway_app(config: GatewayConfig) -> Starlette:
             *gateway.live.routes(),
             Route("/status", gateway.status, methods=["GET"]),
             Route("/health", gateway.health, methods=["GET"]),
+            *page_routes(gateway.client, config.orch_addrs),  # the browser page, GET /process/models
         ],
         background=lambda: [gateway.streams.sweep_forever(), gateway.live.sweep_forever()],
         on_shutdown=gateway.close,

@@ -1,0 +1,196 @@
+// Live: the camera (and microphone) to the gateway by WHIP, through a stream at an orchestrator
+// and its container, and back by WHEP, shown next to the camera. Parameter changes go to the
+// stream's update_url, captions come from its data_url (Server-Sent Events).
+
+import { call, clearError, showError } from "./api.js";
+import { currentParams, onParamsChange } from "./params.js";
+import { age, drawStamp, readStamp } from "./stamp.js";
+import { whep, whip } from "./webrtc.js";
+
+const WIDTH = 640;
+const HEIGHT = 480;
+const FPS = 30;
+const LATENCIES_KEPT = 300; // the p50 is over the last ~10 s of frames
+const UPDATE_DELAY_MS = 150; // a slider sends at most one update per this long
+
+const $ = (id) => document.getElementById(id);
+let session = null;
+
+function setState(text) {
+  $("live-state").textContent = text;
+}
+
+function readout(id, value, digits) {
+  $(id).dataset.value = value === null ? "" : String(value);
+  $(id).textContent = value === null ? "–" : value.toFixed(digits);
+}
+
+// The camera's frames redrawn with a timestamp stamp, as the track WHIP sends.
+function stampedTrack(camera, stopped) {
+  const canvas = document.createElement("canvas");
+  Object.assign(canvas, { width: WIDTH, height: HEIGHT });
+  const ctx = canvas.getContext("2d");
+  const draw = () => {
+    if (stopped()) return;
+    ctx.drawImage(camera, 0, 0, WIDTH, HEIGHT);
+    drawStamp(ctx, HEIGHT, performance.now());
+    camera.requestVideoFrameCallback(draw);
+  };
+  camera.requestVideoFrameCallback(draw);
+  return canvas.captureStream(FPS).getVideoTracks()[0];
+}
+
+// fps and the latency p50 of what WHEP plays, read from each frame's stamp.
+function measure(output, stopped) {
+  const canvas = document.createElement("canvas");
+  Object.assign(canvas, { width: WIDTH, height: HEIGHT });
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const latencies = [];
+  let frames = 0;
+  let since = performance.now();
+  const onFrame = () => {
+    if (stopped()) return;
+    const now = performance.now();
+    frames += 1;
+    ctx.drawImage(output, 0, 0, WIDTH, HEIGHT);
+    const stamp = readStamp(ctx, HEIGHT);
+    if (stamp !== null) {
+      latencies.push(age(stamp, now));
+      if (latencies.length > LATENCIES_KEPT) latencies.shift();
+    }
+    if (now - since >= 1000) {
+      readout("live-fps", (frames * 1000) / (now - since), 1);
+      const sorted = [...latencies].sort((a, b) => a - b);
+      readout("live-latency", sorted.length ? sorted[Math.floor(sorted.length / 2)] : null, 0);
+      frames = 0;
+      since = now;
+    }
+    output.requestVideoFrameCallback(onFrame);
+  };
+  output.requestVideoFrameCallback(onFrame);
+}
+
+function follow(dataUrl, end) {
+  const captions = $("captions");
+  const events = new EventSource(dataUrl);
+  events.onmessage = (message) => {
+    let line;
+    try {
+      line = JSON.parse(message.data);
+    } catch (_) {
+      return;
+    }
+    if (typeof line.text !== "string" || !line.text.trim()) return;
+    const piece = document.createElement("div");
+    const time = document.createElement("span");
+    time.className = "time";
+    time.textContent = typeof line.start === "number" ? `${line.start.toFixed(1)} s` : "";
+    piece.append(time, line.text);
+    captions.append(piece);
+    while (captions.childElementCount > 20) captions.firstElementChild.remove();
+  };
+  events.addEventListener("end", (message) => {
+    let reason = "the stream ended";
+    try {
+      reason = JSON.parse(message.data).reason || reason;
+    } catch (_) { /* keep the plain reason */ }
+    end(reason);
+  });
+  return events;
+}
+
+async function start(model, kind) {
+  const params = currentParams();
+  setState("starting");
+  const response = await call("/process/stream/start", {
+    method: "POST",
+    headers: { "X-Model-Id": model, "Content-Type": "application/json" },
+    body: JSON.stringify({ stream_name: "page", params }),
+  });
+  const urls = await response.json();
+  const s = { urls, closed: false, peers: [], media: null, events: null, timer: null };
+  session = s;
+  try {
+    if (!urls.whip_url || !urls.whep_url) {
+      throw new Error("this gateway offers no WHIP/WHEP for streams (whip_url is empty): update the node");
+    }
+    const withMic = $("live-mic").checked || kind === "audio";
+    s.media = await navigator.mediaDevices.getUserMedia({
+      video: { width: WIDTH, height: HEIGHT, frameRate: FPS },
+      audio: withMic,
+    });
+    const camera = $("live-camera");
+    camera.srcObject = s.media;
+    await camera.play();
+    const stopped = () => s.closed;
+    const tracks = [stampedTrack(camera, stopped), ...s.media.getAudioTracks()];
+    s.peers.push(await whip(urls.whip_url, tracks));
+    const played = new MediaStream();
+    s.peers.push(await whep(urls.whep_url, played, withMic));
+    const output = $("live-output");
+    output.srcObject = played;
+    measure(output, stopped);
+    if (urls.data_url) s.events = follow(urls.data_url, (reason) => end(s, `ended: ${reason}`));
+    setState("live");
+  } catch (error) {
+    await stop(s, "stopped");
+    throw error;
+  }
+}
+
+function end(s, state) {
+  if (s.closed) return;
+  s.closed = true;
+  clearTimeout(s.timer);
+  if (s.events) s.events.close();
+  s.peers.forEach((peer) => peer.close());
+  if (s.media) s.media.getTracks().forEach((track) => track.stop());
+  if (session === s) session = null;
+  setState(state);
+  $("live-start").disabled = false;
+  $("live-stop").disabled = true;
+}
+
+async function stop(s, state) {
+  const wasOpen = !s.closed;
+  end(s, state);
+  if (wasOpen) await call(s.urls.stop_url, { method: "POST" }).catch(() => {});
+}
+
+// A slider moved while live: the new parameters to the container, at most every UPDATE_DELAY_MS.
+function scheduleUpdate() {
+  const s = session;
+  if (!s || s.closed) return;
+  clearTimeout(s.timer);
+  s.timer = setTimeout(async () => {
+    try {
+      await call(s.urls.update_url, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ params: currentParams() }),
+      });
+    } catch (error) {
+      showError(error);
+    }
+  }, UPDATE_DELAY_MS);
+}
+
+export function setUpLive(model, kind) {
+  const startButton = $("live-start");
+  const stopButton = $("live-stop");
+  startButton.addEventListener("click", async () => {
+    startButton.disabled = true;
+    clearError();
+    try {
+      await start(model(), kind());
+      stopButton.disabled = false;
+    } catch (error) {
+      showError(error);
+      if (!session) setState("stopped");
+      startButton.disabled = false;
+    }
+  });
+  stopButton.addEventListener("click", () => session && stop(session, "stopped"));
+  onParamsChange(scheduleUpdate);
+  $("params-extra").addEventListener("change", scheduleUpdate);
+}
