@@ -176,6 +176,15 @@ class LiveStream:
         self._heard = asyncio.Event()  # the container has sent an event (this session)
         self._fed = asyncio.Event()  # the container has shown it reads its input (this session)
         self._ending: str | None = None  # why the orchestrator or container said it ends
+        self._on_end: list[Callable[[], None]] = []
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on this loop) when the stream ends: how the media sides that write
+        ``input`` and read ``output`` in process (WHIP/WHEP) end with it."""
+        if self.ended:
+            callback()
+        else:
+            self._on_end.append(callback)
 
     @property
     def ended(self) -> bool:
@@ -197,6 +206,8 @@ class LiveStream:
         for channel in (self.input, self.output, self.events, self.data):
             channel.close()
         self._ended.set()
+        for callback in self._on_end:
+            callback()
         log.info(
             "stream %s (%s) ended: %s; %.1f s, %d segments in, %d out, %d moves",
             self.id, self.job.capability, reason, self.ended_at - self.started,

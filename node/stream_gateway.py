@@ -56,6 +56,7 @@ from .livepeer import (
     loads_bounded,
 )
 from .relay import Background, Deadline, check_plain_path, same_secret
+from .webrtc import Kind, WebRtc
 
 log = logging.getLogger("streams")
 
@@ -76,8 +77,11 @@ _OPS = {
     "update": ("POST",),
     "status": ("GET",),
     "stop": ("POST",),
+    "whip": ("POST", "DELETE"),  # POST an SDP offer; DELETE whip/{peer}, the answer's Location
+    "whep": ("POST", "DELETE"),
 }
 _TRICKLE_OPS = ("in", "out", "events")
+_PEER_OPS = {"whip": Kind.WHIP, "whep": Kind.WHEP}
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class StreamGateway:
         self.config = config
         self.streams: dict[str, LiveStream] = {}
         self.background = Background("live streams", limit=config.max_streams + 16)
+        self.webrtc = WebRtc()
 
     def routes(self) -> list[Route]:
         return [
@@ -230,8 +235,8 @@ class StreamGateway:
             "update_url": urls["update"],
             "status_url": urls["status"],
             "stop_url": urls["stop"],
-            "whip_url": "",
-            "whep_url": "",
+            "whip_url": urls["whip"],
+            "whep_url": urls["whep"],
             "rtmp_url": "",
             "rtmp_output_url": "",
         }
@@ -371,18 +376,27 @@ class StreamGateway:
             # The key is the stream's secret: the log lines of a failed request must not show it.
             request.scope[LOG_PATH] = request.url.path.replace(f"/{key}", "/<key>", 1)
         op, args = (parts[0], parts[1:]) if parts else ("", [])
-        trickle = op in _TRICKLE_OPS and len(args) <= 1
-        if op not in _OPS or (args and not trickle) or (op in ("out", "events") and not args):
+        one_arg = (op in _TRICKLE_OPS or op in _PEER_OPS) and len(args) <= 1
+        if op not in _OPS or (args and not one_arg) or (op in ("out", "events") and not args):
             raise ApiError(
                 400,
                 "invalid_path",
                 "stream URLs are /process/stream/{id}/{key}/{op} with op one of in/{seq}, out/{seq}, "
-                "events/{seq}, data, update, status, stop (or the same without {key}, sending "
-                f"{STREAM_KEY_HEADER}); use the URLs the start answered with",
+                "events/{seq}, data, update, status, stop, whip[/{peer}], whep[/{peer}] (or the same "
+                f"without {{key}}, sending {STREAM_KEY_HEADER}); use the URLs the start answered with",
             )
         stream = self._owned(stream_id, key)
-        if request.method not in _OPS[op] or (op == "in" and (request.method == "POST") != bool(args)):
+        if (
+            request.method not in _OPS[op]
+            or (op == "in" and (request.method == "POST") != bool(args))
+            or (op in _PEER_OPS and (request.method == "DELETE") != bool(args))
+        ):
             raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on a stream's {op}")
+        if op in _PEER_OPS:
+            if args:
+                return await self.webrtc.hang_up(stream, _PEER_OPS[op], args[0])
+            base = f"{str(request.base_url).rstrip('/')}/process/stream/{stream.id}/{stream.key}"
+            return await self.webrtc.offer(request, stream, _PEER_OPS[op], base)
         if op == "in":
             return await (self._write(request, stream, args[0]) if args else self._end_input(stream))
         if op in ("out", "events"):
@@ -537,6 +551,7 @@ class StreamGateway:
             self.forget_ended()
 
     async def close(self) -> None:
+        await self.webrtc.close()
         await self.background.close()
 
 

@@ -1,0 +1,273 @@
+"""The media between a stream's WebRTC peers and its gateway channels, each stage in its own thread.
+
+WHIP: decoded camera frames -> :class:`SegmentEncoder` (libx264 ultrafast, zerolatency, no
+B-frames, a fresh encoder and MPEG-TS muxer per ~1 s segment, so each segment starts with PAT/PMT
+and an IDR and stands alone, as a trickle publisher cuts them) -> the stream's ``input`` channel,
+each muxed frame written as it comes out (the gateway streams a segment to the orchestrator while
+it grows, so a frame does not wait for its segment to end).
+
+WHEP: the stream's ``output`` segments -> :class:`OutputDemuxer` (PyAV's MPEG-TS demuxer over
+``common.live.tsinput.InputStream``, which also hands over each segment's last frame at once) ->
+H.264 packets, forwarded to every viewer without decoding: the container's encoder already gives
+what a WebRTC H.264 receiver plays (no B-frames, an IDR per segment).
+
+The event loop side of a channel is only ever touched on the gateway's loop
+(:class:`InputSegments` schedules its writes there); queues between threads are bounded, and a
+stage that cannot keep up drops whole frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import av
+
+from common.live.tsinput import InputStream
+from common.trickle.channel import Channel, IncompleteSegment, Segment, SegmentTooLarge
+
+log = logging.getLogger("webrtc")
+
+TIME_BASE = Fraction(1, 90_000)
+SEGMENT_SECONDS = 1.0  # input segment length: the container's unit of work and a move's loss
+MAX_QUEUED_FRAMES = 4  # decoded frames waiting for the encoder; more are dropped
+MAX_DEMUX_BYTES = 8 * 1024 * 1024  # output bytes waiting for the demuxer; more are dropped
+X264_OPTIONS = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0"}
+JOIN_SECONDS = 2.0  # a media thread's end, on close
+
+
+class InputSegments:
+    """The stream's ``input`` channel as the encoder thread writes it: each call is scheduled on
+    the gateway's loop (in call order), where the channel lives."""
+
+    def __init__(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+        self._channel = channel
+        self._loop = loop
+        self._segment: Segment | None = None
+
+    def begin(self) -> None:
+        self._call(self._begin)
+
+    def write(self, data: bytes) -> None:
+        self._call(self._write, data)
+
+    def end(self) -> None:
+        self._call(self._end)
+
+    def _call(self, function: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is gone
+            self._loop.call_soon_threadsafe(function, *args)
+
+    def _begin(self) -> None:
+        self._end()
+        if not self._channel.closed:
+            self._segment = self._channel.open_write()
+
+    def _write(self, data: bytes) -> None:
+        if self._segment is None:
+            return
+        try:
+            self._segment.write(data)
+        except SegmentTooLarge:
+            log.warning("webrtc: input segment %d over its size limit was cut", self._segment.seq)
+            self._segment = None
+
+    def _end(self) -> None:
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+
+class _Sink:
+    """The file PyAV's muxer writes to: every write goes to the input segment at once."""
+
+    def __init__(self, segments: InputSegments) -> None:
+        self._segments = segments
+
+    def write(self, data: bytes) -> int:
+        self._segments.write(bytes(data))
+        return len(data)
+
+
+class SegmentEncoder:
+    """WHIP frames to MPEG-TS input segments, in a thread of its own.
+
+    :meth:`put` never blocks the WebRTC loop: with ``MAX_QUEUED_FRAMES`` waiting, a new frame is
+    dropped (counted in ``dropped``). Timestamps are the stream's clock when a frame arrived, so
+    they keep increasing across WHIP sessions of the same stream.
+    """
+
+    def __init__(self, segments: InputSegments, clock_start: float, name: str) -> None:
+        self._segments = segments
+        self._clock_start = clock_start
+        self._queue: queue.Queue[tuple[av.VideoFrame, int] | None] = queue.Queue(MAX_QUEUED_FRAMES)
+        self._container: Any = None
+        self._video: Any = None
+        self._segment_start = 0
+        self._last_pts = -1
+        self.frames = 0
+        self.dropped = 0
+        self.segments = 0
+        self._thread = threading.Thread(target=self._main, name=f"whip-encode {name}", daemon=True)
+        self._thread.start()
+
+    def put(self, frame: av.VideoFrame) -> None:
+        pts = round((time.monotonic() - self._clock_start) * 90_000)
+        try:
+            self._queue.put_nowait((frame, pts))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        """Finish the open segment and end the thread (bounded wait: call it off the loop)."""
+        while True:
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
+        self._thread.join(JOIN_SECONDS)
+
+    def _main(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                self._encode(*item)
+        except (av.error.FFmpegError, ValueError) as exc:
+            log.warning("webrtc: the WHIP encoder failed: %s", exc)
+        finally:
+            self._close_segment()
+
+    def _encode(self, frame: av.VideoFrame, pts: int) -> None:
+        pts = max(pts, self._last_pts + 1)  # x264 and the muxer need increasing timestamps
+        size = (frame.width & ~1, frame.height & ~1)
+        if (
+            self._video is None
+            or (self._video.width, self._video.height) != size
+            or (pts - self._segment_start) * TIME_BASE >= SEGMENT_SECONDS
+        ):
+            self._close_segment()
+            self._open_segment(size, pts)
+        if frame.format.name != "yuv420p" or (frame.width, frame.height) != size:
+            frame = frame.reformat(width=size[0], height=size[1], format="yuv420p")
+        frame.pts, frame.time_base, self._last_pts = pts, TIME_BASE, pts
+        for packet in self._video.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def _open_segment(self, size: tuple[int, int], pts: int) -> None:
+        self._segments.begin()
+        self._container = av.open(
+            _Sink(self._segments),
+            "w",
+            format="mpegts",
+            container_options={"mpegts_flags": "+initial_discontinuity", "flush_packets": "1"},
+        )
+        video = self._container.add_stream("libx264", rate=30, options=dict(X264_OPTIONS))
+        video.width, video.height = size
+        video.pix_fmt = "yuv420p"
+        video.time_base = TIME_BASE
+        self._video, self._segment_start = video, pts
+
+    def _close_segment(self) -> None:
+        if self._container is None:
+            return
+        try:
+            for packet in self._video.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+        except (av.error.FFmpegError, ValueError) as exc:
+            log.warning("webrtc: closing an input segment: %s", exc)
+        finally:
+            self._container = self._video = None
+            self._segments.end()
+            self.segments += 1
+
+
+PacketSink = Callable[[av.Packet], None]
+NAL_IDR = 5
+
+
+def has_idr(access_unit: bytes) -> bool:
+    """Whether an H.264 access unit (Annex B) holds an IDR slice: where a viewer may start.
+    (Without its parser, which would hold each frame back until the next one arrives, PyAV's
+    MPEG-TS demuxer does not flag keyframes.)"""
+    start = access_unit.find(b"\x00\x00\x01")
+    while 0 <= start < len(access_unit) - 3:
+        if access_unit[start + 3] & 0x1F == NAL_IDR:
+            return True
+        start = access_unit.find(b"\x00\x00\x01", start + 3)
+    return False
+
+
+class OutputDemuxer:
+    """The stream's ``output`` segments as H.264 packets, handed to ``deliver`` as demuxed.
+
+    :meth:`follow` runs on the gateway's loop: from the segment written last (its start: an IDR)
+    it feeds every segment's bytes, as they arrive, to a demuxer thread. ``deliver`` is called in
+    that thread and must not block.
+    """
+
+    def __init__(self, channel: Channel, deliver: PacketSink, name: str) -> None:
+        self._channel = channel
+        self._deliver = deliver
+        self._input = InputStream(MAX_DEMUX_BYTES, max_waiting_segments=2)
+        self.packets = 0
+        self._thread = threading.Thread(target=self._main, name=f"whep-demux {name}", daemon=True)
+        self._thread.start()
+
+    async def follow(self) -> None:
+        """Feed the output channel to the demuxer until it closes (or this task is cancelled)."""
+        channel = self._channel
+        seq = channel.next_write  # the next segment from its start: no burst of old frames
+        try:
+            while True:
+                segment = channel.for_read(seq)
+                if segment is None:
+                    if channel.closed:
+                        return
+                    seq = max(seq + 1, channel.next_write - channel.ring_size)
+                    continue
+                if segment.error is None:
+                    with contextlib.suppress(IncompleteSegment):
+                        async for chunk in segment.chunks():
+                            self._input.feed(chunk)
+                    self._input.end_segment()
+                seq += 1
+        finally:
+            self._input.end_input()
+
+    def close(self) -> None:
+        """Stop the demuxer (bounded wait: call it off the loop)."""
+        self._input.close()
+        self._thread.join(JOIN_SECONDS)
+        log.info("webrtc: %s demuxed %d packets from the output", self._thread.name, self.packets)
+
+    def _main(self) -> None:
+        container = None
+        try:
+            options = {"fflags": "+noparse+nofillin", "analyzeduration": "0", "probesize": "32768"}
+            container = av.open(self._input, "r", format="mpegts", options=options)
+            if not container.streams.video:
+                log.warning("webrtc: the stream's output has no video track to play")
+                return
+            video = container.streams.video[0]
+            self._input.pes_pids = {video.id: 0xE0}
+            for packet in container.demux(video):
+                if packet.size and packet.pts is not None:
+                    self.packets += 1
+                    packet.is_keyframe = has_idr(bytes(packet))
+                    self._deliver(packet)
+        except (av.error.FFmpegError, ValueError) as exc:
+            log.warning("webrtc: the stream's output could not be demuxed: %s", exc)
+        finally:
+            if container is not None:
+                container.close()
