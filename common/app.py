@@ -133,6 +133,7 @@ class ProcessorApp:
             lambda: self.state.value,
             lambda: self.health_status().value,
             _version(),
+            self.store.new_job,
         )
 
     async def load(self) -> None:

@@ -2,8 +2,10 @@
 
 ``POST /stream/start`` (and its alias ``/live-video-to-video``), ``/stream/stop``,
 ``/stream/params``, ``GET /stream/status``, ``/app-version``, ``/hardware/info`` and
-``/hardware/stats``. Answers carry pytrickle's ``status``/``message`` keys; errors also carry ours
-(``error``/``detail``). go-livepeer names the stream in ``X-Stream-Id`` on start, stop and params.
+``/hardware/stats``. A start body may add ``"segments": true``: the stream is then frame per
+segment whatever the processor (see :mod:`common.live.stream`). Answers carry pytrickle's
+``status``/``message`` keys; errors also carry ours (``error``/``detail``). go-livepeer names the
+stream in ``X-Stream-Id`` on start, stop and params.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 from ..errors import ApiError
 from ..http import MAX_PARAMS_BYTES, parse_params, read_body
 from ..processor import BaseProcessor
+from ..trickle.jobs import Job
 from ..work import WorkSlots
 from .request import MAX_START_BYTES, StreamApiError, bad_request, check_id, parse_start, split_params
 from .stream import LiveSettings, LiveStream
@@ -50,8 +53,10 @@ class LiveApi:
         load_state: Callable[[], str],
         health: Callable[[], str],
         version: str,
+        new_job: Callable[[str], Job],
     ) -> None:
         self.processor = processor
+        self._new_job = new_job  # the app's trickle job (``/live/{job}``'s), for frame-per-segment streams
         self.work = work
         self.settings = settings
         self._load_state = load_state
@@ -133,7 +138,7 @@ class LiveApi:
                 "Pipeline is still in use",
                 {"Retry-After": "1"},
             )
-        stream = LiveStream(checked, self.processor, self.work, self.settings, self._tls)
+        stream = LiveStream(checked, self.processor, self.work, self.settings, self._tls, self._new_job)
         self.streams[stream.id] = stream
         self.started += 1
         stream.start(self._ended)

@@ -1,10 +1,11 @@
 """What a stream start or params update may say, checked where it enters.
 
 The body is pytrickle's (``gateway_request_id`` required, five channel URLs, a free-form
-``params`` object), sent by a go-livepeer orchestrator or any pytrickle client. Everything in it is
-hostile until checked: URLs must be plain http(s) and short, ids printable, ``params`` split into
-pytrickle's stream options (checked with pytrickle's rules and messages) and the processor's own
-parameters (checked by the processor, as for every other job).
+``params`` object; ours adds an optional boolean ``segments``), sent by a go-livepeer
+orchestrator or any pytrickle client. Everything in it is hostile until checked: URLs must be
+plain http(s) and short, ids printable, ``params`` split into pytrickle's stream options
+(checked with pytrickle's rules and messages) and the processor's own parameters (checked by the
+processor, as for every other job).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class StreamRequest:
     data_url: str | None = None
     params: dict[str, Any] = field(default_factory=dict)  # the processor's, checked
     options: dict[str, Any] = field(default_factory=dict)  # pytrickle's, checked
+    # Frame per segment: each input segment is one input of the app's trickle job machinery
+    # (what ``/live/{job}`` does), read from seq 0, whatever the processor's kind.
+    segments: bool = False
 
     def urls(self) -> dict[str, str | None]:
         return {key.removesuffix("_url"): getattr(self, key) for key in URL_KEYS}
@@ -198,6 +202,13 @@ def parse_start(
             "invalid_request", "subscribe_url is required: this container processes an input stream"
         )
     params, options = split_params(fields.get("params"), validate, start_error)
+    segments = fields.get("segments", False)
+    if not isinstance(segments, bool):
+        raise start_error(
+            "invalid_request",
+            "segments must be true (each input segment is one input, its result one output segment) "
+            f"or false (the processor's own kind of stream), not {type(segments).__name__}",
+        )
     stream_id = check_id(stream_id_header, "X-Stream-Id") if stream_id_header else request_id
     return StreamRequest(
         stream_id=stream_id,
@@ -209,4 +220,5 @@ def parse_start(
         data_url=urls["data_url"],
         params=params,
         options=options,
+        segments=segments,
     )

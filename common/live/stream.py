@@ -6,8 +6,10 @@ Which way the media goes depends on the processor (:class:`LiveInput`):
   decodes the continuous MPEG-TS input, re-encodes H.264 one output segment per input segment);
 * a ``Processor`` whose class sets ``live_input = "audio"`` (a transcriber) gets the stream's audio
   as 16 kHz mono L16 through its normal ``run()``, and its text goes to the data channel;
-* any other ``Processor`` gets each input segment's bytes, and what it returns is the output
-  segment: no decode, no re-encode.
+* any other ``Processor``, and every processor when the start body says ``"segments": true``, is
+  frame per segment: each input segment is one input of a trickle :class:`~common.trickle.jobs.Job`
+  with the app's own handler and end-of-stream flush (what ``/live/{job}`` does), and output
+  segment n is input n's result (an error is an error segment, in band), then the flush.
 
 The stream owns every task it starts; :meth:`LiveStream.stop` cancels and awaits them all. Every
 wait is bounded: the trickle clients by ``trickle_timeout``, the media drain after the input ends
@@ -32,7 +34,9 @@ import numpy as np
 
 from ..errors import ApiError
 from ..processor import BaseProcessor, ImageProcessor, Output, _job_context
-from ..trickle.protocol import KEEPALIVE_EXPIRY, SEQ_LATEST, TrickleError
+from ..trickle.jobs import Input, Job
+from ..trickle.jobs import Segment as JobSegment
+from ..trickle.protocol import ERROR_HEADER, KEEPALIVE_EXPIRY, SEQ_LATEST, TrickleError
 from ..trickle.publisher import TricklePublisher
 from ..trickle.subscriber import ReceivedSegment, TrickleSubscriber
 from ..work import WorkSlots
@@ -54,7 +58,7 @@ class LiveInput(str, enum.Enum):
 
     VIDEO = "video"  # decoded frames, re-encoded output
     AUDIO = "audio"  # the audio track, text out on the data channel
-    SEGMENTS = "segments"  # each input segment's bytes, as they are
+    SEGMENTS = "segments"  # each input segment one input of a trickle job, its result one output
 
 
 def live_input(processor: BaseProcessor) -> LiveInput:
@@ -138,10 +142,12 @@ class LiveStream:
         work: WorkSlots,
         settings: LiveSettings,
         tls: ssl.SSLContext | bool,
+        new_job: Callable[[str], Job],
     ) -> None:
         self.request = request
         self.processor = processor
-        self.kind = live_input(processor)
+        self.kind = LiveInput.SEGMENTS if request.segments else live_input(processor)
+        self._new_job = new_job  # the app's trickle job, for frame-per-segment streams
         self.settings = settings
         self._work = work
         self._tls = tls
@@ -159,6 +165,7 @@ class LiveStream:
         self.bytes_in = 0
         self.bytes_out = 0
         self.data_lines = 0
+        self.outputs_dropped = 0  # frame per segment: outputs the ring lost to a slow output channel
         self._processor_state: dict[str, Any] = {}  # the processor's per-stream state (``stream``)
         self._transcoder: Any = None
         self._final_media: dict[str, Any] = {}  # the transcoder's last figures, once it is gone
@@ -225,6 +232,7 @@ class LiveStream:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "data_lines": self.data_lines,
+            "outputs_dropped": self.outputs_dropped,
             "media": dict(media),
             "events": {"sent": events.sent, "dropped": events.dropped, "failed": events.failed}
             if events is not None
@@ -254,7 +262,9 @@ class LiveStream:
             else None
         )
         events = self._events = Events(events_publisher, self.id)
-        self._output = self._publisher(client, self.request.publish_url, "video/mp2t")
+        # Frame per segment: each output has its own content type, so no POST is opened ahead.
+        preopen = self.kind != LiveInput.SEGMENTS
+        self._output = self._publisher(client, self.request.publish_url, "video/mp2t", preopen)
         self._data = self._publisher(client, self.request.data_url, TRANSCRIPT_CONTENT_TYPE)
         side = [asyncio.create_task(events.run(), name=f"{self.id} events")]
         side.append(asyncio.create_task(self._heartbeat(events), name=f"{self.id} heartbeat"))
@@ -417,16 +427,16 @@ class LiveStream:
             fields = {key: value for key, value in event.items() if key != "type"}
             self._events.emit_threadsafe(str(event.get("type", "media")), **fields)
 
-    async def _input(self, client: httpx.AsyncClient) -> AsyncGenerator[ReceivedSegment, None]:
-        """Input segments in order until the channel ends; each closed after the caller's turn."""
+    async def _input(
+        self, client: httpx.AsyncClient, start_seq: int = SEQ_LATEST
+    ) -> AsyncGenerator[ReceivedSegment, None]:
+        """Input segments in order until the channel ends, each closed after the caller's turn;
+        also those their publisher marked failed (``segment.error``): the caller says what of them."""
         subscriber = TrickleSubscriber(
-            client, self.request.subscribe_url, start_seq=SEQ_LATEST, timeout=self.settings.trickle_timeout
+            client, self.request.subscribe_url, start_seq=start_seq, timeout=self.settings.trickle_timeout
         )
         while (segment := await subscriber.next()) is not None:
             try:
-                if segment.error is not None:  # the publisher marked it failed: skip, keep reading
-                    self._fail("input_segment_error", f"input segment {segment.seq}: {segment.error}")
-                    continue
                 if self.segments_in == 0 and self._events is not None:
                     self._events.emit("receive_first_ingest_segment", seq=segment.seq)
                 self.segments_in += 1
@@ -449,6 +459,9 @@ class LiveStream:
     async def _feed(self, client: httpx.AsyncClient, transcoder: Any) -> None:
         async with contextlib.aclosing(self._input(client)) as segments:
             async for segment in segments:
+                if segment.error is not None:  # the publisher marked it failed: skip, keep reading
+                    self._fail("input_segment_error", f"input segment {segment.seq}: {segment.error}")
+                    continue
                 async for chunk in self._chunks(segment):
                     transcoder.feed(chunk)
                 transcoder.end_segment()
@@ -478,11 +491,13 @@ class LiveStream:
         self.segments_out += 1
 
     def _publisher(
-        self, client: httpx.AsyncClient, url: str | None, content_type: str
+        self, client: httpx.AsyncClient, url: str | None, content_type: str, preopen: bool = True
     ) -> TricklePublisher | None:
         if url is None:
             return None
-        return TricklePublisher(client, url, content_type=content_type, timeout=self.settings.trickle_timeout)
+        return TricklePublisher(
+            client, url, content_type=content_type, timeout=self.settings.trickle_timeout, preopen=preopen
+        )
 
     # -- audio: transcripts ---------------------------------------------------------------------
 
@@ -527,27 +542,88 @@ class LiveStream:
             self._delivered(self.segments_out)
         self.data_lines += len(lines)
 
-    # -- segments as they are -------------------------------------------------------------------
+    # -- frame per segment: the app's trickle job ---------------------------------------------
 
     async def _segments(self, client: httpx.AsyncClient) -> None:
-        """Each input segment's bytes through ``process()``; its return value is the output segment."""
-        publisher = self._output
+        """Each input segment one input of a :class:`Job` with the app's ``/live/{job}`` handler and
+        flush; its outputs, in order, to the publish channel.
+
+        Bounded as a ``/live`` job is: at most ``max_pending`` inputs wait for processing (the
+        reader waits meanwhile, and the input channel's ring drops what it cannot keep), and the
+        job's output is a ring, so a slow output channel loses outputs instead of growing memory.
+        A start with ``"segments": true`` reads from seq 0, so nothing written before the
+        container joined is missed; otherwise the stream joins at the live edge, as pytrickle's.
+        """
+        job = self._new_job(self.id)
+        start_seq = 0 if self.request.segments else SEQ_LATEST
         try:
-            async with contextlib.aclosing(self._input(client)) as segments:
-                async for segment in segments:
-                    body = b"".join([chunk async for chunk in self._chunks(segment)])
-                    content_type = segment.content_type or "video/mp2t"
-                    output = await self._work.run(
-                        self.processor.run(body, content_type, self.params, self._processor_state),
-                        self.settings.trickle_timeout,  # a slot held by one-shot jobs: bounded wait
-                    )
-                    if publisher is not None:
-                        await publisher.write(output.body)
-                    self.bytes_out += len(output.body)
-                    self._delivered(segment.seq)
+            await self._drained(self._feed_job(client, job, start_seq), self._deliver_job(job))
+        finally:
+            job.stop()
+
+    async def _feed_job(self, client: httpx.AsyncClient, job: Job, start_seq: int) -> None:
+        async with contextlib.aclosing(self._input(client, start_seq)) as segments:
+            async for segment in segments:
+                item = await self._job_input(segment, job)
+                _, upload = await job.open_input()  # waits (bounded) while max_pending are queued
+                upload.set_result(item)
+        job.end_input()
+
+    async def _job_input(self, segment: ReceivedSegment, job: Job) -> Input | JobSegment:
+        """What one input segment is to the job: its bytes, type and the stream's params now; or,
+        for a segment marked failed or too large, the error segment that stands for it."""
+        if segment.error is not None:
+            detail = f"input segment {segment.seq} was marked failed by its publisher: {segment.error}"
+            return JobSegment.from_error(ApiError(400, "input_segment_error", detail))
+        try:
+            body = b"".join([chunk async for chunk in self._chunks(segment)])
+        except StreamError as exc:
+            return JobSegment.from_error(ApiError(413, exc.code, exc.detail))
+        return Input(body, segment.content_type or None, dict(self._overrides), job.state)
+
+    async def _deliver_job(self, job: Job) -> None:
+        """The job's output segments, in order, each published with its own content type (an
+        error one with ``Lp-Trickle-Error``); ends once the job's output is closed."""
+        publisher, output, seq = self._output, job.output, 0
+        try:
+            while True:
+                segment = output.for_read(seq)
+                if segment is None:
+                    if output.closed and seq >= output.next_write:
+                        return
+                    if seq < output.next_write:  # gone from the ring while the output channel lagged
+                        self._output_dropped(seq)
+                        seq += 1
+                    else:
+                        await output.wait_change()
+                    continue
+                body = await segment.read()  # a job writes each output whole: no partial reads
+                if not segment.claimed:  # closed unwritten: the job ended, or skipped this seq
+                    if output.closed:
+                        return
+                    seq += 1
+                    continue
+                content_type = segment.content_type or output.mime
+                if publisher is not None:
+                    headers = {"Content-Type": content_type}
+                    if segment.error is not None:
+                        headers[ERROR_HEADER] = segment.error
+                    await publisher.write(body, headers)
+                if segment.error is not None and self._events is not None:
+                    self._events.emit("error", message=body.decode("utf-8", "replace")[:300],
+                                      code=segment.error, segment=seq)  # fmt: skip
+                self.bytes_out += len(body)
+                self._delivered(seq)
+                seq += 1
         finally:
             if publisher is not None:
                 await _quietly(publisher.close(), self._cleanup_seconds(), f"{self.id} output close")
+
+    def _output_dropped(self, seq: int) -> None:
+        self.outputs_dropped += 1
+        log.warning("%s: output %d dropped: the output channel is slower than the processing", self.id, seq)
+        if self._events is not None:
+            self._events.emit("output_dropped", segment=seq, dropped=self.outputs_dropped)
 
 
 async def _quietly(work: Coroutine[Any, Any, Any], timeout: float, what: str) -> None:

@@ -268,13 +268,16 @@ class JobStore:
                     "jobs or retry later",
                     {"Retry-After": "1"},
                 )
-            job = Job(
-                job_id, self._handler, self._ring_size, self._max_pending, self._concurrency, self._finish
-            )
+            job = self.new_job(job_id)
             self.jobs[job_id] = job
             log.info("job %s started", job_id)
         job.touch()
         return job
+
+    def new_job(self, job_id: str) -> Job:
+        """A job with this store's handler, finish and limits, not kept here: its caller owns it
+        and stops it (a live stream in frame-per-segment mode)."""
+        return Job(job_id, self._handler, self._ring_size, self._max_pending, self._concurrency, self._finish)
 
     def delete(self, job_id: str) -> None:
         self.get(job_id).stop()

@@ -144,6 +144,7 @@ class TricklePublisher:
         headers: Mapping[str, str] | None = None,
         timeout: float = 30.0,
         key: StreamKey | None = None,
+        preopen: bool = True,
     ) -> None:
         self.client = client
         self.url = url.rstrip("/")
@@ -152,35 +153,42 @@ class TricklePublisher:
         # On a node, the first answer brings the stream's key; until then nothing is pre-opened,
         # as a request without the key would be refused.
         self.key = key
+        # Off for a writer whose segments carry headers of their own (a content type, an error
+        # report): a pre-opened POST has sent its headers before its segment is known.
+        self.preopen = preopen
         self.next_seq = 0
         self._pending: _Post | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
-    def _open(self, seq: int) -> _Post:
-        headers = {**self.headers, **(self.key.headers() if self.key else {})}
+    def _open(self, seq: int, headers: Mapping[str, str] | None = None) -> _Post:
+        headers = {**self.headers, **(headers or {}), **(self.key.headers() if self.key else {})}
         return _Post(self.client, f"{self.url}/{seq}", headers, self.timeout, seq)
 
-    def _take(self) -> _Post:
+    def _take(self, headers: Mapping[str, str] | None) -> _Post:
         post, self._pending = self._pending, None
         if post is None or post.stale():
-            post = self._open(self.next_seq)
-        if self.key is None or self.key.value is not None:
+            post = self._open(self.next_seq, headers)
+        if self.preopen and (self.key is None or self.key.value is not None):
             self._pending = self._open(post.seq + 1)
         self.next_seq = post.seq + 1
         return post
 
     @contextlib.asynccontextmanager
-    async def segment(self) -> AsyncIterator[SegmentWriter]:
+    async def segment(self, headers: Mapping[str, str] | None = None) -> AsyncIterator[SegmentWriter]:
         """One segment, streamed: ``async with pub.segment() as seg: await seg.write(chunk)``.
 
         Leaving the block ends the segment and waits for its answer; an exception in the block
         cuts the upload off instead, so the server never takes a partial segment for a whole one.
+        ``headers`` (e.g. this segment's ``Content-Type``) need a publisher made with
+        ``preopen=False``.
         """
+        if headers and self.preopen:
+            raise ValueError("headers of a segment's own need TricklePublisher(preopen=False)")
         async with self._lock:
             if self._closed:
                 raise TrickleError(0, "publisher_closed", f"{self.url}: the publisher is closed")
-            post = self._take()
+            post = self._take(headers)
             try:
                 yield SegmentWriter(post)
             except BaseException:
@@ -190,9 +198,10 @@ class TricklePublisher:
             if self.key is not None:
                 self.key.learn(response)
 
-    async def write(self, data: bytes) -> int:
-        """Send ``data`` as one whole segment; returns its seq."""
-        async with self.segment() as segment:
+    async def write(self, data: bytes, headers: Mapping[str, str] | None = None) -> int:
+        """Send ``data`` as one whole segment (with ``headers`` of its own, see :meth:`segment`);
+        returns its seq."""
+        async with self.segment(headers) as segment:
             await segment.write(data)
         return segment.seq
 
