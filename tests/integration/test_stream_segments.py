@@ -270,6 +270,44 @@ def test_green_tint_frames_errors_and_a_params_update(trickle: ServerProcess, ti
     assert [(o.body, o.error) for o in outputs] == via_live(tint, inputs, {5: {"strength": 0.9}})
 
 
+def test_an_input_marked_failed_is_an_error_output_and_a_stop_ends_everything(
+    trickle: ServerProcess, tint: ServerProcess
+) -> None:
+    jpeg = encode_image(sample_image(96, 64, noise=4.0), "jpeg")
+
+    async def run() -> tuple[Stream, dict[str, Any]]:
+        async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": TIMEOUT}) as http:
+            stream = Stream(trickle, tint, http)
+            await stream.create_channels()
+            source = TricklePublisher(http, stream.url(), preopen=False)
+            failed = {"Content-Type": "application/json", "Lp-Trickle-Error": "decode_failed"}
+            await source.write(b'{"error": "decode_failed", "detail": "the camera lost it"}', failed)
+            await source.write(jpeg, {"Content-Type": "image/jpeg"})
+            readers = [asyncio.create_task(stream.read_outputs()), asyncio.create_task(stream.read_events())]
+            try:
+                await stream.start()
+                await stream.output(1)
+                stopped = await http.post(
+                    f"{tint.url}/stream/stop", headers={**AUTH_HEADERS, "X-Stream-Id": stream.name}
+                )
+                assert stopped.json()["stopped"] == [stream.name], stopped.text
+                await asyncio.wait_for(asyncio.gather(*readers), TIMEOUT)  # the output and events end
+            finally:
+                for reader in readers:
+                    reader.cancel()
+            return stream, await stream.ended()
+
+    stream, record = asyncio.run(run())
+    first, second = stream.outputs
+    assert first.error is not None and first.error["error"] == "input_segment_error", first
+    assert "decode_failed" in first.error["detail"]
+    assert second.error is None and second.content_type == "image/jpeg"
+    assert stream.events[-1]["type"] == "stream_stopped" and stream.events[-1]["reason"] == "stopped"
+    assert record["state"] == "STOPPED" and record["segments_in"] == record["segments_out"] == 2, record
+    with tint.client() as client:
+        assert client.get("/health").json()["status"] == "IDLE"
+
+
 def test_segments_must_be_a_boolean(tint: ServerProcess) -> None:
     with tint.client() as client:
         for value in ("yes", 1, None, {"on": True}):
