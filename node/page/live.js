@@ -167,7 +167,7 @@ function scheduleUpdate() {
       await call(s.urls.update_url, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ params: currentParams() }),
+        body: JSON.stringify(currentParams()), // relayed as is to the container's /stream/params
       });
     } catch (error) {
       showError(error);

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from chromium import new_browser, require_chromium
+from chromium import new_browser, require_chromium, write_camera_clip
 from harness import ServerProcess, free_port
 from selenium.webdriver.chrome.webdriver import WebDriver
 
@@ -59,11 +60,16 @@ def models(gateway: str) -> dict[str, dict[str, Any]]:
     pytest.fail(f"the models never all became healthy: {listed}")
 
 
+@pytest.fixture(scope="session")
+def camera_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_camera_clip(tmp_path_factory.mktemp("camera") / "camera.y4m")
+
+
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def browser(camera_clip: Path) -> Iterator[WebDriver]:
     """A fresh Chromium for one test."""
     require_chromium()
-    driver = new_browser()
+    driver = new_browser(camera_clip)
     try:
         yield driver
     finally:
