@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from chromium import new_browser, require_chromium, write_camera_clip
+from chromium import new_browser, require_chromium, screenshot, write_camera_clip
 from harness import ServerProcess, free_port
 from selenium.webdriver.chrome.webdriver import WebDriver
 
@@ -65,12 +65,24 @@ def camera_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_camera_clip(tmp_path_factory.mktemp("camera") / "camera.y4m")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Each phase's report kept on the test, so the browser fixture knows whether it failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def browser(camera_clip: Path) -> Iterator[WebDriver]:
-    """A fresh Chromium for one test."""
+def browser(camera_clip: Path, request: pytest.FixtureRequest) -> Iterator[WebDriver]:
+    """A fresh Chromium for one test; a screenshot of the page when the test failed."""
     require_chromium()
     driver = new_browser(camera_clip)
     try:
         yield driver
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            shot = screenshot(driver, f"failed-{request.node.name}")
+            print(f"\nthe page when {request.node.name} failed: {shot}")
     finally:
         driver.quit()

@@ -228,3 +228,26 @@ def test_live_camera_through_whip_and_whep(browser: WebDriver, gateway: str, mod
     screenshot(browser, "live-strength")
     click(browser, "live-stop")
     WebDriverWait(browser, WAIT).until(lambda _: state.text == "stopped")
+
+
+def test_live_captions_from_the_microphone(browser: WebDriver, gateway: str, models: dict[str, Any]) -> None:
+    if "whisper-tiny-cpu" not in models:
+        pytest.skip("this topology serves no whisper-tiny-cpu (make venv installs its weights)")
+    open_page(browser, gateway)
+    choose_model(browser, "whisper-tiny-cpu")
+    click(browser, "tab-live")
+    click(browser, "live-start")  # a transcriber: the microphone goes too (it says the sample sentence)
+    state = browser.find_element(By.ID, "live-state")
+    WebDriverWait(browser, WAIT).until(lambda _: state.text != "starting")
+    if state.text != "live" and "whip_url is empty" in browser.find_element(By.ID, "error").text:
+        pytest.skip("this gateway answers no whip_url yet (WHIP/WHEP not in node/ yet)")
+    assert state.text == "live", browser.find_element(By.ID, "error").text
+    captions = browser.find_element(By.ID, "captions")
+    started = time.monotonic()
+    # Words of the sample sentence ("hello world, this is a test of the livepeer pipeline"); the
+    # microphone loops it, so a phrase may be cut anywhere.
+    WebDriverWait(browser, 60).until(lambda _: {"world", "test"} & set(captions.text.lower().split()))
+    print(f"\nlive captions: the first words after {time.monotonic() - started:.1f} s: {captions.text!r}")
+    screenshot(browser, "live-captions")
+    click(browser, "live-stop")
+    WebDriverWait(browser, WAIT).until(lambda _: state.text == "stopped")
