@@ -66,8 +66,14 @@ def _bad_offer(detail: str) -> ApiError:
     return ApiError(400, "invalid_sdp", detail)
 
 
-def _offer_text(body: bytes, content_type: str, kind: Kind) -> str:
-    """The offer as text, checked for what this side needs before aiortc sees it."""
+@dataclass(frozen=True)
+class _Offer:
+    sdp: str
+    audio: bool  # it sends (WHIP) or takes (WHEP) audio too
+
+
+def _offer(body: bytes, content_type: str, kind: Kind) -> _Offer:
+    """The offer, checked for what this side needs before aiortc sees it."""
     if content_type.split(";")[0].strip().lower() != SDP_CONTENT_TYPE:
         raise ApiError(
             415, "unsupported_media_type", f"send the SDP offer with Content-Type: {SDP_CONTENT_TYPE}"
@@ -92,7 +98,8 @@ def _offer_text(body: bytes, content_type: str, kind: Kind) -> str:
         raise _bad_offer("the offer has no ICE candidates: send it once ICE gathering is complete")
     if kind is Kind.WHEP and not any(c.mimeType.lower() == "video/h264" for c in video[0].rtp.codecs):
         raise _bad_offer("a WHEP offer must accept H.264 video: the stream's output is H.264")
-    return text
+    audio = [m for m in media if m.kind == "audio" and m.direction in wanted]
+    return _Offer(text, bool(audio))
 
 
 class _RtcThread:
@@ -208,7 +215,7 @@ class WebRtc:
     async def offer(self, request: Request, stream: LiveStream, kind: Kind, base: str) -> Response:
         """A WHIP or WHEP offer for ``stream``: 201 with the answer, or a 4xx JSON error."""
         body = await read_body(request, SDP_BYTES)
-        text = _offer_text(body, request.headers.get("content-type", ""), kind)
+        offer = _offer(body, request.headers.get("content-type", ""), kind)
         if stream.ended:
             raise ApiError(409, "stream_ended", f"the stream has ended: {stream.ended_reason}")
         peers = self._streams.get(stream.id)
@@ -230,13 +237,13 @@ class WebRtc:
         peer = Peer(secrets.token_urlsafe(12), kind, stream)
         if kind is Kind.WHIP:
             segments = InputSegments(stream.input, loop)
-            peer.encoder = SegmentEncoder(segments, peers.clock_start, stream.id)
+            peer.encoder = SegmentEncoder(segments, peers.clock_start, stream.id, offer.audio)
             peers.whip = peer
         else:
             peers.viewers[peer.id] = peer
         self._peers[peer.id] = peer
         try:
-            answer = await self._rtc.call(self._answer(peer, text, loop), ANSWER_SECONDS)
+            answer = await self._rtc.call(self._answer(peer, offer.sdp, loop), ANSWER_SECONDS)
         except ValueError as exc:
             await self._end_peer(peer, "its offer was refused")
             raise _bad_offer(f"the offer could not be answered: {exc}") from None
@@ -303,13 +310,13 @@ class WebRtc:
             gateway.call_soon_threadsafe(self._lost, peer, reason)
 
     async def _consume(self, peer: Peer, track: MediaStreamTrack) -> None:
-        """A WHIP track's frames: video to the encoder, audio read and dropped (aiortc queues a
-        track's frames without bound until someone reads them)."""
+        """A WHIP track's frames to the encoder, read as they come: aiortc queues a track's
+        frames without bound until someone reads them."""
         try:
             while True:
                 frame = await track.recv()
-                if track.kind == "video" and peer.encoder is not None:
-                    peer.encoder.put(frame)  # type: ignore[arg-type]
+                if peer.encoder is not None and isinstance(frame, (av.VideoFrame, av.AudioFrame)):
+                    peer.encoder.put(frame)
         except MediaStreamError:
             return
 

@@ -1,6 +1,6 @@
 """The media between a stream's WebRTC peers and its gateway channels, each stage in its own thread.
 
-WHIP: decoded camera frames -> :class:`SegmentEncoder` (libx264 ultrafast, zerolatency, no
+WHIP: decoded camera (and microphone) frames -> :class:`SegmentEncoder` (libx264 ultrafast, zerolatency, no
 B-frames, a fresh encoder and MPEG-TS muxer per ~1 s segment, so each segment starts with PAT/PMT
 and an IDR and stands alone, as a trickle publisher cuts them) -> the stream's ``input`` channel,
 each muxed frame written as it comes out (the gateway streams a segment to the orchestrator while
@@ -37,9 +37,11 @@ log = logging.getLogger("webrtc")
 
 TIME_BASE = Fraction(1, 90_000)
 SEGMENT_SECONDS = 1.0  # input segment length: the container's unit of work and a move's loss
-MAX_QUEUED_FRAMES = 4  # decoded frames waiting for the encoder; more are dropped
+MAX_QUEUED_FRAMES = 8  # decoded frames (video and audio) waiting for the encoder; more are dropped
 MAX_DEMUX_BYTES = 8 * 1024 * 1024  # output bytes waiting for the demuxer; more are dropped
 X264_OPTIONS = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0"}
+AUDIO_RATE = 48_000  # WebRTC's Opus rate; AAC at the same rate, mono
+MAX_INTERLEAVE_US = 100_000
 JOIN_SECONDS = 2.0  # a media thread's end, on close
 
 
@@ -100,28 +102,37 @@ class SegmentEncoder:
     """WHIP frames to MPEG-TS input segments, in a thread of its own.
 
     :meth:`put` never blocks the WebRTC loop: with ``MAX_QUEUED_FRAMES`` waiting, a new frame is
-    dropped (counted in ``dropped``). Timestamps are the stream's clock when a frame arrived, so
-    they keep increasing across WHIP sessions of the same stream.
+    dropped (counted in ``dropped``). Video timestamps are the stream's clock when a frame
+    arrived, so they keep increasing across WHIP sessions of the same stream. With ``audio`` (the
+    offer sends a microphone), each segment also carries AAC, stamped by its sample count from
+    the first audio frame's arrival: what a transcriber (whisper-tiny) listens to. One AAC encoder
+    serves every segment: a fresh one per segment would put its priming and padding (~40 ms of
+    quiet) into the sound every second.
     """
 
-    def __init__(self, segments: InputSegments, clock_start: float, name: str) -> None:
+    def __init__(self, segments: InputSegments, clock_start: float, name: str, audio: bool) -> None:
         self._segments = segments
         self._clock_start = clock_start
-        self._queue: queue.Queue[tuple[av.VideoFrame, int] | None] = queue.Queue(MAX_QUEUED_FRAMES)
+        self._with_audio = audio
+        self._queue: queue.Queue[tuple[av.VideoFrame | av.AudioFrame, float] | None] = queue.Queue(
+            MAX_QUEUED_FRAMES
+        )
         self._container: Any = None
         self._video: Any = None
+        self._audio: Any = None
         self._segment_start = 0
         self._last_pts = -1
+        self._audio_next: int | None = None  # the next audio sample's pts, in 1/AUDIO_RATE
+        self._aac: Any = None  # the AAC encoder, from the first audio frame on
         self.frames = 0
         self.dropped = 0
         self.segments = 0
         self._thread = threading.Thread(target=self._main, name=f"whip-encode {name}", daemon=True)
         self._thread.start()
 
-    def put(self, frame: av.VideoFrame) -> None:
-        pts = round((time.monotonic() - self._clock_start) * 90_000)
+    def put(self, frame: av.VideoFrame | av.AudioFrame) -> None:
         try:
-            self._queue.put_nowait((frame, pts))
+            self._queue.put_nowait((frame, time.monotonic() - self._clock_start))
         except queue.Full:
             self.dropped += 1
 
@@ -140,10 +151,17 @@ class SegmentEncoder:
     def _main(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                self._encode(*item)
+                frame, at = item
+                if isinstance(frame, av.AudioFrame):
+                    self._encode_audio(frame, at)
+                else:
+                    self._encode(frame, round(at * 90_000))
         except (av.error.FFmpegError, ValueError) as exc:
             log.warning("webrtc: the WHIP encoder failed: %s", exc)
         finally:
+            with contextlib.suppress(av.error.FFmpegError, ValueError):
+                if self._aac is not None:
+                    self._mux_audio(self._aac.encode(None))
             self._close_segment()
 
     def _encode(self, frame: av.VideoFrame, pts: int) -> None:
@@ -163,19 +181,46 @@ class SegmentEncoder:
             self._container.mux(packet)
         self.frames += 1
 
+    def _encode_audio(self, frame: av.AudioFrame, at: float) -> None:
+        if self._aac is None:
+            self._aac = av.CodecContext.create("aac", "w")
+            self._aac.sample_rate, self._aac.layout, self._aac.format = AUDIO_RATE, "mono", "fltp"
+            self._aac.time_base = Fraction(1, AUDIO_RATE)
+            self._audio_next = round(at * AUDIO_RATE)
+        assert self._audio_next is not None
+        frame.sample_rate = frame.sample_rate or AUDIO_RATE
+        frame.pts, frame.time_base = self._audio_next, Fraction(1, AUDIO_RATE)
+        self._audio_next += round(frame.samples * AUDIO_RATE / frame.sample_rate)
+        self._mux_audio(self._aac.encode(frame))
+
+    def _mux_audio(self, packets: list[av.Packet]) -> None:
+        """Into the open segment; before the first video frame there is none: dropped."""
+        if self._audio is None:
+            return
+        for packet in packets:
+            packet.stream = self._audio
+            self._container.mux(packet)
+
     def _open_segment(self, size: tuple[int, int], pts: int) -> None:
         self._segments.begin()
         self._container = av.open(
             _Sink(self._segments),
             "w",
             format="mpegts",
-            container_options={"mpegts_flags": "+initial_discontinuity", "flush_packets": "1"},
+            container_options={
+                "mpegts_flags": "+initial_discontinuity",
+                "flush_packets": "1",
+                # The muxer holds a video frame until audio reaches its time; not longer than this.
+                "max_interleave_delta": str(MAX_INTERLEAVE_US),
+            },
         )
         video = self._container.add_stream("libx264", rate=30, options=dict(X264_OPTIONS))
         video.width, video.height = size
         video.pix_fmt = "yuv420p"
         video.time_base = TIME_BASE
         self._video, self._segment_start = video, pts
+        if self._with_audio:  # its own encoder only gives the muxer the parameters; see _aac
+            self._audio = self._container.add_stream("aac", rate=AUDIO_RATE, layout="mono")
 
     def _close_segment(self) -> None:
         if self._container is None:
@@ -187,7 +232,7 @@ class SegmentEncoder:
         except (av.error.FFmpegError, ValueError) as exc:
             log.warning("webrtc: closing an input segment: %s", exc)
         finally:
-            self._container = self._video = None
+            self._container = self._video = self._audio = None
             self._segments.end()
             self.segments += 1
 

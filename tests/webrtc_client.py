@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -22,9 +23,12 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 
 from scripts.clips import frame_index, pattern
+from scripts.test_byoc_job import speech_wav
 
 SDP = "application/sdp"
 TIME_BASE = Fraction(1, 90_000)
+AUDIO_RATE = 48_000
+AUDIO_FRAME = 960  # 20 ms, as WebRTC sends Opus
 
 
 def background(width: int, height: int) -> np.ndarray:
@@ -68,6 +72,41 @@ class Camera(MediaStreamTrack):
         return frame
 
 
+def speech(text: str, after: float = 0.0) -> np.ndarray:
+    """``text`` spoken by espeak-ng ``after`` seconds of quiet, as 48 kHz mono int16 samples."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
+    with av.open(io.BytesIO(speech_wav(text)), "r") as container:
+        chunks = [
+            out.to_ndarray().reshape(-1) for f in container.decode(audio=0) for out in resampler.resample(f)
+        ]
+    return np.concatenate([np.zeros(round(after * AUDIO_RATE), np.int16), *chunks])
+
+
+class Microphone(MediaStreamTrack):
+    """``samples`` (48 kHz mono int16) in real time, 20 ms a frame, then silence."""
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray) -> None:
+        super().__init__()
+        self._samples = samples
+        self._start: float | None = None
+        self._index = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        offset = self._index * AUDIO_FRAME
+        self._index += 1
+        await asyncio.sleep(max(0.0, self._start + offset / AUDIO_RATE - time.monotonic()))
+        chunk = np.zeros(AUDIO_FRAME, np.int16)
+        said = self._samples[offset : offset + AUDIO_FRAME]
+        chunk[: len(said)] = said
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, offset, Fraction(1, AUDIO_RATE)
+        return frame
+
+
 @dataclass
 class Played:
     """One frame the player decoded: its number, when, and its mean colour (R, G, B)."""
@@ -105,9 +144,13 @@ def new_pc() -> RTCPeerConnection:
     return RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
 
-async def publish(http: httpx.AsyncClient, whip_url: str, camera: Camera) -> Peer:
+async def publish(
+    http: httpx.AsyncClient, whip_url: str, camera: Camera, microphone: Microphone | None = None
+) -> Peer:
     pc = new_pc()
     pc.addTransceiver(camera, direction="sendonly")
+    if microphone is not None:
+        pc.addTransceiver(microphone, direction="sendonly")
     return await connect(http, whip_url, pc)
 
 

@@ -9,9 +9,12 @@ update URL, and hang up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import statistics
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,17 +27,20 @@ from harness import (
     assert_error,
     node_argv,
     processor_argv,
+    require_whisper,
 )
-from webrtc_client import Camera, Player, publish, tint
+from webrtc_client import Camera, Microphone, Player, publish, speech, tint
+
+from scripts.test_byoc_job import words
 
 SECRET = "test-orch-secret"
 MODEL = "green-tint-cpu"
 WAIT = 30.0  # generous bound on a wait: a 2-core host encoding and decoding 640x480 30 fps
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    logs = tmp_path_factory.mktemp("webrtc")
+@contextlib.contextmanager
+def topology(logs: Path, processor: str, model: str) -> Iterator[ServerProcess]:
+    """``processor``'s container, an orchestrator registering it as ``model``, a gateway."""
     with ExitStack() as stack:
 
         def start(argv: list[str], **options: Any) -> ServerProcess:
@@ -42,22 +48,28 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
             stack.callback(server.stop)
             return server
 
-        container = start(processor_argv("green-tint"))
+        container = start(processor_argv(processor), timeout=90.0)
         orch = start(
             node_argv(
                 "orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
-                "-byocModelID", MODEL, "-byocContainerURL", container.url,
+                "-byocModelID", model, "-byocContainerURL", container.url,
             ),
             ready_status=NODE_READY,
         )  # fmt: skip
         yield start(node_argv("gateway", "-orchAddr", orch.url), ready_status=NODE_READY)
 
 
-async def start_stream(http: httpx.AsyncClient, gateway: ServerProcess, strength: float) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with topology(tmp_path_factory.mktemp("webrtc"), "green-tint", MODEL) as gateway:
+        yield gateway
+
+
+async def start_stream(
+    http: httpx.AsyncClient, gateway: ServerProcess, params: dict[str, Any], model: str = MODEL
+) -> dict[str, str]:
     answer = await http.post(
-        f"{gateway.url}/process/stream/start",
-        headers={"X-Model-Id": MODEL},
-        json={"params": {"strength": strength}},
+        f"{gateway.url}/process/stream/start", headers={"X-Model-Id": model}, json={"params": params}
     )
     assert answer.status_code == 200, answer.text
     urls: dict[str, str] = answer.json()
@@ -71,7 +83,7 @@ def client() -> httpx.AsyncClient:
 def test_whep_plays_the_whip_camera_tinted_and_follows_a_strength_update(gateway: ServerProcess) -> None:
     async def scenario() -> None:
         async with client() as http:
-            urls = await start_stream(http, gateway, 0.2)
+            urls = await start_stream(http, gateway, {"strength": 0.2})
             base = f"{gateway.url}/process/stream/{urls['stream_id']}/"
             assert urls["whip_url"].startswith(base) and urls["whip_url"].endswith("/whip")
             assert urls["whep_url"].startswith(base) and urls["whep_url"].endswith("/whep")
@@ -103,3 +115,38 @@ def test_whep_plays_the_whip_camera_tinted_and_follows_a_strength_update(gateway
             await player.close(http)
 
     asyncio.run(scenario())
+
+
+SPOKEN = "hello world this is a test of the livepeer pipeline. the quick brown fox jumps over the lazy dog."
+HEARD = {"hello", "world", "pipeline", "fox", "lazy", "dog"}
+
+
+def test_whip_microphone_is_transcribed_into_the_data_stream(tmp_path: Path) -> None:
+    """The page's live captions: camera and microphone by WHIP to whisper-tiny, text by data_url."""
+    require_whisper()
+
+    async def scenario(gateway: ServerProcess) -> str:
+        async with client() as http:
+            urls = await start_stream(http, gateway, {}, model="whisper-tiny-cpu")
+            sender = await publish(http, urls["whip_url"], Camera(), Microphone(speech(SPOKEN, after=1.0)))
+            heard: list[str] = []
+
+            async def captions() -> None:
+                async with http.stream("GET", urls["data_url"]) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            heard.append(json.loads(line[len("data: ") :])["text"])
+                            if HEARD <= words(" ".join(heard)):
+                                return
+
+            try:
+                await asyncio.wait_for(captions(), 60.0)
+            except TimeoutError:
+                pass
+            await sender.hang_up(http)
+            await http.post(urls["stop_url"])
+            return " ".join(heard)
+
+    with topology(tmp_path, "whisper-tiny", "whisper-tiny-cpu") as gateway:
+        text = asyncio.run(scenario(gateway))
+    assert HEARD <= words(text), text
