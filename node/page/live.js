@@ -4,7 +4,7 @@
 
 import { call, clearError, showError } from "./api.js";
 import { currentParams, onParamsChange } from "./params.js";
-import { age, drawStamp, readStamp } from "./stamp.js";
+import { BLOCK, STAMP_WIDTH, age, drawStamp, readStamp } from "./stamp.js";
 import { whep, whip } from "./webrtc.js";
 
 const WIDTH = 640;
@@ -40,29 +40,49 @@ function stampedTrack(camera, stopped) {
   return canvas.captureStream(FPS).getVideoTracks()[0];
 }
 
-// fps and the latency p50 of what WHEP plays, read from each frame's stamp.
-function measure(output, stopped) {
-  const canvas = document.createElement("canvas");
-  Object.assign(canvas, { width: WIDTH, height: HEIGHT });
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+// The frame rate the WHIP connection sends at (the browser's encoder may send fewer frames than
+// the camera gives when the CPU is short), for the readout next to the played fps.
+async function sentFps(pc) {
+  const stats = await pc.getStats();
+  for (const report of stats.values()) {
+    if (report.type === "outbound-rtp" && report.kind === "video" && report.framesPerSecond !== undefined) {
+      return report.framesPerSecond;
+    }
+  }
+  return null;
+}
+
+// What WHEP plays: fps as the player counts frames shown (getVideoPlaybackQuality), the latency
+// p50 from each frame's stamp (only the stamp's strip is copied out), and the fps WHIP sends.
+function measure(output, sender, stopped) {
+  const strip = document.createElement("canvas");
+  Object.assign(strip, { width: STAMP_WIDTH, height: BLOCK });
+  const ctx = strip.getContext("2d", { willReadFrequently: true });
   const latencies = [];
-  let frames = 0;
+  const shown = () => {
+    const quality = output.getVideoPlaybackQuality();
+    return quality.totalVideoFrames - quality.droppedVideoFrames;
+  };
+  let frames = shown();
   let since = performance.now();
   const onFrame = () => {
     if (stopped()) return;
     const now = performance.now();
-    frames += 1;
-    ctx.drawImage(output, 0, 0, WIDTH, HEIGHT);
-    const stamp = readStamp(ctx, HEIGHT);
+    const width = (STAMP_WIDTH * output.videoWidth) / WIDTH; // the strip in the played frame's pixels
+    const height = (BLOCK * output.videoHeight) / HEIGHT;
+    ctx.drawImage(output, 0, output.videoHeight - height, width, height, 0, 0, STAMP_WIDTH, BLOCK);
+    const stamp = readStamp(ctx, BLOCK);
     if (stamp !== null) {
       latencies.push(age(stamp, now));
       if (latencies.length > LATENCIES_KEPT) latencies.shift();
     }
     if (now - since >= 1000) {
-      readout("live-fps", (frames * 1000) / (now - since), 1);
+      const count = shown();
+      readout("live-fps", ((count - frames) * 1000) / (now - since), 1);
       const sorted = [...latencies].sort((a, b) => a - b);
       readout("live-latency", sorted.length ? sorted[Math.floor(sorted.length / 2)] : null, 0);
-      frames = 0;
+      sentFps(sender).then((fps) => readout("live-sent-fps", fps, 0), () => {});
+      frames = count;
       since = now;
     }
     output.requestVideoFrameCallback(onFrame);
@@ -129,7 +149,7 @@ async function start(model, kind) {
     s.peers.push(await whep(urls.whep_url, played, withMic));
     const output = $("live-output");
     output.srcObject = played;
-    measure(output, stopped);
+    measure(output, s.peers[0].pc, stopped);
     if (urls.data_url) s.events = follow(urls.data_url, (reason) => end(s, `ended: ${reason}`));
     setState("live");
   } catch (error) {

@@ -6,7 +6,7 @@
 // threshold, so a processor that changes colours (a tint) still reads back; the check bits make a
 // frame whose blocks were smeared by the codec read as "no stamp" rather than a wrong time.
 
-const BLOCK = 16; // pixels, at the 640x480 the page sends: big enough to survive H.264
+export const BLOCK = 16; // pixels, at the 640x480 the page sends: big enough to survive H.264
 const BITS = 24;
 const CHECK = 8;
 const BLOCKS = 2 + BITS + CHECK;
