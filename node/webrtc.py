@@ -34,6 +34,7 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 from starlette.requests import Request
@@ -244,7 +245,7 @@ class WebRtc:
         self._peers[peer.id] = peer
         try:
             answer = await self._rtc.call(self._answer(peer, offer.sdp, loop), ANSWER_SECONDS)
-        except ValueError as exc:
+        except (ValueError, InvalidAccessError, OperationError) as exc:  # what aiortc refuses
             await self._end_peer(peer, "its offer was refused")
             raise _bad_offer(f"the offer could not be answered: {exc}") from None
         except TimeoutError:
@@ -404,7 +405,8 @@ class WebRtc:
 
 
 def _fan_out(peers: _StreamPeers, packet: av.Packet) -> None:
-    """On the WebRTC loop: one demuxed packet to every viewer of the stream."""
+    """On the WebRTC loop: one demuxed packet to every viewer of the stream. (``viewers``
+    changes on the gateway's loop; ``list()`` copies it in one step under the GIL.)"""
     for viewer in list(peers.viewers.values()):
         if viewer.track is not None and viewer.connected:
             viewer.track.offer(packet)

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiortc import RTCPeerConnection, RTCRtpSender
 from harness import (
     CLIENT_OPTIONS,
     NODE_READY,
@@ -29,7 +30,7 @@ from harness import (
     processor_argv,
     require_whisper,
 )
-from webrtc_client import Camera, Microphone, Player, publish, speech, tint
+from webrtc_client import Camera, Microphone, Player, new_pc, publish, speech, tint
 
 from scripts.test_byoc_job import words
 
@@ -150,3 +151,121 @@ def test_whip_microphone_is_transcribed_into_the_data_stream(tmp_path: Path) -> 
     with topology(tmp_path, "whisper-tiny", "whisper-tiny-cpu") as gateway:
         text = asyncio.run(scenario(gateway))
     assert HEARD <= words(text), text
+
+
+async def offer_sdp(kind: str, codec: str | None = None) -> str:
+    """A real offer (aiortc's): ``kind`` "whip" sends video, "whep" receives it; only ``codec``
+    if given."""
+    pc = new_pc()
+    if kind == "whip":
+        transceiver = pc.addTransceiver(Camera(), direction="sendonly")
+    else:
+        transceiver = pc.addTransceiver("video", direction="recvonly")
+    if codec is not None:
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for c in codecs if c.mimeType == codec])
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = str(pc.localDescription.sdp)
+    await pc.close()
+    return sdp
+
+
+def test_bad_offers_are_refused_with_the_fix(gateway: ServerProcess) -> None:
+    async def scenario() -> None:
+        async with client() as http:
+            urls = await start_stream(http, gateway, {"strength": 0.2})
+            whip, whep = urls["whip_url"], urls["whep_url"]
+            sdp = {"Content-Type": "application/sdp"}
+            assert_error(
+                await http.post(whip, content=b"v=0\r\n", headers={"Content-Type": "text/plain"}), 415
+            )
+            assert_error(await http.post(whip, content=b"hello", headers=sdp), 400, "invalid_sdp")
+            assert_error(await http.post(whip, content=b"\xff\xfe", headers=sdp), 400, "invalid_sdp")
+            assert_error(await http.post(whip, content=b"v=0\r\nm=video", headers=sdp), 400, "invalid_sdp")
+            assert_error(await http.post(whip, content=b"v" * 70_000, headers=sdp), 413)
+            # The wrong direction for each, an offer without candidates, one without H.264.
+            assert_error(
+                await http.post(whip, content=await offer_sdp("whep"), headers=sdp), 400, "invalid_sdp"
+            )
+            assert_error(
+                await http.post(whep, content=await offer_sdp("whip"), headers=sdp), 400, "invalid_sdp"
+            )
+            no_candidates = "".join(
+                line + "\r\n" for line in (await offer_sdp("whip")).splitlines() if "candidate" not in line
+            )
+            detail = assert_error(await http.post(whip, content=no_candidates, headers=sdp), 400)["detail"]
+            assert "gathering" in detail
+            vp8_only = await offer_sdp("whep", codec="video/VP8")
+            detail = assert_error(await http.post(whep, content=vp8_only, headers=sdp), 400)["detail"]
+            assert "H.264" in detail
+            # A peer URL: DELETE only, and only one that exists.
+            assert_error(await http.get(whip), 405)
+            assert_error(await http.post(f"{whip}/abc", content=b"", headers=sdp), 405)
+            assert_error(await http.delete(f"{whep}/abc"), 404, "unknown_peer")
+            assert_error(await http.delete(whip), 405)
+            # A wrong key is an unknown stream, as for every other stream URL.
+            wrong = whip.replace(urls["publish_url"].split("/")[-2], "A" * 32)
+            assert_error(await http.post(wrong, content=await offer_sdp("whip"), headers=sdp), 404)
+            assert (await http.post(urls["stop_url"])).status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_one_whip_sender_and_every_peer_ends_with_the_stream(gateway: ServerProcess) -> None:
+    async def scenario() -> None:
+        async with client() as http:
+            urls = await start_stream(http, gateway, {"strength": 0.2})
+            sender = await publish(http, urls["whip_url"], Camera())
+            second = await http.post(
+                urls["whip_url"], content=await offer_sdp("whip"), headers={"Content-Type": "application/sdp"}
+            )
+            assert_error(second, 409, "whip_in_use")
+            player = Player()
+            await player.play(http, urls["whep_url"])
+            await player.frames(10, WAIT)
+            assert player.peer is not None
+
+            assert (await http.post(urls["stop_url"])).status_code == 200
+            for peer in (sender, player.peer):  # closed by the gateway: their Locations are gone
+                await until_closed(peer.pc)
+                assert_error(await http.delete(peer.location), 404, "unknown_peer")
+            late = await http.post(
+                urls["whep_url"], content=await offer_sdp("whep"), headers={"Content-Type": "application/sdp"}
+            )
+            assert_error(late, 409, "stream_ended")
+            await sender.pc.close()
+            await player.close(http)
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_that_never_connects_is_ended(gateway: ServerProcess) -> None:
+    """An answered offer whose client is gone (its candidates lead nowhere): the gateway's side
+    gives up (its ICE fails, or its connect deadline passes) and frees the stream's WHIP slot."""
+
+    async def scenario() -> None:
+        async with client() as http:
+            urls = await start_stream(http, gateway, {"strength": 0.2})
+            sdp = {"Content-Type": "application/sdp"}
+            answered = await http.post(urls["whip_url"], content=await offer_sdp("whip"), headers=sdp)
+            assert answered.status_code == 201, answered.text
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while True:  # a second sender is refused while the first holds the slot
+                again = await http.post(urls["whip_url"], content=await offer_sdp("whip"), headers=sdp)
+                if again.status_code == 201:
+                    break
+                assert_error(again, 409, "whip_in_use")
+                assert asyncio.get_running_loop().time() < deadline, "the unconnected peer was kept"
+                await asyncio.sleep(1.0)
+            assert_error(await http.delete(answered.headers["location"]), 404, "unknown_peer")
+            await http.delete(again.headers["location"])
+            await http.post(urls["stop_url"])
+
+    asyncio.run(scenario())
+
+
+async def until_closed(pc: RTCPeerConnection) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while pc.connectionState not in ("closed", "failed"):
+        assert asyncio.get_running_loop().time() < deadline, pc.connectionState
+        await asyncio.sleep(0.1)
