@@ -104,7 +104,7 @@ function follow(dataUrl, end) {
     const piece = document.createElement("div");
     const time = document.createElement("span");
     time.className = "time";
-    time.textContent = typeof line.start === "number" ? `${line.start.toFixed(1)} s` : "";
+    time.textContent = typeof line.start === "number" ? `${line.start.toFixed(1)} s ` : "";
     piece.append(time, line.text);
     captions.append(piece);
     while (captions.childElementCount > 20) captions.firstElementChild.remove();
@@ -134,7 +134,11 @@ async function start(model, kind) {
     if (!urls.whip_url || !urls.whep_url) {
       throw new Error("this gateway offers no WHIP/WHEP for streams (whip_url is empty): update the node");
     }
-    const withMic = $("live-mic").checked || kind === "audio";
+    if (kind === "audio") $("live-mic").checked = true; // a transcriber hears the microphone
+    const withMic = $("live-mic").checked;
+    $("live-output-caption").textContent = kind === "audio"
+      ? "through the pipeline (a transcriber answers with the captions below)"
+      : "through the pipeline";
     s.media = await navigator.mediaDevices.getUserMedia({
       video: { width: WIDTH, height: HEIGHT, frameRate: FPS },
       audio: withMic,
