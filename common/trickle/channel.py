@@ -195,6 +195,11 @@ class Channel:
             return None
         return min((kept for kept in self._segments if kept > seq), default=None)
 
+    def complete_after(self, seq: int) -> bool:
+        """Whether a segment after ``seq`` has been written whole: a writer in seq order has then
+        skipped ``seq`` if it is still missing."""
+        return any(later > seq and s.claimed and s.closed for later, s in self._segments.items())
+
     def end_waits_before(self, seq: int) -> None:
         """Close the segments readers wait on below ``seq`` that no writer took: once ``seq`` is
         written, a writer that writes in seq order (pre-opening at most the next) skipped them,

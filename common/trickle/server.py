@@ -236,7 +236,11 @@ async def receive_segment(
         raise ApiError(
             400, "invalid_header", f"{ERROR_HEADER} must be an error code such as processing_failed"
         )
+    content_type = request.headers.get("content-type")
+    if content_type is not None and _MIME.fullmatch(content_type) is None:
+        raise ApiError(400, "invalid_mime", f"Content-Type must be a MIME type, got {_shown(content_type)}")
     segment = channel.open_write(seq, reset=RESET_HEADER.lower() in request.headers)
+    segment.content_type = content_type  # each segment keeps its own (frames: image/jpeg, ...)
     if error is not None:  # the writer reports a failure in band: readers get it and go on
         segment.error, segment.content_type = error, "application/json"
     try:
