@@ -297,7 +297,7 @@ async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey, a
 class StreamTarget:
     name: str
     url: str
-    hops: list[str]  # every node the stream passes, to end a failed one everywhere
+    hops: list[str]  # where the stream was opened, to end a failed one there
     auth: dict[str, str]  # the container's bearer token (the nodes ignore it)
     fps: list[float] = field(default_factory=list)
     cpu_ms: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
@@ -326,9 +326,8 @@ class StreamTarget:
             return
 
     def end_everywhere(self, job_id: str, key: StreamKey) -> None:
-        """``DELETE`` the job at each hop: a hop that dropped its pin cannot pass the ``DELETE`` on,
-        and the one behind it would hold the capacity until its idle sweep. Only the first hop
-        knows ``key``; a node behind it answers 404 and frees the job at its own sweep."""
+        """``DELETE`` the job where it was opened (the gateway ends its stream at the
+        orchestrator too), so that a failed attempt does not hold the capacity."""
         for url in self.hops:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.delete(
@@ -429,8 +428,8 @@ def run_profiles(topology: Topology, frame: bytes) -> dict:
                 client.post(f"/process/request/{JOB_PATH}", content=frame, headers=headers).raise_for_status()
 
     def streams(done: threading.Event) -> None:
-        hops = [topology.urls["gateway"], topology.urls["orchestrator"]]
-        target = StreamTarget("profile", topology.urls["gateway"], hops)
+        gateway = topology.urls["gateway"]
+        target = StreamTarget("profile", gateway, [gateway], topology.auth())
         while not done.is_set():
             target.run(frame, {})
 
@@ -470,12 +469,7 @@ def measure(topology: Topology, frame: bytes) -> dict:
             raise RuntimeError(f"results differ by path: { {k: len(v) for k, v in outputs.items()} }")
         streams = [
             StreamTarget("direct", topology.urls["container"], [topology.urls["container"]], topology.auth()),
-            StreamTarget(
-                "topology",
-                topology.urls["gateway"],
-                [topology.urls[h] for h in ("gateway", "orchestrator")],
-                topology.auth(),
-            ),
+            StreamTarget("topology", topology.urls["gateway"], [topology.urls["gateway"]], topology.auth()),
         ]
         block = 0
         for round_ in range(ROUNDS):

@@ -253,7 +253,6 @@ def main(argv: list[str] | None = None) -> None:
             limits=JobLimits(
                 max_body_bytes=args.maxBodyBytes,
                 max_job_timeout=args.maxJobTimeout,
-                stream_idle_timeout=args.streamIdleTimeout,
             ),
             stream_limits=StreamLimits(
                 idle_timeout=args.streamIdleTimeout,

@@ -41,11 +41,11 @@ from common.names import check_model_id, is_model_id
 from common.service import service_app
 from common.trickle.protocol import PARAMS_HEADER
 
+from .live_jobs import LiveJobs
 from .livepeer import CAPABILITY_HEADER, JOB_HEADER, JOB_PREFIX, SENDER_HEADER, JobRequest, sender_header
 from .page import page_routes
 from .relay import Deadline, forward_path, forwardable, new_client, pick
 from .stream_gateway import StreamConfig, StreamGateway
-from .streams import Stream, StreamRoutes
 
 log = logging.getLogger("gateway")
 
@@ -204,9 +204,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.client = new_client()
-        self.streams = StreamRoutes(self.client, self.open_stream, config.max_body_bytes)
         self.searches = SearchCache(config.search_cache_size, config.search_ttl)
         self.live = StreamGateway(self.client, self.job_from, self.choose_fresh, config.live)
+        self.jobs = LiveJobs(self.live)  # the tutorial's /live/{job} URLs, as streams of self.live
 
     def job_from(self, request: Request) -> JobRequest:
         """The job's model id and timeout, from the tutorial's headers or go-livepeer's; its
@@ -438,20 +438,11 @@ class Gateway:
             await response.aclose()
         return Response(content, response.status_code, headers=headers)
 
-    async def open_stream(self, request: Request, job_id: str) -> Stream:
-        job = self.job_from(request)
-        job.id = job_id
-        deadline = Deadline.after(job.timeout_seconds)
-        orch = (await self.choose(job, deadline))[0]
-        return Stream(
-            job_id, job.capability, orch, float(job.timeout_seconds), headers={JOB_HEADER: job.encode()}
-        )
-
     async def status(self, request: Request) -> Response:
         status: dict[str, Any] = {
             "role": "gateway",
-            "streams": len(self.streams.streams),
-            "live_streams": self.live.running,
+            "streams": self.jobs.running,  # the tutorial's /live/{job} jobs
+            "live_streams": self.live.running - self.jobs.running,
             "searches_cached": len(self.searches),
         }
         if is_loopback(request.scope.get("client")):  # addresses only for this host (see below)
@@ -463,7 +454,6 @@ class Gateway:
 
     async def close(self) -> None:
         await self.live.close()
-        await self.streams.background.close()
         await self.client.aclose()
 
 
@@ -585,13 +575,13 @@ def create_gateway_app(config: GatewayConfig) -> Starlette:
     app = service_app(
         [
             Route("/process/request/{path:path}", gateway.process_request, methods=["POST"]),
-            *gateway.streams.routes(),
+            *gateway.jobs.routes(),
             *gateway.live.routes(),
             Route("/status", gateway.status, methods=["GET"]),
             Route("/health", gateway.health, methods=["GET"]),
             *page_routes(gateway.client, config.orch_addrs),  # the browser page, GET /process/models
         ],
-        background=lambda: [gateway.streams.sweep_forever(), gateway.live.sweep_forever()],
+        background=lambda: [gateway.live.sweep_forever()],
         on_shutdown=gateway.close,
     )
     app.add_middleware(RefuseControlCharacters)

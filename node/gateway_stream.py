@@ -16,14 +16,15 @@ import json
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from common.trickle.channel import Channel, IncompleteSegment, Segment, SegmentTooLarge
-from common.trickle.protocol import TrickleError
+from common.trickle.channel import RING_SIZE, Channel, IncompleteSegment, Segment, SegmentTooLarge, Signal
+from common.trickle.protocol import SEQ_NEXT, TrickleError
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
 from common.trickle.subscriber import ReceivedSegment, TrickleSubscriber
 
@@ -33,6 +34,12 @@ log = logging.getLogger("streams")
 
 KEEPALIVE = b'{"keep":"alive"}'  # go-livepeer's control message, every 10 s
 MAX_EVENT_BYTES = 64 * 1024  # one event document; a bigger one is dropped, not held
+# Frame-per-segment streams (the tutorial's /live/{job} URLs): segments at the orchestrator not yet
+# answered by an output, kept under its channel's ring of 5 so none is overrun; the client may
+# write this many more ahead at the gateway before it is asked to retry.
+SEGMENTS_IN_FLIGHT = 4
+SEGMENTS_AHEAD = 16
+GAP_POLL_SECONDS = 0.1  # how often a missing input seq is looked for again
 SWAP_WINDOW = 60.0  # seconds over which swaps are counted
 _ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
 
@@ -161,10 +168,13 @@ class LiveStream:
     started: float = field(default_factory=time.monotonic)
     writers: int = 0  # the client's input POSTs open now
     readers: int = 0  # data (SSE) readers now
+    # Frame-per-segment: every input segment (an image, a sound) is one input of the container's
+    # process(), answered by the output segment of the same number; nothing is skipped.
+    segments: bool = False
 
     def __post_init__(self) -> None:
         size = self.limits.max_segment_bytes
-        self.input = Channel(self.id, "video/mp2t", size)
+        self.input = Channel(self.id, "video/mp2t", size, SEGMENTS_AHEAD if self.segments else RING_SIZE)
         self.output = Channel(f"{self.id}-out", "video/mp2t", size)
         self.events = Channel(f"{self.id}-events", "application/json", size)
         self.data = Channel(f"{self.id}-data", "application/jsonl", size)
@@ -177,6 +187,8 @@ class LiveStream:
         self._fed = asyncio.Event()  # the container has shown it reads its input (this session)
         self._ending: str | None = None  # why the orchestrator or container said it ends
         self._on_end: list[Callable[[], None]] = []
+        self._answering: deque[int] = deque()  # frame-per-segment: input seqs sent, not yet answered
+        self._answered = Signal()
 
     def on_end(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on this loop) when the stream ends: how the media sides that write
@@ -203,6 +215,8 @@ class LiveStream:
         self.state, self.ended_reason, self.ended_at = StreamState.ENDED, reason, time.monotonic()
         final = {"type": STREAM_ENDED_EVENT, "reason": reason, "stream_id": self.id}
         self.events.write(json.dumps(final).encode())
+        if self.segments:
+            self._answer_the_rest(reason)
         for channel in (self.input, self.output, self.events, self.data):
             channel.close()
         self._ended.set()
@@ -213,6 +227,23 @@ class LiveStream:
             self.id, self.job.capability, reason, self.ended_at - self.started,
             self.segments_in, self.segments_out, len(self.swaps),
         )  # fmt: skip
+
+    def _answer_the_rest(self, reason: str) -> None:
+        """Frame-per-segment: every input segment taken and not answered gets an in-band error
+        as its output, so that no accepted segment goes unanswered (nor its reader waits on)."""
+        error = json.dumps({"error": "stream_ended", "detail": f"the stream ended: {reason}"}).encode()
+        waiting = set(self._answering)
+        waiting.update(
+            seq
+            for seq in range(self._next_input, self.input.next_write)
+            if (segment := self.input.for_read(seq)) is not None and segment.claimed
+        )
+        for seq in sorted(waiting):
+            answer = self.output.open_write(seq)
+            answer.content_type, answer.error = "application/json", "stream_ended"
+            answer.write(error)
+            answer.close()
+        self._answering.clear()
 
     # -- the life of the stream ---------------------------------------------------------------
 
@@ -300,6 +331,9 @@ class LiveStream:
         event), and the rest only once it shows it has that one (an event or an output segment
         saying so), each wait bounded by ``join_seconds``: a quicker start would go unread.
         """
+        if self.segments:
+            await self._input_segments(session)
+            return
         publisher = TricklePublisher(self.client, session.publish_url, timeout=self.limits.trickle_timeout)
         joined = False
         try:
@@ -351,21 +385,68 @@ class LiveStream:
     async def _send_first(self, segment: Segment, session: Session) -> None:
         """Segment 0 of a session as one plain POST: no next one opened behind it, so it stays
         the live edge until the container comes for it."""
+        await self._post(segment, session, 0)
+
+    async def _post(self, segment: Segment, session: Session, seq: int) -> bool:
+        """``segment`` as one plain POST to the orchestrator's input ``seq``, with its own content
+        type; ``False`` if the client cut it off."""
         try:
             response = await self.client.post(
-                f"{session.publish_url}/0",
+                f"{session.publish_url}/{seq}",
                 content=segment.chunks(),
-                headers={"Content-Type": "video/mp2t"},
+                headers={"Content-Type": segment.content_type or self.input.mime},
                 timeout=self.limits.trickle_timeout,
             )
         except IncompleteSegment:
             log.info("stream %s: input segment %d was cut off by the client", self.id, segment.seq)
-            return
+            return False
         except httpx.HTTPError as exc:
             raise SessionLost(_failed("the orchestrator's input", exc), repr(exc)) from None
         if response.status_code != 200:
-            raise SessionLost(f"the orchestrator refused the first input segment ({response.status_code})")
+            raise SessionLost(f"the orchestrator refused input segment {seq} ({response.status_code})")
         self.segments_in += 1
+        return True
+
+    async def _input_segments(self, session: Session) -> None:
+        """Frame-per-segment input: every segment in seq order, each answered by one output, at
+        most ``SEGMENTS_IN_FLIGHT`` unanswered (the orchestrator's ring must not overrun). After a
+        move, the first segment the old orchestrator did not answer goes again."""
+        if self._answering:
+            self._next_input = self._answering[0]
+            self._answering.clear()
+        sent = 0
+        try:
+            while True:
+                while len(self._answering) >= SEGMENTS_IN_FLIGHT:
+                    await self._answered.wait()
+                segment = self.input.for_read(self._next_input)
+                if segment is None:
+                    if self.input.closed:
+                        return
+                    if self.input.complete_after(self._next_input):  # a seq nobody wrote: skipped
+                        self._next_input += 1
+                    else:  # its POST may still be on its way: look again shortly
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.input.wait_change(), GAP_POLL_SECONDS)
+                    continue
+                await segment.wait_started()
+                # Skipped: a seq the client never wrote, and the empty write that ends a publisher.
+                goodbye = segment.empty and segment.closed and self.input.closed
+                if segment.claimed and not goodbye:
+                    self._answering.append(segment.seq)
+                    if await self._post(segment, session, sent):
+                        sent += 1
+                    else:
+                        self._answering.pop()  # cut off by the client: it yields no output
+                self._next_input = segment.seq + 1
+        finally:
+            with contextlib.suppress(httpx.HTTPError, TimeoutError):
+                await self.client.delete(session.publish_url, timeout=5.0)
+
+    def takes_input(self, seq: int) -> bool:
+        """Whether input ``seq`` fits: a frame-per-segment stream keeps every segment until it is
+        sent on, so a client may run only ``SEGMENTS_AHEAD`` segments ahead of the orchestrator."""
+        return not self.segments or seq < self._next_input + SEGMENTS_AHEAD
 
     def _subscribe(self, url: str) -> TrickleSubscriber:
         return TrickleSubscriber(self.client, url, start_seq=0, timeout=self.limits.trickle_timeout)
@@ -390,13 +471,16 @@ class LiveStream:
             while (received := await self._next(subscriber, session, "output")) is not None:
                 await self._copy(received, self.output, session, "output")
                 self.segments_out += 1
+                self._answered.notify()
                 self._fed.set()
                 self._running()
         finally:
             self._output_done.set()
 
     async def _copy(self, received: ReceivedSegment, channel: Channel, session: Session, what: str) -> None:
-        local = channel.open_write()
+        answers = self._answering.popleft() if channel is self.output and self._answering else None
+        local = channel.open_write(SEQ_NEXT if answers is None else answers)
+        local.content_type = received.content_type
         if received.error is not None:  # an error report stays one, in band
             code = received.error.get("error")
             local.error = (

@@ -1,4 +1,4 @@
-"""The orchestrator's data plane: one-shot jobs, and the opening of streams.
+"""The orchestrator's data plane: one-shot jobs, and the capacity streams take too.
 
 Each job or stream holds one unit of its capability's capacity. A job is admitted (a unit taken,
 or a place in the capability's queue) before its body is read, so a burst of large uploads waits
@@ -23,19 +23,14 @@ from starlette.responses import Response
 
 from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length, params_header, read_body
-from common.names import check_model_id
 from common.trickle.protocol import PARAMS_HEADER, params_json
 
 from .livepeer import JOB_HEADER, JOB_PREFIX, JobRequest
-from .registration import Protocol
 from .registry import UNHEALTHY, Capability, Health, Registry
 from .relay import forward_path
-from .streams import Stream
 
 log = logging.getLogger("orchestrator")
 
-MODEL_ID_HEADER = "X-Model-Id"
-DEFAULT_STREAM_TIMEOUT = 30
 CONNECT_TIMEOUT = 5.0
 _PASSED_HEADERS = ("content-type", "x-metadata")
 
@@ -44,7 +39,6 @@ _PASSED_HEADERS = ("content-type", "x-metadata")
 class JobLimits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_job_timeout: int = 300  # caps every job's and stream's timeout_seconds (-maxJobTimeout)
-    stream_idle_timeout: int = 30  # a stream without a segment for this long frees its unit
 
 
 def on_loopback(request: Request) -> bool:
@@ -212,39 +206,6 @@ class Jobs:
             "container_unreachable",
             f"the container for {capability.name}{where} is unreachable ({type(exc).__name__}); "
             f"check it is running: {check}",
-        )
-
-    async def open_stream(self, request: Request, job_id: str) -> Stream:
-        """The first ``PUT`` of a stream takes a unit, released when the stream ends or has been
-        idle for ``-streamIdleTimeout`` (whatever timeout the client asked for)."""
-        header = request.headers.get(JOB_HEADER)
-        if header is not None:
-            job = JobRequest.decode(header)
-        else:
-            name = request.headers.get(MODEL_ID_HEADER)
-            if not name:
-                raise ApiError(
-                    400,
-                    "missing_model_id",
-                    f"the first PUT of a stream needs {MODEL_ID_HEADER} or {JOB_HEADER}",
-                )
-            job = JobRequest(
-                capability=check_model_id(name, MODEL_ID_HEADER), timeout_seconds=DEFAULT_STREAM_TIMEOUT
-            )
-        timeout = min(job.timeout_seconds, self.limits.max_job_timeout, self.limits.stream_idle_timeout)
-        if self.registry.get(job.capability).protocol != Protocol.TRICKLE:
-            raise ApiError(
-                400, "not_a_stream", f"{job.capability} does not speak trickle; use POST /process/request/"
-            )
-        capability = await self.admit(request, job.capability, timeout)
-        headers = capability.auth_headers()
-        return Stream(
-            job_id,
-            capability.name,
-            capability.url,
-            float(timeout),
-            headers=headers,
-            on_end=lambda: self.registry.release(capability),
         )
 
     async def close(self) -> None:

@@ -3,8 +3,8 @@
 go-livepeer's routes: ``/capability/register|unregister`` (containers, with the orchestrator
 secret), ``/process/token`` (gateways), ``/process/request/{path}`` (jobs, :mod:`node.jobs`),
 ``/ai/stream/start|update|stop`` and the ``/ai/trickle/`` channels (live streams,
-:mod:`node.stream_orchestrator`); plus the trickle stream relay ``/live/...`` (:mod:`node.streams`),
-``/status`` and ``/health``.
+:mod:`node.stream_orchestrator`; the tutorial's ``/live/{job}`` URLs are such streams, started at
+the gateway), ``/status`` and ``/health``.
 A container registered with ``"protocol": "trickle"`` (all of ours) serves streams over trickle.
 """
 
@@ -30,7 +30,6 @@ from .registration import check_resolved_host, registration_from_json, unregiste
 from .registry import Registry
 from .relay import new_client, same_secret
 from .stream_orchestrator import LiveStreams, StreamLimits
-from .streams import StreamRoutes
 
 log = logging.getLogger("orchestrator")
 
@@ -52,7 +51,6 @@ class Orchestrator:
         self.registry = registry
         self.client = new_client()
         self.jobs = Jobs(config.limits, registry, self.client)
-        self.streams = StreamRoutes(self.client, self.jobs.open_stream, config.limits.max_body_bytes)
         self.live = LiveStreams(registry, self.jobs, self.client, config.service_addr, config.stream_limits)
 
     # -- registration -----------------------------------------------------------------------
@@ -128,7 +126,7 @@ class Orchestrator:
                 "role": "orchestrator",
                 "service_addr": self.config.service_addr,
                 "capabilities": [c.public(show_url) for c in self.registry.capabilities.values()],
-                "streams": len(self.streams.streams) + len(self.live.streams),
+                "streams": len(self.live.streams),
                 "live_streams": len(self.live.streams),
             }
         )
@@ -150,14 +148,12 @@ def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> S
             Route("/capability/unregister", orch.unregister, methods=["POST"]),
             Route("/process/token", orch.token, methods=["GET"]),
             Route("/process/request/{path:path}", orch.jobs.process_request, methods=["POST"]),
-            *orch.streams.routes(),
             *orch.live.routes(),
             Route("/status", orch.status, methods=["GET"]),
             Route("/health", orch.health, methods=["GET"]),
         ],
         background=lambda: [
             registry.watch_health(orch.client, config.health_interval),
-            orch.streams.sweep_forever(),
             *orch.live.loops(),
         ],
         on_shutdown=orch.close,

@@ -186,13 +186,7 @@ class StreamGateway:
 
     async def start(self, request: Request) -> Response:
         job = self.job_from(request)
-        if self.running >= self.config.max_streams:
-            raise ApiError(
-                503,
-                "too_many_streams",
-                f"this gateway runs {self.config.max_streams} streams, its limit (-maxStreams); retry later",
-                {"Retry-After": "5"},
-            )
+        self._check_room()
         raw = await read_body(request, STREAM_BODY_BYTES)
         body = loads_bounded(raw, "the body", "invalid_body") if raw.strip() else {}
         if not isinstance(body, dict):
@@ -200,14 +194,36 @@ class StreamGateway:
                 'the body must be a JSON object: {"stream_name", "stream_id", "params"}, all optional'
             )
         prefix = _prefix(body, "stream_name") or _prefix(body, "stream_id")
+        stream = await self.open(job, prefix, _params(body.get("params")))
+        return JSONResponse(self._urls(request, stream))
+
+    def _check_room(self) -> None:
+        if self.running >= self.config.max_streams:
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"this gateway runs {self.config.max_streams} streams, its limit (-maxStreams); retry later",
+                {"Retry-After": "5"},
+            )
+
+    async def open(
+        self, job: JobRequest, prefix: str | None, params: dict[str, Any] | None, *, segments: bool = False
+    ) -> LiveStream:
+        """Start a stream at an orchestrator and run it; it answers once the container has started.
+
+        ``segments``: frame-per-segment (the tutorial's ``/live/{job}``), each input segment one
+        input of the container's ``process()``.
+        """
+        self._check_room()
         stream_id = f"{prefix}-{secrets.token_hex(8)}" if prefix else secrets.token_hex(8)
         stream = LiveStream(
             stream_id,
             secrets.token_urlsafe(24),
             job,
-            _params(body.get("params")),
+            params,
             self.config.limits,
             self.client,
+            segments=segments,
         )
         self.forget_ended(keep=self.config.max_streams * 4)
         self.streams[stream_id] = stream  # counted against the limit while it starts
@@ -221,7 +237,7 @@ class StreamGateway:
             del self.streams[stream_id]
             raise ApiError(503, "too_many_streams", "the gateway is at its limit of streams; retry later")
         log.info("stream %s (%s) started at %s", stream_id, job.capability, stream.session.orchestrator)
-        return JSONResponse(self._urls(request, stream))
+        return stream
 
     def _urls(self, request: Request, stream: LiveStream) -> dict[str, str]:
         base = f"{str(request.base_url).rstrip('/')}/process/stream/{stream.id}/{stream.key}"
@@ -282,7 +298,7 @@ class StreamGateway:
         request = self.client.build_request(
             "POST",
             f"{orch}{STREAM_START_PATH}",
-            json={"params": stream.start_params()},
+            json={"params": stream.start_params(), **({"segments": True} if stream.segments else {})},
             headers={JOB_HEADER: job.encode()},
             timeout=deadline.timeout(),
         )
@@ -458,8 +474,10 @@ class StreamGateway:
         return JSONResponse({"stream_id": stream.id, "stopped": True, "reason": stream.ended_reason})
 
     async def _update(self, request: Request, stream: LiveStream) -> Response:
-        """The body to the container's ``/stream/params`` via the orchestrator; its answer back."""
-        body = await read_body(request, STREAM_BODY_BYTES)
+        return await self.update(stream, await read_body(request, STREAM_BODY_BYTES))
+
+    async def update(self, stream: LiveStream, body: bytes) -> Response:
+        """``body`` to the container's ``/stream/params`` via the orchestrator; its answer back."""
         session = stream.session
         if stream.ended or session is None:
             raise ApiError(409, "stream_ended", f"the stream has ended: {stream.ended_reason}")

@@ -72,9 +72,11 @@ MAX_STREAM_ID = 96
 CONTAINER_CALL_TIMEOUT = 10.0  # /stream/params and /stream/stop
 MAX_CONTAINER_ANSWER = 64 * 1024  # a container's JSON answer; more is cut off
 MAX_LIVE_STREAMS = 512  # bounds the channels (five per stream), whatever the capacities
-# After the gateway closed the input: how long the container's output may stay silent before the
-# stream is over (the container's last segments still come out meanwhile).
-INPUT_END_GRACE = 5.0
+# After the gateway closed the input: how long the container's output and data may stay silent
+# before the stream is over (its last segments and captions still come out meanwhile; a container
+# that finishes closes its output, which ends the stream at once). A transcription pass over the
+# last seconds of audio takes a few seconds on a busy 2-core host.
+INPUT_END_GRACE = 15.0
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,10 @@ class LiveStream:
             return f"the container is gone (health {capability.health.value})"
         if now - self.started > limits.max_lifetime:
             return f"the stream reached the maximum lifetime of {limits.max_lifetime:g} s"
-        source, output = self.channels[INPUT], self.channels[OUTPUT]
+        source, output, data = self.channels[INPUT], self.channels[OUTPUT], self.channels[DATA]
         if source.closed and (
-            output.closed or now - max(source.closed_at, output.last_active) > INPUT_END_GRACE
+            output.closed
+            or now - max(source.closed_at, output.last_active, data.last_active) > INPUT_END_GRACE
         ):
             return "the input ended"
         if now - source.last_active > limits.idle_timeout and not source.closed:
@@ -247,19 +250,19 @@ class LiveStreams:
                 f"{job.capability!r} is not registered here; registered model ids: "
                 f"{', '.join(self.registry.names()) or 'none'}",
             )
-        params = _start_params(await read_body(request, MAX_STREAM_BODY_BYTES))
+        start = _start_body(await read_body(request, MAX_STREAM_BODY_BYTES))
         if stream_id in self.streams or stream_id in self._starting:
             raise ApiError(409, "stream_exists", f"stream {stream_id!r} runs already; start it with a new id")
         timeout = min(job.timeout_seconds, self.jobs.limits.max_job_timeout)
         self._starting.add(stream_id)
         try:
             capability = await self.jobs.admit(request, job.capability, timeout)
-            return await self._start(stream_id, capability, params, timeout)
+            return await self._start(stream_id, capability, start, timeout)
         finally:
             self._starting.discard(stream_id)
 
     async def _start(
-        self, stream_id: str, capability: Capability, params: dict[str, Any], timeout: float
+        self, stream_id: str, capability: Capability, start: dict[str, Any], timeout: float
     ) -> Response:
         """Channels, then the container: on any failure both are undone and the unit released."""
         stream = LiveStream(stream_id, capability, f"{stream_id}-{secrets.token_hex(8)}", {})
@@ -270,7 +273,7 @@ class LiveStreams:
             body = {
                 "gateway_request_id": stream_id,
                 **{role.start_key: self._url(stream, role) for role in ROLES},
-                "params": params,
+                **start,
             }
             answer = await self._call(stream, "/stream/start", json.dumps(body).encode(), timeout)
             if answer.status >= 400:
@@ -496,14 +499,16 @@ class _ContainerRefusal(ApiError):
         return JSONResponse(self._body, status_code=self.status, headers=self.headers)
 
 
-def _start_params(raw: bytes) -> dict[str, Any]:
-    """``{"params": object|null}`` (go-livepeer's body): the params, ``{}`` for none."""
+def _start_body(raw: bytes) -> dict[str, Any]:
+    """``{"params": object|null}`` (go-livepeer's body), and ours ``"segments": true`` for a
+    frame-per-segment stream: what goes on to the container's ``/stream/start``."""
     body = loads_bounded(raw, "the body", "invalid_body") if raw.strip() else {}
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", 'the body must be a JSON object: {"params": {...}}')
     params = body.get("params")
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
+    if params is not None and not isinstance(params, dict):
         raise ApiError(400, "invalid_params", '"params" must be a JSON object or null')
-    return params
+    segments = body.get("segments", False)
+    if not isinstance(segments, bool):
+        raise ApiError(400, "invalid_body", '"segments" must be true or false')
+    return {"params": params or {}, **({"segments": True} if segments else {})}

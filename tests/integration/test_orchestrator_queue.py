@@ -64,9 +64,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         yield Setup(orch, slow, module)
 
 
-def header(capability: str = "slow-cpu", timeout: int = 10) -> dict[str, str]:
+def header(capability: str = "slow-cpu", timeout: int = 10, **more: str) -> dict[str, str]:
     payload = {"request": "{}", "parameters": "{}", "capability": capability, "timeout_seconds": timeout}
-    return {"Livepeer": base64.b64encode(json.dumps(payload).encode()).decode()}
+    return {"Livepeer": base64.b64encode(json.dumps({**payload, **more}).encode()).decode()}
 
 
 def state(orch: ServerProcess, name: str = "slow-cpu") -> tuple[int, int]:
@@ -278,10 +278,10 @@ async def test_a_stream_frees_its_unit_after_the_idle_timeout_whatever_it_asked_
         ready_status=NODE_READY,
     )  # fmt: skip
     async with orch.async_client(timeout=30) as client:
-        put = await client.put(
-            "/live/held-for-a-day/source", content=b"0 frame", headers=header(timeout=100_000)
+        start = await client.post(
+            "/ai/stream/start", json={"params": {}}, headers=header(timeout=100_000, id="held-for-a-day")
         )
-        assert put.status_code == 200, put.text
+        assert start.status_code == 200, start.text
         assert state(orch) == (1, 0)
         started = time.monotonic()
         await until(lambda: state(orch) == (0, 0), 10, "the idle stream's unit")
