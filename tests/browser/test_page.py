@@ -26,6 +26,7 @@ pytestmark = pytest.mark.browser
 GREEN = np.array([0.0, 255.0, 0.0])
 WAIT = 30.0  # any one thing the page shows; generous for a 2-core host
 LIVE_SECONDS = 10.0
+RECORD_SECONDS = 6  # the sample sentence is 3.6 s long
 
 # A canvas copy of an <img> or the current frame of a <video>, as a PNG data URL.
 SNAPSHOT_JS = """
@@ -146,6 +147,27 @@ def test_audio_job_shows_the_transcript(browser: WebDriver, gateway: str, models
     assert segments and segments[0].text.startswith("0."), [s.text for s in segments]
     print(f"\naudio job: {transcript!r}; {browser.find_element(By.ID, 'audio-timing').text}")
     screenshot(browser, "audio")
+
+
+def test_audio_recorded_from_the_microphone_is_transcribed(
+    browser: WebDriver, gateway: str, models: dict[str, Any]
+) -> None:
+    if "whisper-tiny-cpu" not in models:
+        pytest.skip("this topology serves no whisper-tiny-cpu (make venv installs its weights)")
+    open_page(browser, gateway)
+    choose_model(browser, "whisper-tiny-cpu")
+    click(browser, "audio-record")  # the fake microphone says the sample sentence, over and over
+    time.sleep(RECORD_SECONDS)
+    click(browser, "audio-record")
+    recorded = browser.execute_script("return document.getElementById('audio-input').src")
+    assert recorded.startswith("blob:"), recorded
+    click(browser, "audio-run")
+    transcript = browser.find_element(By.ID, "transcript")
+    WebDriverWait(browser, 90).until(lambda d: transcript.text or d.find_element(By.ID, "error").text)
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    assert {"world", "test"} & set(transcript.text.lower().replace(",", " ").split()), transcript.text
+    print(f"\nrecorded {RECORD_SECONDS} s from the microphone: {transcript.text!r}")
+    screenshot(browser, "audio-recorded")
 
 
 def test_errors_show_the_api_detail(browser: WebDriver, gateway: str, models: dict[str, Any]) -> None:
