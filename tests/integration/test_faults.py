@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -355,3 +356,37 @@ def test_orchestrator_restart_gateway_recovers_and_containers_re_register(
         assert gateway.process.poll() is None and container.process.poll() is None
     finally:
         restarted.stop()
+
+
+async def test_a_live_job_far_ahead_of_its_container_is_told_to_retry_and_loses_nothing(
+    topology: Topology,
+) -> None:
+    """Through the node a /live job is a stream: the gateway keeps what the container has not
+    taken yet, up to 16 segments; one more is a 503 ``busy``, and every accepted one is answered."""
+    stream = f"/live/ahead-{uuid.uuid4().hex[:8]}"
+    async with topology.gateway.async_client(timeout=30) as client:
+        opened = await client.put(f"{stream}/source", content=b"2 first", headers={"X-Model-Id": "slow-cpu"})
+        assert opened.status_code == 200, opened.text
+        key = {STREAM_KEY: opened.headers[STREAM_KEY]}
+        accepted, refused = [0], []
+        for seq in range(1, 40):
+            put = await client.put(f"{stream}/source/{seq}", content=b"0 frame %d" % seq, headers=key)
+            if put.status_code != 200:
+                refused.append(put)
+                break
+            accepted.append(seq)
+        assert refused, "the gateway must not hold an unbounded backlog"
+        assert_error(refused[0], 503, "busy")
+        assert refused[0].headers["retry-after"]
+        # Each accepted segment is answered; the reads wait from before the first answer (the
+        # output keeps five segments, and the rest come at once after the first).
+        answers = await asyncio.gather(
+            *(client.get(f"{stream}/output/{seq}", headers=key) for seq in accepted)
+        )
+        for seq, got in zip(accepted, answers, strict=True):
+            assert got.status_code == 200 and "lp-trickle-error" not in got.headers, (seq, got.text)
+            assert got.content == (b"2 first" if seq == 0 else b"0 frame %d" % seq)
+        assert (await client.delete(stream, headers=key)).status_code == 200
+    await asyncio.to_thread(
+        wait_for, lambda: capability(topology, "slow-cpu")["load"] == 0, 10, "the job's unit back"
+    )
