@@ -58,3 +58,14 @@ export function action(button, run) {
     }
   });
 }
+
+// Browsers give the camera and microphone only to a secure context: https, or localhost.
+export function mediaDevices() {
+  if (!navigator.mediaDevices) {
+    throw new Error(
+      "this browser gives the camera and microphone only to pages on https or on localhost: open " +
+      "the page as http://localhost:8935/ on the gateway's host (an SSH tunnel does: ssh -L 8935:localhost:8935 host)",
+    );
+  }
+  return navigator.mediaDevices;
+}

@@ -1,7 +1,7 @@
 // Audio jobs: a WAV file, the bundled sample or a recording from the microphone, transcribed by
 // one POST /process/request/{model}; the transcript is shown with each segment's times.
 
-import { action, call, showError } from "./api.js";
+import { action, call, mediaDevices, showError } from "./api.js";
 import { currentParams } from "./params.js";
 
 const RATE = 16000; // what transcribers want; the browser resamples the microphone to it
@@ -30,7 +30,7 @@ export function wav(samples, rate) {
 
 async function record(button) {
   if (recording) return recording.stop();
-  const media = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+  const media = await mediaDevices().getUserMedia({ audio: { channelCount: 1 } });
   const context = new AudioContext({ sampleRate: RATE });
   const source = context.createMediaStreamSource(media);
   // ScriptProcessor: deprecated but everywhere, and it needs no second module file.

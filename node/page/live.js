@@ -2,7 +2,7 @@
 // and its container, and back by WHEP, shown next to the camera. Parameter changes go to the
 // stream's update_url, captions come from its data_url (Server-Sent Events).
 
-import { call, clearError, showError } from "./api.js";
+import { call, clearError, mediaDevices, showError } from "./api.js";
 import { currentParams, onParamsChange } from "./params.js";
 import { BLOCK, STAMP_WIDTH, age, drawStamp, readStamp } from "./stamp.js";
 import { whep, whip } from "./webrtc.js";
@@ -121,6 +121,7 @@ function follow(dataUrl, end) {
 
 async function start(model, kind) {
   const params = currentParams();
+  mediaDevices(); // before a stream is started for nothing
   setState("starting");
   const response = await call("/process/stream/start", {
     method: "POST",
@@ -139,7 +140,7 @@ async function start(model, kind) {
     $("live-output-caption").textContent = kind === "audio"
       ? "through the pipeline (a transcriber answers with the captions below)"
       : "through the pipeline";
-    s.media = await navigator.mediaDevices.getUserMedia({
+    s.media = await mediaDevices().getUserMedia({
       video: { width: WIDTH, height: HEIGHT, frameRate: FPS },
       audio: withMic,
     });
