@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from chromium import screenshot
@@ -84,6 +85,19 @@ def shown_error(driver: WebDriver) -> str:
     box = driver.find_element(By.ID, "error")
     WebDriverWait(driver, WAIT).until(lambda _: box.is_displayed() and box.text)
     return box.text
+
+
+def wait_unit_freed(gateway: str, model: str) -> None:
+    """The stream's unit of ``model`` back at its orchestrator once the page stopped it (nothing
+    else runs ``model`` meanwhile): its load in the model list returns to 0."""
+    deadline = time.monotonic() + WAIT
+    load = None
+    while time.monotonic() < deadline:
+        listed = {m["id"]: m for m in httpx.get(f"{gateway}/process/models", timeout=5).json()["models"]}
+        if (load := listed[model]["load"]) == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{model} still has load {load} {WAIT} s after the page stopped its stream")
 
 
 def test_page_lists_the_models_and_is_interactive_fast(
@@ -254,6 +268,7 @@ def test_live_camera_through_whip_and_whep(browser: WebDriver, gateway: str, mod
     screenshot(browser, "live-strength")
     click(browser, "live-stop")
     WebDriverWait(browser, WAIT).until(lambda _: state.text == "stopped")
+    wait_unit_freed(gateway, "green-tint-cpu")
 
 
 def test_live_captions_from_the_microphone(browser: WebDriver, gateway: str, models: dict[str, Any]) -> None:
@@ -277,3 +292,4 @@ def test_live_captions_from_the_microphone(browser: WebDriver, gateway: str, mod
     screenshot(browser, "live-captions")
     click(browser, "live-stop")
     WebDriverWait(browser, WAIT).until(lambda _: state.text == "stopped")
+    wait_unit_freed(gateway, "whisper-tiny-cpu")
