@@ -15,10 +15,12 @@ let shownParamsFor = null;
 const model = () => $("model").value.trim();
 const kind = () => kinds.get(model()) || "image";
 
+// A model of the other kind switches between the Image and Audio tabs; Live takes either.
 function choose(id) {
   $("model").value = id;
   chosen();
-  openTab(kind());
+  const open = document.querySelector('.tabs button[aria-selected="true"]').dataset.panel;
+  if (open !== "live") openTab(kind());
 }
 
 function chosen() {
