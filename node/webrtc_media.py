@@ -37,7 +37,8 @@ log = logging.getLogger("webrtc")
 
 TIME_BASE = Fraction(1, 90_000)
 SEGMENT_SECONDS = 1.0  # input segment length: the container's unit of work and a move's loss
-MAX_QUEUED_FRAMES = 8  # decoded frames (video and audio) waiting for the encoder; more are dropped
+MAX_QUEUED_FRAMES = 4  # decoded video frames waiting for the encoder; more are dropped
+MAX_QUEUED_AUDIO = 100  # audio frames (20 ms each) waiting; cheap to encode, dropped only past this
 MAX_DEMUX_BYTES = 8 * 1024 * 1024  # output bytes waiting for the demuxer; more are dropped
 X264_OPTIONS = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0"}
 AUDIO_RATE = 48_000  # WebRTC's Opus rate; AAC at the same rate, mono
@@ -103,8 +104,9 @@ class _Sink:
 class SegmentEncoder:
     """WHIP frames to MPEG-TS input segments, in a thread of its own.
 
-    :meth:`put` never blocks the WebRTC loop: with ``MAX_QUEUED_FRAMES`` waiting, a new frame is
-    dropped (counted in ``dropped``). Video timestamps are the stream's clock when a frame
+    :meth:`put` never blocks the WebRTC loop: with ``MAX_QUEUED_FRAMES`` video frames waiting, a
+    new one is dropped (counted in ``dropped``); audio has a queue of its own, so that a busy
+    video encoder does not cut words out of the sound. Video timestamps are the stream's clock when a frame
     arrived, so they keep increasing across WHIP sessions of the same stream. With ``audio`` (the
     offer sends a microphone), each segment also carries AAC, stamped by its sample count from
     the first audio frame's arrival: what a transcriber (whisper-tiny) listens to. One AAC encoder
@@ -117,8 +119,10 @@ class SegmentEncoder:
         self._clock_start = clock_start
         self._with_audio = audio
         self._queue: queue.Queue[tuple[av.VideoFrame | av.AudioFrame, float] | None] = queue.Queue(
-            MAX_QUEUED_FRAMES
+            MAX_QUEUED_FRAMES + MAX_QUEUED_AUDIO
         )
+        self._waiting = {"video": 0, "audio": 0}  # frames of each kind in the queue
+        self._lock = threading.Lock()
         self._container: Any = None
         self._video: Any = None
         self._audio: Any = None
@@ -133,10 +137,14 @@ class SegmentEncoder:
         self._thread.start()
 
     def put(self, frame: av.VideoFrame | av.AudioFrame) -> None:
-        try:
+        kind = "audio" if isinstance(frame, av.AudioFrame) else "video"
+        with self._lock:
+            if self._waiting[kind] >= (MAX_QUEUED_AUDIO if kind == "audio" else MAX_QUEUED_FRAMES):
+                self.dropped += 1
+                return
+            self._waiting[kind] += 1
+        with contextlib.suppress(queue.Full):  # full only once close() has put its end in
             self._queue.put_nowait((frame, time.monotonic() - self._clock_start))
-        except queue.Full:
-            self.dropped += 1
 
     def close(self) -> None:
         """Finish the open segment and end the thread (bounded wait: call it off the loop)."""
@@ -154,6 +162,8 @@ class SegmentEncoder:
         try:
             while (item := self._queue.get()) is not None:
                 frame, at = item
+                with self._lock:
+                    self._waiting["audio" if isinstance(frame, av.AudioFrame) else "video"] -= 1
                 if isinstance(frame, av.AudioFrame):
                     self._encode_audio(frame, at)
                 else:
