@@ -70,7 +70,7 @@ def _bad_offer(detail: str) -> ApiError:
 @dataclass(frozen=True)
 class _Offer:
     sdp: str
-    audio: bool  # it sends (WHIP) or takes (WHEP) audio too
+    audio: bool  # it has an audio section going our way (WHIP: a microphone to encode)
 
 
 def _offer(body: bytes, content_type: str, kind: Kind) -> _Offer:
@@ -207,10 +207,6 @@ class WebRtc:
         self._peers: dict[str, Peer] = {}
         self.background = Background("webrtc", limit=1024)
 
-    @property
-    def peers(self) -> int:
-        return len(self._peers)
-
     # -- the routes' work -------------------------------------------------------------------------
 
     async def offer(self, request: Request, stream: LiveStream, kind: Kind, base: str) -> Response:
@@ -254,6 +250,8 @@ class WebRtc:
         except BaseException:
             await self._end_peer(peer, "the answer failed")
             raise
+        if peer.ended:  # the stream ended while the answer was made
+            raise ApiError(409, "stream_ended", f"the stream has ended: {stream.ended_reason}")
         if kind is Kind.WHEP:
             self._start_demuxer(stream, peers)
         location = f"{base}/{kind.value}/{peer.id}"

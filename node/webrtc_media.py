@@ -1,10 +1,10 @@
 """The media between a stream's WebRTC peers and its gateway channels, each stage in its own thread.
 
-WHIP: decoded camera (and microphone) frames -> :class:`SegmentEncoder` (libx264 ultrafast, zerolatency, no
+WHIP: decoded camera frames -> :class:`SegmentEncoder` (libx264 ultrafast, zerolatency, no
 B-frames, a fresh encoder and MPEG-TS muxer per ~1 s segment, so each segment starts with PAT/PMT
-and an IDR and stands alone, as a trickle publisher cuts them) -> the stream's ``input`` channel,
-each muxed frame written as it comes out (the gateway streams a segment to the orchestrator while
-it grows, so a frame does not wait for its segment to end).
+and an IDR and stands alone, as a trickle publisher cuts them; a microphone as AAC beside it) ->
+the stream's ``input`` channel, each muxed frame written as it comes out (the gateway streams a
+segment to the orchestrator while it grows, so a frame does not wait for its segment to end).
 
 WHEP: the stream's ``output`` segments -> :class:`OutputDemuxer` (PyAV's MPEG-TS demuxer over
 ``common.live.tsinput.InputStream``, which also hands over each segment's last frame at once) ->
@@ -268,9 +268,9 @@ def has_idr(access_unit: bytes) -> bool:
 class OutputDemuxer:
     """The stream's ``output`` segments as H.264 packets, handed to ``deliver`` as demuxed.
 
-    :meth:`follow` runs on the gateway's loop: from the segment written last (its start: an IDR)
-    it feeds every segment's bytes, as they arrive, to a demuxer thread. ``deliver`` is called in
-    that thread and must not block.
+    :meth:`follow` runs on the gateway's loop: from the start of the next segment (an IDR; no
+    burst of older frames) it feeds every segment's bytes, as they arrive, to a demuxer thread.
+    ``deliver`` is called in that thread and must not block.
     """
 
     def __init__(self, channel: Channel, deliver: PacketSink, name: str) -> None:
@@ -284,7 +284,7 @@ class OutputDemuxer:
     async def follow(self) -> None:
         """Feed the output channel to the demuxer until it closes (or this task is cancelled)."""
         channel = self._channel
-        seq = channel.next_write  # the next segment from its start: no burst of old frames
+        seq = channel.next_write
         try:
             while True:
                 segment = channel.for_read(seq)
