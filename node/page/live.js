@@ -217,5 +217,9 @@ export function setUpLive(model, kind) {
   });
   stopButton.addEventListener("click", () => session && stop(session, "stopped"));
   onParamsChange(scheduleUpdate);
+  // Leaving the page ends its stream at once (its unit freed), not at the gateway's idle timeout.
+  window.addEventListener("pagehide", () => {
+    if (session) navigator.sendBeacon(session.urls.stop_url);
+  });
   $("params-extra").addEventListener("change", scheduleUpdate);
 }
