@@ -1,6 +1,7 @@
 """The gateway's page in a real Chromium, used as a person would: pick a model, run an image job
-and check the output's pixels, transcribe the sample sound, read an error, and go live with the
-(fake) camera through WHIP and WHEP and watch the tint, and a strength change, in the video.
+and check the output's pixels, transcribe the sample sound and a recording, read an error, go live
+with the (fake) camera through WHIP and WHEP and watch the tint, and a strength change, in the
+video, read live captions, and see each stream's unit freed after Stop or when the page is left.
 
 Screenshots go to ``out/browser/``. Figures (page load to first interactive, live fps and
 latency) are printed; nothing here asserts a time (a noisy 2-core host).
