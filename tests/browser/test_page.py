@@ -220,6 +220,30 @@ def go_live(browser: WebDriver, gateway: str, model: str, strength: float | None
     return state
 
 
+def test_at_capacity_shows_the_api_detail(browser: WebDriver, gateway: str, models: dict[str, Any]) -> None:
+    if "whisper-tiny-cpu" not in models:
+        pytest.skip("this topology serves no whisper-tiny-cpu (make venv installs its weights)")
+    capacity = models["whisper-tiny-cpu"]["capacity"]
+    with httpx.Client(base_url=gateway, timeout=WAIT) as client:
+        streams = [  # every unit of whisper-tiny-cpu taken by someone else's stream
+            client.post("/process/stream/start", headers={"X-Model-Id": "whisper-tiny-cpu"}, json={}).json()
+            for _ in range(capacity)
+        ]
+        try:
+            open_page(browser, gateway)
+            choose_model(browser, "whisper-tiny-cpu")
+            click(browser, "audio-sample")
+            click(browser, "audio-run")  # waits in the orchestrator's queue, then is refused
+            WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").text)
+            text = shown_error(browser)
+            assert text.startswith("at_capacity (503): ") and "busy" in text, text
+            screenshot(browser, "error-at-capacity")
+        finally:
+            for stream in streams:
+                client.post(stream["stop_url"])
+    wait_unit_freed(gateway, "whisper-tiny-cpu")
+
+
 def channel_means(driver: WebDriver) -> tuple[np.ndarray, np.ndarray]:
     """Mean RGB of the camera and of the played output, both scaled to 160x120 (cheap to copy out
     while the page plays), above the stamp row."""
