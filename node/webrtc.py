@@ -55,6 +55,8 @@ SDP_CONTENT_TYPE = "application/sdp"
 ANSWER_SECONDS = 10.0  # the answer, ICE gathering included
 CLOSE_SECONDS = 5.0
 MAX_QUEUED_PACKETS = 90  # per viewer, ~3 s at 30 fps; a viewer this far behind restarts at an IDR
+MAX_QUEUED_FRAMES = 2  # per viewer that needs frames: the newest is what it should show
+H264 = "video/h264"
 T = TypeVar("T")
 
 
@@ -71,6 +73,7 @@ def _bad_offer(detail: str) -> ApiError:
 class _Offer:
     sdp: str
     audio: bool  # it has an audio section going our way (WHIP: a microphone to encode)
+    h264: bool  # its video accepts H.264 (WHEP: the output's packets go as they are)
 
 
 def _offer(body: bytes, content_type: str, kind: Kind) -> _Offer:
@@ -97,10 +100,19 @@ def _offer(body: bytes, content_type: str, kind: Kind) -> _Offer:
         )
     if not any(m.ice_candidates for m in media):
         raise _bad_offer("the offer has no ICE candidates: send it once ICE gathering is complete")
-    if kind is Kind.WHEP and not any(c.mimeType.lower() == "video/h264" for c in video[0].rtp.codecs):
-        raise _bad_offer("a WHEP offer must accept H.264 video: the stream's output is H.264")
+    codecs = {c.mimeType.lower() for c in video[0].rtp.codecs}
+    if not codecs & {H264, "video/vp8"}:
+        raise _bad_offer("the offer's video must accept H.264 or VP8")
     audio = [m for m in media if m.kind == "audio" and m.direction in wanted]
-    return _Offer(text, bool(audio))
+    return _Offer(text, bool(audio), H264 in codecs)
+
+
+def _library_fault(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """One log line for an exception in a callback of aiortc's or aioice's: e.g. aioice retries
+    a STUN check on a socket its closed connection let go (AttributeError), harmless once the
+    peer has ended; a traceback per occurrence would bury the gateway's log."""
+    exc = context.get("exception")
+    log.warning("webrtc loop: %s: %r", context.get("message", "a callback failed"), exc)
 
 
 class _RtcThread:
@@ -108,6 +120,7 @@ class _RtcThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_library_fault)
         self._thread = threading.Thread(target=self.loop.run_forever, name="webrtc", daemon=True)
         self._thread.start()
 
@@ -127,47 +140,53 @@ class _RtcThread:
             self.loop.close()
 
 
-class PacketTrack(MediaStreamTrack):
-    """A WHEP viewer's video: the stream's H.264 packets as demuxed, passed to aiortc's sender
-    as they are (it packetizes without encoding). A viewer starts, and after falling behind
-    restarts, at an IDR."""
+class OutputTrack(MediaStreamTrack):
+    """A WHEP viewer's video. H.264 viewers get the stream's packets as demuxed, which aiortc's
+    sender packetizes without encoding; they start, and after falling behind restart, at an IDR.
+    Others (VP8) get decoded frames, which aiortc encodes; they get the newest frame, older ones
+    are dropped."""
 
     kind = "video"
 
-    def __init__(self) -> None:
+    def __init__(self, packets: bool) -> None:
         super().__init__()
-        self._queue: asyncio.Queue[av.Packet | None] = asyncio.Queue(MAX_QUEUED_PACKETS)
-        self._need_keyframe = True
+        self.packets = packets
+        size = MAX_QUEUED_PACKETS if packets else MAX_QUEUED_FRAMES
+        self._queue: asyncio.Queue[av.Packet | av.VideoFrame | None] = asyncio.Queue(size)
+        self._need_keyframe = packets
         self.dropped = 0
         self.sent = 0
 
-    def offer(self, packet: av.Packet) -> None:
-        """On the WebRTC loop: queue ``packet``; never waits."""
-        if self._need_keyframe and not packet.is_keyframe:
+    def offer(self, item: av.Packet | av.VideoFrame) -> None:
+        """On the WebRTC loop: queue a packet or frame; never waits."""
+        if self._need_keyframe and isinstance(item, av.Packet) and not item.is_keyframe:
             self.dropped += 1
             return
         if self._queue.full():
-            self.dropped += self._queue.qsize() + 1
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self._need_keyframe = True
-            return
+            if self.packets:  # a packet needs the ones before it: drop them all, wait for an IDR
+                self.dropped += self._queue.qsize() + 1
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+                self._need_keyframe = True
+                return
+            self._queue.get_nowait()
+            self.dropped += 1
         self._need_keyframe = False
-        self._queue.put_nowait(packet)
+        self._queue.put_nowait(item)
 
     def finish(self) -> None:
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
 
-    async def recv(self) -> av.Packet:  # aiortc's sender packetizes a Packet without encoding
+    async def recv(self) -> av.Packet | av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        packet = await self._queue.get()
-        if packet is None:
+        item = await self._queue.get()
+        if item is None:
             self.stop()
             raise MediaStreamError
         self.sent += 1
-        return packet
+        return item
 
 
 @dataclass
@@ -179,7 +198,7 @@ class Peer:
     stream: LiveStream
     pc: RTCPeerConnection | None = None  # made on the WebRTC loop (aiortc binds to its loop)
     encoder: SegmentEncoder | None = None  # WHIP
-    track: PacketTrack | None = None  # WHEP, made on the WebRTC loop too
+    track: OutputTrack | None = None  # WHEP, made on the WebRTC loop too
     ended: bool = False
     connected: bool = False  # set on the WebRTC loop
     readers: set[asyncio.Task[None]] = field(default_factory=set)  # WHIP tracks read, on that loop
@@ -240,7 +259,7 @@ class WebRtc:
             peers.viewers[peer.id] = peer
         self._peers[peer.id] = peer
         try:
-            answer = await self._rtc.call(self._answer(peer, offer.sdp, loop), ANSWER_SECONDS)
+            answer = await self._rtc.call(self._answer(peer, offer, loop), ANSWER_SECONDS)
         except (ValueError, InvalidAccessError, OperationError) as exc:  # what aiortc refuses
             await self._end_peer(peer, "its offer was refused")
             raise _bad_offer(f"the offer could not be answered: {exc}") from None
@@ -254,6 +273,7 @@ class WebRtc:
             raise ApiError(409, "stream_ended", f"the stream has ended: {stream.ended_reason}")
         if kind is Kind.WHEP:
             self._start_demuxer(stream, peers)
+            self._decode_if_needed(peers)
         location = f"{base}/{kind.value}/{peer.id}"
         log.info("stream %s: %s peer %s answered", stream.id, kind.value, peer.id)
         return Response(answer, 201, media_type=SDP_CONTENT_TYPE, headers={"Location": location})
@@ -277,13 +297,14 @@ class WebRtc:
 
     # -- on the WebRTC loop -----------------------------------------------------------------------
 
-    async def _answer(self, peer: Peer, offer: str, gateway: asyncio.AbstractEventLoop) -> str:
+    async def _answer(self, peer: Peer, offer: _Offer, gateway: asyncio.AbstractEventLoop) -> str:
         pc = peer.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         if peer.kind is Kind.WHEP:
-            peer.track = PacketTrack()
+            peer.track = OutputTrack(packets=offer.h264)
             transceiver = pc.addTransceiver(peer.track, direction="sendonly")
+            wanted = (H264 if offer.h264 else "video/vp8", "video/rtx")
             codecs = RTCRtpSender.getCapabilities("video").codecs
-            transceiver.setCodecPreferences([c for c in codecs if c.mimeType in ("video/H264", "video/rtx")])
+            transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() in wanted])
         else:
 
             @pc.on("track")
@@ -298,7 +319,7 @@ class WebRtc:
             elif pc.connectionState == "failed":
                 gateway.call_soon_threadsafe(self._lost, peer, "its ICE or DTLS connection failed")
 
-        await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
         asyncio.get_running_loop().call_later(self.connect_seconds, self._check_connected, peer, gateway)
         return str(pc.localDescription.sdp)
@@ -340,11 +361,11 @@ class WebRtc:
             return
         rtc = self._rtc.loop
 
-        def deliver(packet: av.Packet) -> None:  # in the demuxer thread
+        def deliver(item: av.Packet | av.VideoFrame) -> None:  # in the demuxer thread
             with contextlib.suppress(RuntimeError):
-                rtc.call_soon_threadsafe(_fan_out, peers, packet)
+                rtc.call_soon_threadsafe(_fan_out, peers, item)
 
-        peers.demuxer = OutputDemuxer(stream.output, deliver, stream.id)
+        peers.demuxer = OutputDemuxer(stream.output, deliver, deliver, stream.id)
         peers.follower = asyncio.create_task(peers.demuxer.follow(), name=f"webrtc: {stream.id} output")
 
     async def _end_peer(self, peer: Peer, reason: str) -> None:
@@ -373,14 +394,22 @@ class WebRtc:
         if peer.track is not None:
             track = peer.track
             log.info(
-                "stream %s: whep peer %s: %d packets sent, %d dropped",
-                peer.stream.id, peer.id, track.sent, track.dropped,
+                "stream %s: whep peer %s: %d %s sent, %d dropped",
+                peer.stream.id, peer.id, track.sent, "packets" if track.packets else "frames", track.dropped,
             )  # fmt: skip
         if peers is not None and not peers.viewers and peers.demuxer is not None:
             await self._stop_demuxer(peers)
+        elif peers is not None:
+            self._decode_if_needed(peers)
         if peers is not None and peers.whip is None and not peers.viewers and peer.stream.ended:
             self._streams.pop(peer.stream.id, None)
         log.info("stream %s: %s peer %s ended: %s", peer.stream.id, peer.kind.value, peer.id, reason)
+
+    @staticmethod
+    def _decode_if_needed(peers: _StreamPeers) -> None:
+        """Decode the output only while a viewer needs frames."""
+        if peers.demuxer is not None:
+            peers.demuxer.decode = any(v.track and not v.track.packets for v in peers.viewers.values())
 
     async def _stop_demuxer(self, peers: _StreamPeers) -> None:
         demuxer, follower = peers.demuxer, peers.follower
@@ -402,9 +431,11 @@ class WebRtc:
             self._streams.pop(stream_id, None)
 
 
-def _fan_out(peers: _StreamPeers, packet: av.Packet) -> None:
-    """On the WebRTC loop: one demuxed packet to every viewer of the stream. (``viewers``
-    changes on the gateway's loop; ``list()`` copies it in one step under the GIL.)"""
+def _fan_out(peers: _StreamPeers, item: av.Packet | av.VideoFrame) -> None:
+    """On the WebRTC loop: a demuxed packet to every H.264 viewer of the stream, a decoded frame
+    to every other one. (``viewers`` changes on the gateway's loop; ``list()`` copies it in one
+    step under the GIL.)"""
+    packet = isinstance(item, av.Packet)
     for viewer in list(peers.viewers.values()):
-        if viewer.track is not None and viewer.connected:
-            viewer.track.offer(packet)
+        if viewer.track is not None and viewer.connected and viewer.track.packets == packet:
+            viewer.track.offer(item)

@@ -9,7 +9,9 @@ segment to the orchestrator while it grows, so a frame does not wait for its seg
 WHEP: the stream's ``output`` segments -> :class:`OutputDemuxer` (PyAV's MPEG-TS demuxer over
 ``common.live.tsinput.InputStream``, which also hands over each segment's last frame at once) ->
 H.264 packets, forwarded to every viewer without decoding: the container's encoder already gives
-what a WebRTC H.264 receiver plays (no B-frames, an IDR per segment).
+what a WebRTC H.264 receiver plays (no B-frames, an IDR per segment). Only while a viewer without
+H.264 watches (a Firefox with no OpenH264 on a host with no internet: VP8 only) are the packets
+also decoded, in the same thread, for aiortc to encode as VP8.
 
 The event loop side of a channel is only ever touched on the gateway's loop
 (:class:`InputSegments` schedules its writes there); queues between threads are bounded, and a
@@ -250,6 +252,7 @@ class SegmentEncoder:
 
 
 PacketSink = Callable[[av.Packet], None]
+FrameSink = Callable[[av.VideoFrame], None]
 NAL_IDR = 5
 
 
@@ -273,9 +276,12 @@ class OutputDemuxer:
     ``deliver`` is called in that thread and must not block.
     """
 
-    def __init__(self, channel: Channel, deliver: PacketSink, name: str) -> None:
+    def __init__(self, channel: Channel, deliver: PacketSink, deliver_frame: FrameSink, name: str) -> None:
         self._channel = channel
         self._deliver = deliver
+        self._deliver_frame = deliver_frame
+        self.decode = False  # set while a viewer needs decoded frames; read by the thread
+        self._decoder: Any = None
         self._input = InputStream(MAX_DEMUX_BYTES, max_waiting_segments=2)
         self.packets = 0
         self._thread = threading.Thread(target=self._main, name=f"whep-demux {name}", daemon=True)
@@ -323,8 +329,25 @@ class OutputDemuxer:
                     self.packets += 1
                     packet.is_keyframe = has_idr(bytes(packet))
                     self._deliver(packet)
+                    if self.decode:
+                        self._decode(packet)
+                    else:
+                        self._decoder = None  # a later viewer starts a fresh one, at an IDR
         except (av.error.FFmpegError, ValueError) as exc:
             log.warning("%s: the stream's output could not be demuxed: %s", self._thread.name, exc)
         finally:
             if container is not None:
                 container.close()
+
+    def _decode(self, packet: av.Packet) -> None:
+        """Decoded frames of ``packet`` to ``deliver_frame``; a decoder starts at an IDR."""
+        if self._decoder is None:
+            if not packet.is_keyframe:
+                return
+            self._decoder = av.CodecContext.create("h264", "r")
+            self._decoder.thread_type = "SLICE"  # frame threads would hold frames back
+        try:
+            for frame in self._decoder.decode(packet):
+                self._deliver_frame(frame)
+        except av.error.FFmpegError as exc:
+            log.info("%s: an output frame did not decode (%s)", self._thread.name, exc)

@@ -19,7 +19,13 @@ from fractions import Fraction
 import av
 import httpx
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError
 
 from scripts.clips import frame_index, pattern
@@ -162,9 +168,13 @@ class Player:
     peer: Peer | None = None
     _reader: asyncio.Task[None] | None = None
 
-    async def play(self, http: httpx.AsyncClient, whep_url: str) -> None:
+    async def play(self, http: httpx.AsyncClient, whep_url: str, codec: str | None = None) -> None:
+        """Offer to receive video (only ``codec``, e.g. "video/VP8", if given)."""
         pc = new_pc()
-        pc.addTransceiver("video", direction="recvonly")
+        transceiver = pc.addTransceiver("video", direction="recvonly")
+        if codec is not None:
+            codecs = RTCRtpReceiver.getCapabilities("video").codecs
+            transceiver.setCodecPreferences([c for c in codecs if c.mimeType in (codec, "video/rtx")])
 
         @pc.on("track")
         def _track(track: MediaStreamTrack) -> None:
