@@ -18,13 +18,14 @@ The same operations answer at ``/process/stream/{id}/{op}`` with the key in ``Lp
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import httpx
@@ -56,7 +57,9 @@ from .livepeer import (
     loads_bounded,
 )
 from .relay import Background, Deadline, check_plain_path, same_secret
-from .webrtc import Kind, WebRtc
+
+if TYPE_CHECKING:
+    from .webrtc import WebRtc
 
 log = logging.getLogger("streams")
 
@@ -81,7 +84,7 @@ _OPS = {
     "whep": ("POST", "DELETE"),
 }
 _TRICKLE_OPS = ("in", "out", "events")
-_PEER_OPS = {"whip": Kind.WHIP, "whep": Kind.WHEP}
+_PEER_OPS = ("whip", "whep")
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class StreamGateway:
         self.config = config
         self.streams: dict[str, LiveStream] = {}
         self.background = Background("live streams", limit=config.max_streams + 16)
-        self.webrtc = WebRtc()
+        self.webrtc: WebRtc | None = None  # see _webrtc
 
     def routes(self) -> list[Route]:
         return [
@@ -410,9 +413,9 @@ class StreamGateway:
             raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on a stream's {op}")
         if op in _PEER_OPS:
             if args:
-                return await self.webrtc.hang_up(stream, _PEER_OPS[op], args[0])
+                return await (await self._webrtc()).hang_up(stream, op, args[0])
             base = f"{str(request.base_url).rstrip('/')}/process/stream/{stream.id}/{stream.key}"
-            return await self.webrtc.offer(request, stream, _PEER_OPS[op], base)
+            return await (await self._webrtc()).offer(request, stream, op, base)
         if op == "in":
             return await (self._write(request, stream, args[0]) if args else self._end_input(stream))
         if op in ("out", "events"):
@@ -549,6 +552,15 @@ class StreamGateway:
         finally:
             stream.readers -= 1
 
+    async def _webrtc(self) -> WebRtc:
+        """WHIP/WHEP, loaded with the first peer (in a thread: the loop serves on meanwhile):
+        aiortc and PyAV cost a node ~0.2 s to import and ~45 MB of memory, which an orchestrator
+        or a gateway without WebRTC clients need not pay."""
+        if self.webrtc is None:
+            module = await asyncio.to_thread(importlib.import_module, "node.webrtc")
+            self.webrtc = self.webrtc or module.WebRtc()
+        return self.webrtc
+
     # -- upkeep -----------------------------------------------------------------------------------
 
     def forget_ended(self, keep: int | None = None) -> None:
@@ -569,7 +581,8 @@ class StreamGateway:
             self.forget_ended()
 
     async def close(self) -> None:
-        await self.webrtc.close()
+        if self.webrtc is not None:
+            await self.webrtc.close()
         await self.background.close()
 
 

@@ -228,8 +228,9 @@ class WebRtc:
 
     # -- the routes' work -------------------------------------------------------------------------
 
-    async def offer(self, request: Request, stream: LiveStream, kind: Kind, base: str) -> Response:
-        """A WHIP or WHEP offer for ``stream``: 201 with the answer, or a 4xx JSON error."""
+    async def offer(self, request: Request, stream: LiveStream, op: str, base: str) -> Response:
+        """A WHIP or WHEP (``op``) offer for ``stream``: 201 with the answer, or a 4xx JSON error."""
+        kind = Kind(op)
         body = await read_body(request, SDP_BYTES)
         offer = _offer(body, request.headers.get("content-type", ""), kind)
         if stream.ended:
@@ -278,8 +279,9 @@ class WebRtc:
         log.info("stream %s: %s peer %s answered", stream.id, kind.value, peer.id)
         return Response(answer, 201, media_type=SDP_CONTENT_TYPE, headers={"Location": location})
 
-    async def hang_up(self, stream: LiveStream, kind: Kind, peer_id: str) -> Response:
-        """``DELETE`` of a peer's Location."""
+    async def hang_up(self, stream: LiveStream, op: str, peer_id: str) -> Response:
+        """``DELETE`` of a peer's Location (``op``: whip or whep)."""
+        kind = Kind(op)
         peer = self._peers.get(peer_id)
         if peer is None or peer.stream is not stream or peer.kind is not kind:
             raise ApiError(404, "unknown_peer", f"no such {kind.value} peer on this stream (ended already?)")
