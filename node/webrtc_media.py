@@ -42,6 +42,7 @@ SEGMENT_SECONDS = 1.0  # input segment length: the container's unit of work and 
 MAX_QUEUED_FRAMES = 4  # decoded video frames waiting for the encoder; more are dropped
 MAX_QUEUED_AUDIO = 100  # audio frames (20 ms each) waiting; cheap to encode, dropped only past this
 MAX_DEMUX_BYTES = 8 * 1024 * 1024  # output bytes waiting for the demuxer; more are dropped
+MAX_PIXELS = 1280 * 720  # a bigger camera frame is scaled down before it is encoded
 X264_OPTIONS = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0"}
 AUDIO_RATE = 48_000  # WebRTC's Opus rate; AAC at the same rate, mono
 MAX_INTERLEAVE_US = 100_000
@@ -180,7 +181,7 @@ class SegmentEncoder:
 
     def _encode(self, frame: av.VideoFrame, pts: int) -> None:
         pts = max(pts, self._last_pts + 1)  # x264 and the muxer need increasing timestamps
-        size = (frame.width & ~1, frame.height & ~1)
+        size = _fitted(frame.width, frame.height)
         if (
             self._video is None
             or (self._video.width, self._video.height) != size
@@ -249,6 +250,13 @@ class SegmentEncoder:
             self._container = self._video = self._audio = None
             self._segments.end()
             self.segments += 1
+
+
+def _fitted(width: int, height: int) -> tuple[int, int]:
+    """The encoded size: even (4:2:0), and scaled down to ``MAX_PIXELS``: a client's frame size
+    must not set the gateway's CPU cost."""
+    scale = min(1.0, (MAX_PIXELS / max(width * height, 1)) ** 0.5)
+    return max(2, int(width * scale) & ~1), max(2, int(height * scale) & ~1)
 
 
 PacketSink = Callable[[av.Packet], None]

@@ -115,11 +115,12 @@ class Microphone(MediaStreamTrack):
 
 @dataclass
 class Played:
-    """One frame the player decoded: its number, when, and its mean colour (R, G, B)."""
+    """One frame the player decoded: its number, when, its mean colour (R, G, B), its size."""
 
     index: int
     at: float
     mean: tuple[float, float, float]
+    size: tuple[int, int]
 
 
 @dataclass
@@ -189,7 +190,8 @@ class Player:
                 at = time.monotonic()
                 rgb = frame.to_ndarray(format="rgb24")  # type: ignore[union-attr]
                 mean = rgb[rgb.shape[0] // 4 :].reshape(-1, 3).mean(axis=0)
-                self.played.append(Played(frame_index(rgb), at, (mean[0], mean[1], mean[2])))
+                size = (rgb.shape[1], rgb.shape[0])
+                self.played.append(Played(frame_index(rgb), at, (mean[0], mean[1], mean[2]), size))
 
     async def close(self, http: httpx.AsyncClient) -> None:
         if self.peer is not None:

@@ -144,6 +144,24 @@ def test_a_viewer_without_h264_gets_vp8_tinted_too(gateway: ServerProcess) -> No
     asyncio.run(scenario())
 
 
+def test_a_camera_bigger_than_720p_is_scaled_down_at_the_gateway(gateway: ServerProcess) -> None:
+    """A client's frame size does not set the gateway's (and the container's) CPU cost."""
+
+    async def scenario() -> None:
+        async with client() as http:
+            urls = await start_stream(http, gateway, {"strength": 0.2})
+            sender = await publish(http, urls["whip_url"], Camera(1920, 1080, fps=5))
+            player = Player()
+            await player.play(http, urls["whep_url"])
+            frames = await player.frames(5, WAIT)
+            assert {p.size for p in frames} == {(1280, 720)}
+            await player.close(http)
+            await sender.hang_up(http)
+            await http.post(urls["stop_url"])
+
+    asyncio.run(scenario())
+
+
 SPOKEN = "hello world this is a test of the livepeer pipeline. the quick brown fox jumps over the lazy dog."
 HEARD = {"hello", "world", "pipeline", "fox", "lazy", "dog"}
 
