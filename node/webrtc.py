@@ -45,7 +45,7 @@ from common.http import read_body
 
 from .gateway_stream import LiveStream
 from .relay import Background
-from .webrtc_media import InputSegments, OutputDemuxer, SegmentEncoder
+from .webrtc_media import MAX_FPS, InputSegments, OutputDemuxer, SegmentEncoder
 
 log = logging.getLogger("webrtc")
 logging.getLogger("aioice").setLevel(logging.WARNING)  # a line per ICE candidate pair check
@@ -390,8 +390,9 @@ class WebRtc:
             await asyncio.to_thread(peer.encoder.close)
             encoder = peer.encoder
             log.info(
-                "stream %s: whip peer %s: %d frames in %d segments, %d dropped",
+                "stream %s: whip peer %s: %d frames in %d segments, %d dropped, %d over %d fps",
                 peer.stream.id, peer.id, encoder.frames, encoder.segments, encoder.dropped,
+                encoder.thinned, MAX_FPS,
             )  # fmt: skip
         if peer.track is not None:
             track = peer.track

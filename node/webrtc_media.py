@@ -42,6 +42,8 @@ SEGMENT_SECONDS = 1.0  # input segment length: the container's unit of work and 
 MAX_QUEUED_FRAMES = 4  # decoded video frames waiting for the encoder; more are dropped
 MAX_QUEUED_AUDIO = 100  # audio frames (20 ms each) waiting; cheap to encode, dropped only past this
 MAX_DEMUX_BYTES = 8 * 1024 * 1024  # output bytes waiting for the demuxer; more are dropped
+MAX_FPS = 30  # camera frames a second taken on average; a faster camera is thinned out
+FPS_BURST = 3.0  # frames that may come closer together than 1/MAX_FPS (network jitter)
 MAX_PIXELS = 1280 * 720  # a bigger camera frame is scaled down before it is encoded
 X264_OPTIONS = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0"}
 AUDIO_RATE = 48_000  # WebRTC's Opus rate; AAC at the same rate, mono
@@ -133,21 +135,34 @@ class SegmentEncoder:
         self._last_pts = -1
         self._audio_next: int | None = None  # the next audio sample's pts, in 1/AUDIO_RATE
         self._aac: Any = None  # the AAC encoder, from the first audio frame on
+        self._credit = FPS_BURST  # video frames that may come now (a token bucket)
+        self._last_put = time.monotonic()
         self.frames = 0
         self.dropped = 0
+        self.thinned = 0  # over MAX_FPS
         self.segments = 0
         self._thread = threading.Thread(target=self._main, name=f"whip-encode {name}", daemon=True)
         self._thread.start()
 
     def put(self, frame: av.VideoFrame | av.AudioFrame) -> None:
+        """Queue a frame from the WebRTC loop; never waits. Video over ``MAX_FPS`` on average
+        is thinned out: the client's frame rate must not set the gateway's CPU cost either."""
         kind = "audio" if isinstance(frame, av.AudioFrame) else "video"
+        now = time.monotonic()
+        if kind == "video":
+            self._credit = min(self._credit + (now - self._last_put) * MAX_FPS, FPS_BURST)
+            self._last_put = now
+            if self._credit < 1.0:
+                self.thinned += 1
+                return
+            self._credit -= 1.0
         with self._lock:
             if self._waiting[kind] >= (MAX_QUEUED_AUDIO if kind == "audio" else MAX_QUEUED_FRAMES):
                 self.dropped += 1
                 return
             self._waiting[kind] += 1
         with contextlib.suppress(queue.Full):  # full only once close() has put its end in
-            self._queue.put_nowait((frame, time.monotonic() - self._clock_start))
+            self._queue.put_nowait((frame, now - self._clock_start))
 
     def close(self) -> None:
         """Finish the open segment and end the thread (bounded wait: call it off the loop)."""

@@ -162,6 +162,30 @@ def test_a_camera_bigger_than_720p_is_scaled_down_at_the_gateway(gateway: Server
     asyncio.run(scenario())
 
 
+def test_a_camera_faster_than_30_fps_is_thinned_out(gateway: ServerProcess) -> None:
+    """Nor does its frame rate: a 90 fps camera's frames go on at 30 a second."""
+
+    async def scenario() -> None:
+        async with client() as http:
+            urls = await start_stream(http, gateway, {"strength": 0.2})
+            camera = Camera(320, 240, fps=90)
+            sender = await publish(http, urls["whip_url"], camera)
+            player = Player()
+            await player.play(http, urls["whep_url"])
+            await player.frames(10, WAIT)
+            before = len(camera.sent)
+            frames = await player.frames(60, WAIT)
+            sent = len(camera.sent) - before
+            await player.close(http)
+            await sender.hang_up(http)
+            await http.post(urls["stop_url"])
+            assert sent > 100, f"the camera sent only {sent} frames while 60 played"
+            indices = [p.index for p in frames]  # 60 frames in a row span ~180 of the camera's
+            assert indices == sorted(indices) and max(indices) - min(indices) > 100, indices
+
+    asyncio.run(scenario())
+
+
 SPOKEN = "hello world this is a test of the livepeer pipeline. the quick brown fox jumps over the lazy dog."
 HEARD = {"hello", "world", "pipeline", "fox", "lazy", "dog"}
 
