@@ -1,9 +1,11 @@
 """WHIP and WHEP on a live stream through the Gateway: a synthetic camera in, the tinted stream out.
 
-Real processes on loopback: the green-tint container, an orchestrator registering it, a gateway
-in front. The client is aiortc in this process (tests/webrtc_client.py), doing what a browser
-does: start the stream, WHIP its camera, WHEP the output, change the strength with the stream's
-update URL, and hang up.
+Real processes on loopback: the green-tint (or whisper-tiny) container, an orchestrator
+registering it, a gateway in front. The client is aiortc in this process (tests/webrtc_client.py),
+doing what a browser does: start the stream, WHIP its camera (and microphone), WHEP the output
+(H.264, or VP8 as a browser without H.264 asks), change the strength with the stream's update
+URL, and hang up. Also: bad offers get their fix, the peer limits hold, peers end with their
+stream or when they never connect, and a client's frame size and rate do not set the cost.
 """
 
 from __future__ import annotations
