@@ -25,7 +25,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -444,7 +444,7 @@ class LiveStream:
             finally:
                 await segment.aclose()
 
-    async def _chunks(self, segment: ReceivedSegment) -> AsyncIterator[bytes]:
+    async def _chunks(self, segment: ReceivedSegment) -> AsyncGenerator[bytes, None]:
         size = 0
         async for chunk in segment.chunks():
             size += len(chunk)
@@ -576,7 +576,8 @@ class LiveStream:
             detail = f"input segment {segment.seq} was marked failed by its publisher: {segment.error}"
             return JobSegment.from_error(ApiError(400, "input_segment_error", detail))
         try:
-            body = b"".join([chunk async for chunk in self._chunks(segment)])
+            async with contextlib.aclosing(self._chunks(segment)) as chunks:
+                body = b"".join([chunk async for chunk in chunks])
         except StreamError as exc:
             return JobSegment.from_error(ApiError(413, exc.code, exc.detail))
         return Input(body, segment.content_type or None, dict(self._overrides), job.state)
@@ -633,6 +634,9 @@ async def _quietly(work: Coroutine[Any, Any, Any], timeout: float, what: str) ->
     again, a few times, so that ``timeout`` really bounds it.
     """
     task = asyncio.ensure_future(work)
+    # Whatever becomes of this wait (the stream itself may be cancelled meanwhile), the clean-up's
+    # own failure is taken here, never left to asyncio's "exception was never retrieved".
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
     done, _ = await asyncio.wait({task}, timeout=timeout)
     for _attempt in range(3):
         if done:
