@@ -525,14 +525,7 @@ class StreamGateway:
         channel = stream.data
         stream.readers += 1
         try:
-            seq = max(channel.next_write - channel.ring_size, 0)
-            while True:
-                segment = channel.for_read(seq)
-                if segment is None:
-                    if channel.closed:
-                        break
-                    seq = max(seq + 1, channel.next_write - channel.ring_size)
-                    continue
+            async for segment in channel.segments_from(max(channel.next_write - channel.ring_size, 0)):
                 pending = b""
                 try:
                     async for chunk in segment.chunks():
@@ -546,7 +539,6 @@ class StreamGateway:
                     pending = b""
                 if message := _message(pending):
                     yield message
-                seq += 1
             end = {"reason": stream.ended_reason or "the stream ended"}
             yield f"event: end\ndata: {json.dumps(end)}\n\n".encode()
         finally:

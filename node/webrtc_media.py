@@ -313,21 +313,13 @@ class OutputDemuxer:
     async def follow(self) -> None:
         """Feed the output channel to the demuxer until it closes (or this task is cancelled)."""
         channel = self._channel
-        seq = channel.next_write
         try:
-            while True:
-                segment = channel.for_read(seq)
-                if segment is None:
-                    if channel.closed:
-                        return
-                    seq = max(seq + 1, channel.next_write - channel.ring_size)
-                    continue
+            async for segment in channel.segments_from(channel.next_write):
                 if segment.error is None:
                     with contextlib.suppress(IncompleteSegment):
                         async for chunk in segment.chunks():
                             self._input.feed(chunk)
                     self._input.end_segment()
-                seq += 1
         finally:
             self._input.end_input()
 

@@ -183,6 +183,19 @@ class Channel:
             segment = self._add(seq)
         return segment
 
+    async def segments_from(self, seq: int) -> AsyncIterator[Segment]:
+        """Every segment from ``seq`` on, each as soon as a reader can have it, until the channel
+        closes; a reader that fell behind the ring goes on from the oldest segment kept."""
+        while True:
+            segment = self.for_read(seq)
+            if segment is None:
+                if self.closed:
+                    return
+                seq = max(seq + 1, self.next_write - self.ring_size)
+                continue
+            yield segment
+            seq = segment.seq + 1
+
     def reader_waiting(self) -> bool:
         """Whether a reader waits on a segment no writer has taken yet: how the side that made
         the channel knows its subscriber has arrived (a live publisher need not lose its start)."""
