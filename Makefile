@@ -143,6 +143,10 @@ bench-live: venv pytrickle-venv ## live 720p30: ours vs PyTrickle 0.1.6 side by 
 	$(PY) bench/bench_live.py $(BENCH_ARGS)
 	$(PY) bench/bench_live_topology.py
 
+bench-webrtc: venv ## WHIP/WHEP through the processes' topology: gateway CPU, WHEP fps, glass-to-glass (H.264, then a VP8-only viewer)
+	$(PY) bench/bench_webrtc.py --seconds 30
+	$(PY) bench/bench_webrtc.py --seconds 20 --whep-codec video/VP8
+
 plots: venv ## redraw the README's plots (docs/plots/*.png) from the latest out/bench-*.json, no rerun
 	$(PY) bench/plots.py --out docs/plots
 
@@ -154,4 +158,4 @@ clean: ## remove the virtualenv and caches
 
 .PHONY: help env up down logs ps test-job test-jobs live-video test-live build wheelhouse base-image docker-setup docker-ready \
 	docker-test up-local down-local venv test test-browser lint format bench bench-whisper clean \
-	pytrickle-venv bench-live plots
+	pytrickle-venv bench-live bench-webrtc plots
