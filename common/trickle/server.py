@@ -297,7 +297,9 @@ async def serve_segment(request: Request, channel: Channel, seq: int) -> Respons
         headers[ERROR_HEADER] = segment.error
     media_type = segment.content_type or channel.mime
     if segment.closed and segment.empty:
-        if channel.closed:
+        # The end only if nothing was written after it: an empty segment the writer skipped
+        # (closed once a later one was written) must not end a reader short of that later one.
+        if channel.closed and channel.next_write <= seq + 1:
             headers[CLOSED_HEADER] = CLOSED_VALUE
         return Response(b"", 200, headers=headers, media_type=media_type)
     return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
