@@ -77,6 +77,9 @@ MAX_LIVE_STREAMS = 512  # bounds the channels (five per stream), whatever the ca
 # that finishes closes its output, which ends the stream at once). A transcription pass over the
 # last seconds of audio takes a few seconds on a busy 2-core host.
 INPUT_END_GRACE = 15.0
+# A container that runs a stream sends a heartbeat event every 5 s: this long without one, while
+# its /health says it runs nothing, the stream is lost (well before -streamEventTimeout).
+LOST_AFTER = 6.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class LiveStream:
     channels: dict[_Role, Channel]
     key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     started: float = field(default_factory=time.monotonic)
+    running_since: float = 0.0  # when the container answered its start (monotonic); 0 before
     ended: bool = False
 
     def owned_by(self, request: Request) -> bool:
@@ -136,6 +140,14 @@ class LiveStream:
             or now - max(source.closed_at, output.last_active, data.last_active) > INPUT_END_GRACE
         ):
             return "the input ended"
+        if (
+            capability.health in (Health.IDLE, Health.LOADING)
+            and capability.checked_at > self.running_since > 0
+            and now - self.channels[EVENTS].last_active > LOST_AFTER
+        ):
+            # Asked after the stream had started, the container says it runs nothing, and its
+            # heartbeats stopped: it lost the stream (a restart quicker than a health poll).
+            return "the container no longer runs the stream (it restarted?)"
         if now - source.last_active > limits.idle_timeout and not source.closed:
             return f"no input for {limits.idle_timeout:g} s"
         if now - self.channels[EVENTS].last_active > limits.event_timeout:
@@ -278,7 +290,7 @@ class LiveStreams:
             answer = await self._call(stream, "/stream/start", json.dumps(body).encode(), timeout)
             if answer.status >= 400:
                 raise self._refused(stream, "/stream/start", answer)
-            started = True
+            started, stream.running_since = True, time.monotonic()
             self._events.add(stream.channels[EVENTS].name)
         finally:
             if not started:

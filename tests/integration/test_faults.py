@@ -390,3 +390,30 @@ async def test_a_live_job_far_ahead_of_its_container_is_told_to_retry_and_loses_
     await asyncio.to_thread(
         wait_for, lambda: capability(topology, "slow-cpu")["load"] == 0, 10, "the job's unit back"
     )
+
+
+async def test_a_processor_restarted_mid_stream_ends_it_with_a_reason(topology: Topology) -> None:
+    """A container restarted quicker than a health poll can see it down: the new process runs no
+    stream, and says so (IDLE); the stream ends with that reason instead of waiting out the event
+    timeout (30 s), and the segment in the works is answered in band."""
+    stream = f"/live/restarted-{uuid.uuid4().hex[:8]}"
+    headers = {"X-Model-Id": "victim-cpu", "X-Timeout-Seconds": "10"}
+    async with topology.gateway.async_client(timeout=30) as client:
+        opened = await client.put(f"{stream}/source", content=b"0 first", headers=headers)
+        assert opened.status_code == 200, opened.text
+        key = {STREAM_KEY: opened.headers[STREAM_KEY]}
+        assert (await client.get(f"{stream}/output/0", headers=key)).content == b"0 first"
+        topology.victim = await asyncio.to_thread(restart_server, topology.victim)
+        restarted = time.monotonic()
+        put = await client.put(f"{stream}/source", content=b"0 second", headers=key)
+        if put.status_code == 200:  # taken before the stream ended: answered in band, with why
+            answer = await client.get(f"{stream}/output/1", headers=key)
+            assert answer.headers.get("lp-trickle-error") == "stream_ended", answer.headers
+            detail = answer.json()["detail"]
+        else:
+            detail = assert_error(put, 409, "input_ended")["detail"]
+        assert "container" in detail, detail
+        assert time.monotonic() - restarted < 15
+    await asyncio.to_thread(
+        wait_for, lambda: capability(topology, "victim-cpu")["load"] == 0, 10, "the stream's unit back"
+    )
