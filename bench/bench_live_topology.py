@@ -19,7 +19,9 @@ topology over direct; the CPU of the gateway's and the orchestrator's process pe
 video streamed, as a share of one core (from /proc: everything from start to stop over the clip's
 length); and whisper-tiny's live
 captions: each phrase of a spoken clip from its last word said to its words on the data stream,
-p50. Prints a table with targets, the rerun command, and one JSON line (also out/bench-live-topology.json,
+p50; and how many 720p30 green-tint streams at once this host holds in real time through the node
+(capacity raised to 4; one more stream each 20 s round, until one drops frames or falls behind).
+Prints a table with targets, the rerun command, and one JSON line (also out/bench-live-topology.json,
 with the per-segment latencies behind the p50s); the plots drawn from it go next to it as PNGs
 (bench/plots.py; ``make plots`` redraws them into docs/plots/ for the README).
 """
@@ -58,6 +60,13 @@ MODEL = "green-tint-cpu"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RERUN = ".venv/bin/python bench/bench_live_topology.py"
 TARGETS = {"frames_dropped": 0, "latency_ratio": 1.15, "node_cpu_percent": 5.0, "caption_p50_s": 2.0}
+# Concurrent streams: green-tint's capacity raised to this many (orchestrator units and the
+# container's STREAM_CAPACITY); each round plays CONCURRENT_SECONDS of the clip on one more stream
+# at once. A stream is held in real time when it drops no frame and its segment latency p95 stays
+# under HELD_P95_S (a stream falling behind piles its segments up: the latency grows with time).
+MOST_STREAMS = 4
+CONCURRENT_SECONDS = 20.0
+HELD_P95_S = 1.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -67,14 +76,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def topology(processors: list[Processor], keys: Secrets) -> Iterator[dict[str, tuple[int, int]]]:
+def topology(
+    processors: list[Processor], keys: Secrets, processor_env: dict[str, str]
+) -> Iterator[dict[str, tuple[int, int]]]:
     """Every service started and healthy; yields name -> (pid, port); all stopped at the end."""
     gateway, orchestrator = free_port(), free_port()
     started: dict[str, tuple[subprocess.Popen[bytes], Service]] = {}
     logs = ROOT / "out" / "bench-live-topology-logs"
     logs.mkdir(parents=True, exist_ok=True)
     try:
-        for service in services(processors, gateway, orchestrator, keys=keys):
+        for service in services(processors, gateway, orchestrator, keys=keys, processor_env=processor_env):
             with open(logs / f"{service.name}.log", "wb") as log:
                 process = subprocess.Popen(
                     service.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -114,18 +125,40 @@ def p50_ms(playback: Playback) -> float:
     return statistics.median(playback.latencies()) * 1000
 
 
+async def concurrent_streams(clip: list[bytes], gateway: int) -> list[dict[str, Any]]:
+    """One more 720p30 green-tint stream at once each round, until one is not held in real time
+    (or ``MOST_STREAMS``); the client playing them runs on the same host."""
+    rounds: list[dict[str, Any]] = []
+    for count in range(1, MOST_STREAMS + 1):
+        print(f"bench: {count} concurrent stream(s) through the gateway", flush=True)
+        played = await asyncio.gather(*(through_gateway(clip, gateway, MODEL) for _ in range(count)))
+        streams = [
+            {
+                "frames_dropped": playback.frames_in - playback.frames_out,
+                "latency_p95_s": statistics.quantiles(playback.latencies(), n=20)[-1],
+            }
+            for playback, _, _ in played
+        ]
+        held = all(s["frames_dropped"] == 0 and s["latency_p95_s"] <= HELD_P95_S for s in streams)
+        rounds.append({"streams": count, "held": held, "each": streams})
+        if not held:
+            break
+    return rounds
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISSED"
 
 
 async def measure(seconds: float) -> dict[str, Any]:
     keys = Secrets.random()
-    green = Processor("green-tint", MODEL, free_port())
+    green = Processor("green-tint", MODEL, free_port(), capacity=MOST_STREAMS)
     whisper = Processor(WHISPER.name, WHISPER.model_id, free_port())
     print(f"bench: making a {seconds:.0f} s 1280x720 30 fps clip, and the spoken one", flush=True)
     video = await asyncio.to_thread(load_input, None, seconds, "tone")
     speech = await asyncio.to_thread(load_input, None, live_check.CLIP_SECONDS, live_check.PHRASES)
-    with topology([green, whisper], keys) as pids:
+    short = await asyncio.to_thread(load_input, None, CONCURRENT_SECONDS, "tone")
+    with topology([green, whisper], keys, {"STREAM_CAPACITY": str(MOST_STREAMS)}) as pids:
         gateway_pid, gateway_port = pids["gateway"]
         orchestrator_pid = pids["orchestrator"][0]
         base = await direct(video, green.port, keys.byoc_token)
@@ -140,6 +173,7 @@ async def measure(seconds: float) -> dict[str, Any]:
         }
         spoken, feeds, _ = await through_gateway(speech, gateway_port, WHISPER.model_id)
         captions = live_check.caption_latencies(feeds, spoken)
+        concurrent = await concurrent_streams(short, gateway_port)
     return {
         "seconds": seconds,
         "frames_in": via.frames_in,
@@ -158,6 +192,8 @@ async def measure(seconds: float) -> dict[str, Any]:
             "direct": [round(s, 4) for s in base.latencies()],
         },
         "caption_phrases": [phrase.text for phrase in live_check.PHRASES],
+        "concurrent_rounds": concurrent,
+        "concurrent_held": max((r["streams"] for r in concurrent if r["held"]), default=0),
     }
 
 
@@ -192,6 +228,19 @@ def report(result: dict[str, Any]) -> None:
             result["caption_p50_s"] <= TARGETS["caption_p50_s"],
         ),
     ]
+    held, rounds = result["concurrent_held"], result["concurrent_rounds"]
+    last = rounds[-1]
+    rows.append(
+        (
+            f"concurrent 720p30 green-tint streams held in real time ({CONCURRENT_SECONDS:.0f} s each)",
+            f"{held}"
+            + ("" if last["held"] else f" ({last['streams']}: dropped "
+               + ", ".join(str(s["frames_dropped"]) for s in last["each"]) + " frames, p95 "
+               + ", ".join(f"{s['latency_p95_s']:.1f}" for s in last["each"]) + " s)"),
+            "report",
+            True,
+        )
+    )  # fmt: skip
     print(f"\nbench-live-topology ({platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})")
     print(f"{'figure':<78} {'measured':<44} {'target':<10} verdict")
     for name, measured, target, ok in rows:

@@ -93,9 +93,10 @@ def services(
     orchestrator_port: int = ORCHESTRATOR_PORT,
     extra_orchestrator_flags: tuple[str, ...] = (),
     keys: Secrets | None = None,
+    processor_env: dict[str, str] | None = None,
 ) -> list[Service]:
     """Every process of the topology, containers first, in start order; random secrets unless
-    ``keys`` are given."""
+    ``keys`` are given; ``processor_env`` goes to every container (e.g. ``STREAM_CAPACITY``)."""
     py = sys.executable
     keys = keys or Secrets.random()
     flags = [
@@ -104,11 +105,11 @@ def services(
         for flag in ("-byocModelID", p.model_id, "-byocContainerURL", f"http://127.0.0.1:{p.port}",
                      "-byocCapacity", f"{p.model_id}={p.capacity}")
     ]  # fmt: skip
-    token = {"BYOC_TOKEN": keys.byoc_token}
+    env = {"BYOC_TOKEN": keys.byoc_token, **(processor_env or {})}
     orchestrator_env = {"LP_ORCHSECRET": keys.orch_secret, "LP_BYOCTOKEN": keys.byoc_token}
     orch_addr = f"127.0.0.1:{orchestrator_port}"
     return [
-        *(Service(p.name, with_env(token, [py, "-m", "common.serve", p.module, "--port", str(p.port)]),
+        *(Service(p.name, with_env(env, [py, "-m", "common.serve", p.module, "--port", str(p.port)]),
                   p.port)
           for p in processors),
         Service(
