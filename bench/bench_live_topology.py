@@ -20,7 +20,8 @@ video streamed, as a share of one core (from /proc: everything from start to sto
 length); and whisper-tiny's live
 captions: each phrase of a spoken clip from its last word said to its words on the data stream,
 p50; and how many 720p30 green-tint streams at once this host holds in real time through the node
-(capacity raised to 4; one more stream each 20 s round, until one drops frames or falls behind).
+(capacity raised to 4; one more stream each 20 s round, until one drops frames or falls behind:
+its segment latency p50 after the first segment over 0.5 s).
 Prints a table with targets, the rerun command, and one JSON line (also out/bench-live-topology.json,
 with the per-segment latencies behind the p50s); the plots drawn from it go next to it as PNGs
 (bench/plots.py; ``make plots`` redraws them into docs/plots/ for the README).
@@ -62,11 +63,12 @@ RERUN = ".venv/bin/python bench/bench_live_topology.py"
 TARGETS = {"frames_dropped": 0, "latency_ratio": 1.15, "node_cpu_percent": 5.0, "caption_p50_s": 2.0}
 # Concurrent streams: green-tint's capacity raised to this many (orchestrator units and the
 # container's STREAM_CAPACITY); each round plays CONCURRENT_SECONDS of the clip on one more stream
-# at once. A stream is held in real time when it drops no frame and its segment latency p95 stays
-# under HELD_P95_S (a stream falling behind piles its segments up: the latency grows with time).
+# at once. A stream is held in real time when it drops no frame and, after its first segment (the
+# start), its segment latency p50 stays under HELD_P50_S, a quarter of a 2 s segment: a stream the
+# host cannot keep up with piles its segments up, and their latency grows by the second.
 MOST_STREAMS = 4
 CONCURRENT_SECONDS = 20.0
-HELD_P95_S = 1.0
+HELD_P50_S = 0.5
 
 
 def cpu_seconds(pid: int) -> float:
@@ -135,11 +137,11 @@ async def concurrent_streams(clip: list[bytes], gateway: int) -> list[dict[str, 
         streams = [
             {
                 "frames_dropped": playback.frames_in - playback.frames_out,
-                "latency_p95_s": statistics.quantiles(playback.latencies(), n=20)[-1],
+                "latency_p50_s": statistics.median(playback.latencies()[1:]),
             }
             for playback, _, _ in played
         ]
-        held = all(s["frames_dropped"] == 0 and s["latency_p95_s"] <= HELD_P95_S for s in streams)
+        held = all(s["frames_dropped"] == 0 and s["latency_p50_s"] <= HELD_P50_S for s in streams)
         rounds.append({"streams": count, "held": held, "each": streams})
         if not held:
             break
@@ -235,8 +237,8 @@ def report(result: dict[str, Any]) -> None:
             f"concurrent 720p30 green-tint streams held in real time ({CONCURRENT_SECONDS:.0f} s each)",
             f"{held}"
             + ("" if last["held"] else f" ({last['streams']}: dropped "
-               + ", ".join(str(s["frames_dropped"]) for s in last["each"]) + " frames, p95 "
-               + ", ".join(f"{s['latency_p95_s']:.1f}" for s in last["each"]) + " s)"),
+               + ", ".join(str(s["frames_dropped"]) for s in last["each"]) + " frames, p50 "
+               + ", ".join(f"{s['latency_p50_s']:.2f}" for s in last["each"]) + " s)"),
             "report",
             True,
         )
