@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from harness import AUTH_HEADERS, ServerProcess, StartServer, assert_error, processor_argv, require_whisper
+from speech import STREAM_TEXT, check_streamed_transcripts
 
 from common.audio import decode_audio
 from scripts.test_byoc_job import SPEECH_KEYWORDS, speech_wav, words
@@ -28,12 +29,6 @@ pytestmark = pytest.mark.whisper
 RATE = 16_000
 MAX_SECONDS = 20
 START_TIMEOUT = 90.0  # importing torch and loading the model, on a busy 2-core machine
-STREAM_TEXT = (
-    "hello world this is a test of the livepeer pipeline. "
-    "speech recognition on a small computer can be surprisingly fast. "
-    "the quick brown fox jumps over the lazy dog."
-)
-STREAM_KEYWORDS = {"hello", "world", "pipeline", "recognition", "computer", "fox", "lazy", "dog"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -195,14 +190,7 @@ def test_a_stream_yields_incremental_text_keepalives_and_a_flush(server: ServerP
     assert closed.headers["lp-trickle-closed"] == "terminated"
     assert all(o.status_code == 200 for o in outputs), [o.text for o in outputs]
     assert outputs[2].content == b"", "a keepalive is answered in kind"
-    results = [o.json() for i, o in enumerate(outputs) if i != 2]
-    texts = [r["text"] for r in results]
-    assert sum(bool(t) for t in texts[:-1]) >= 2, f"text must arrive while the stream goes on: {texts}"
-    assert texts[-1] and results[-1]["pending"] == "", results[-1]
-    assert STREAM_KEYWORDS <= words(" ".join(texts)), texts
-    assert " ".join(texts).lower().count("hello") == 1, f"no text is sent twice: {texts}"
-    times = [(s["start"], s["end"]) for r in results for s in r["segments"]]
-    assert times == sorted(times) and times[0][0] < 1.0, times
+    times = check_streamed_transcripts([o.json() for i, o in enumerate(outputs) if i != 2])
     assert abs(times[-1][1] - len(audio) / RATE) < 1.5, "timestamps count from the stream start"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from harness import ROOT, require_whisper
+from speech import STREAM_KEYWORDS, STREAM_TEXT
 
 from common.audio import decode_audio
 from common.errors import ApiError
@@ -146,13 +147,6 @@ def test_a_file_that_is_neither_checkpoint_nor_ct2_fails_clearly(
 
 # -- the real model -----------------------------------------------------------------------------
 
-PHRASES = (
-    "hello world this is a test of the livepeer pipeline. "
-    "speech recognition on a small computer can be surprisingly fast. "
-    "the quick brown fox jumps over the lazy dog."
-)
-STREAM_KEYWORDS = {"hello", "world", "pipeline", "recognition", "computer", "fox", "lazy", "dog"}
-
 
 @pytest.fixture(scope="module")
 def processor() -> Any:
@@ -214,7 +208,7 @@ def test_silence_is_an_empty_transcript(processor: Any) -> None:
 
 @pytest.mark.whisper
 def test_a_stream_yields_new_text_per_segment_then_flushes(processor: Any) -> None:
-    audio = trimmed_speech(PHRASES)
+    audio = trimmed_speech(STREAM_TEXT)
     stream: dict[str, Any] = {}
     chunks = [audio[i : i + 2 * RATE] for i in range(0, len(audio), 2 * RATE)]
     outputs = [run(processor, wav16(chunk), stream=stream) for chunk in chunks]
