@@ -228,6 +228,12 @@ class LiveStream:
             self.segments_in, self.segments_out, len(self.swaps),
         )  # fmt: skip
 
+    def end_input(self) -> None:
+        """The client's end of input: the orchestrator gets it, the container finishes its output."""
+        if not self.input.closed:
+            self.input.close()
+            log.info("stream %s: the client ended its input", self.id)
+
     def _answer_the_rest(self, reason: str) -> None:
         """Frame-per-segment: every input segment taken and not answered gets an in-band error
         as its output, so that no accepted segment goes unanswered (nor its reader waits on)."""

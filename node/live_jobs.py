@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import re
 from dataclasses import dataclass
 
@@ -33,9 +32,7 @@ from common.trickle.server import next_seq_answer, parse_seq, receive_segment, s
 
 from .gateway_stream import LiveStream
 from .relay import check_plain_path, same_secret
-from .stream_gateway import MAX_NAME_CHARS, STOP_SECONDS, StreamGateway
-
-log = logging.getLogger("streams")
+from .stream_gateway import MAX_NAME_CHARS, StreamGateway
 
 _SEQ = re.compile(r"-?[0-9]{1,15}")  # trickle seqs: -1 (next), -2 (latest), 0, 1, ...
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
@@ -91,11 +88,16 @@ class LiveJobs:
     def running(self) -> int:
         return sum(not job.stream.ended for job in self.jobs.values())
 
-    def _owned(self, job_id: str, request: Request) -> _Job:
+    def _current(self, job_id: str) -> _Job | None:
+        """The job of this id, unless its stream has ended and the gateway has forgotten it."""
         job = self.jobs.get(job_id)
-        if job is not None and job.stream.id not in self.streams.streams:  # ended, then forgotten
+        if job is not None and job.stream.id not in self.streams.streams:
             del self.jobs[job_id]
-            job = None
+            return None
+        return job
+
+    def _owned(self, job_id: str, request: Request) -> _Job:
+        job = self._current(job_id)
         if job is None or not same_secret(request.headers.get(STREAM_KEY_HEADER, ""), job.stream.key):
             raise ApiError(
                 404,
@@ -113,7 +115,7 @@ class LiveJobs:
         if (opening := self._opening.get(job_id)) is not None:
             with contextlib.suppress(Exception):  # the opener reports it; here the job is absent
                 await asyncio.shield(opening)
-        opened = job_id not in self.jobs or self.jobs[job_id].stream.id not in self.streams.streams
+        opened = self._current(job_id) is None
         if opened:
             job = await self._open(request, job_id, params)
         else:
@@ -200,25 +202,13 @@ class LiveJobs:
             await stream.output.wait_change()
 
     async def end_input(self, request: Request) -> Response:
-        job = self._owned(_check(request), request)
-        if not job.stream.input.closed:
-            job.stream.input.close()  # the container finishes what it has, then the output closes
-            log.info(
-                "stream %s: the client ended the input of job %s",
-                job.stream.id,
-                request.path_params["job_id"],
-            )
-        return JSONResponse(
-            {"job_id": request.path_params["job_id"], "segments": job.stream.input.next_write}
-        )
+        job_id = _check(request)
+        stream = self._owned(job_id, request).stream
+        stream.end_input()  # the container finishes what it has, then the output closes
+        return JSONResponse({"job_id": job_id, "segments": stream.input.next_write})
 
     async def delete(self, request: Request) -> Response:
         job_id = _check(request)
-        job = self._owned(job_id, request)
-        job.stream.end("deleted by the client")
-        try:  # the orchestrator is told (bounded) before the answer: its capacity is free by then
-            await asyncio.wait_for(job.stream.done.wait(), STOP_SECONDS + 5)
-        except TimeoutError:
-            log.warning("stream %s: the orchestrator was not told of the delete in time", job.stream.id)
+        await self.streams.stop(self._owned(job_id, request).stream, "deleted by the client")
         self.jobs.pop(job_id, None)
         return JSONResponse({"job_id": job_id, "deleted": True})

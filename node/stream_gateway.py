@@ -447,9 +447,7 @@ class StreamGateway:
             stream.writers -= 1
 
     async def _end_input(self, stream: LiveStream) -> Response:
-        if not stream.input.closed:
-            stream.input.close()  # the orchestrator gets the end; the container finishes its output
-            log.info("stream %s: the client ended its input", stream.id)
+        stream.end_input()
         return JSONResponse({"stream_id": stream.id, "input_closed": True})
 
     async def _status(self, request: Request, stream: LiveStream) -> Response:
@@ -469,12 +467,17 @@ class StreamGateway:
         return JSONResponse(status)
 
     async def _stop(self, request: Request, stream: LiveStream) -> Response:
-        stream.end("stopped by the client")
-        try:  # the orchestrator is told (bounded) before the answer: its capacity is free by then
+        await self.stop(stream, "stopped by the client")
+        return JSONResponse({"stream_id": stream.id, "stopped": True, "reason": stream.ended_reason})
+
+    async def stop(self, stream: LiveStream, reason: str) -> None:
+        """End ``stream`` for its client, then wait (bounded) until its orchestrator has been told,
+        so that the capacity is free by the time the client is answered."""
+        stream.end(reason)
+        try:
             await asyncio.wait_for(stream.done.wait(), STOP_SECONDS + 5)
         except TimeoutError:
-            log.warning("stream %s: the orchestrator was not told of the stop in time", stream.id)
-        return JSONResponse({"stream_id": stream.id, "stopped": True, "reason": stream.ended_reason})
+            log.warning("stream %s: the orchestrator was not told of the end in time", stream.id)
 
     async def _update(self, request: Request, stream: LiveStream) -> Response:
         return await self.update(stream, await read_body(request, STREAM_BODY_BYTES))

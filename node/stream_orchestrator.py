@@ -119,7 +119,9 @@ class LiveStream:
     channels: dict[_Role, Channel]
     key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     started: float = field(default_factory=time.monotonic)
-    running_since: float = 0.0  # when the container answered its start (monotonic); 0 before
+    # When the container answered its start (monotonic); set before the stream is listed, so
+    # every stream the watchdog looks at has it.
+    running_since: float = 0.0
     ended: bool = False
 
     def owned_by(self, request: Request) -> bool:
@@ -142,7 +144,7 @@ class LiveStream:
             return "the input ended"
         if (
             capability.health in (Health.IDLE, Health.LOADING)
-            and capability.checked_at > self.running_since > 0
+            and capability.checked_at > self.running_since
             and now - self.channels[EVENTS].last_active > LOST_AFTER
         ):
             # Asked after the stream had started, the container says it runs nothing, and its
