@@ -7,9 +7,15 @@ every keyword once, and carry timestamps that count from the stream's start.
 
 from __future__ import annotations
 
+import io
+import wave
 from typing import Any
 
+import numpy as np
+
 from scripts.test_byoc_job import words
+
+RATE = 16_000  # whisper's sample rate
 
 STREAM_TEXT = (
     "hello world this is a test of the livepeer pipeline. "
@@ -30,3 +36,16 @@ def check_streamed_transcripts(results: list[dict[str, Any]]) -> list[tuple[floa
     times = [(s["start"], s["end"]) for r in results for s in r["segments"]]
     assert times == sorted(times) and times[0][0] < 1.0, f"timestamps count from the stream start: {times}"
     return times
+
+
+def wav(samples: np.ndarray, rate: int = RATE, width: int = 2) -> bytes:
+    """Mono float samples in [-1, 1] as a WAV file of 8- or 16-bit PCM."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        scale = {1: 127, 2: 32767}[width]
+        ints = np.clip(samples, -1, 1) * scale + (128 if width == 1 else 0)
+        w.writeframes(ints.astype("u1" if width == 1 else "<i2").tobytes())
+    return out.getvalue()

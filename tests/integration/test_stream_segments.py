@@ -10,11 +10,9 @@ trickle server and the container are real processes on loopback; this test plays
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import sys
 import uuid
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +31,7 @@ from harness import (
     require_whisper,
     sample_image,
 )
-from speech import STREAM_TEXT, check_streamed_transcripts
+from speech import RATE, STREAM_TEXT, check_streamed_transcripts, wav
 
 from common.audio import decode_audio
 from common.trickle.publisher import TricklePublisher
@@ -321,8 +319,6 @@ def test_segments_must_be_a_boolean(tint: ServerProcess) -> None:
 
 # -- whisper: its cross-segment buffering and its final flush, as /live gives them ---------------
 
-RATE = 16_000
-
 
 @pytest.fixture(scope="module")
 def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
@@ -330,16 +326,6 @@ def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     server = container("whisper-tiny", tmp_path_factory, timeout=90.0)
     yield server
     server.stop()
-
-
-def wav(samples: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
 
 
 @pytest.mark.whisper

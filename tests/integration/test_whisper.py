@@ -19,14 +19,13 @@ import httpx
 import numpy as np
 import pytest
 from harness import AUTH_HEADERS, ServerProcess, StartServer, assert_error, processor_argv, require_whisper
-from speech import STREAM_TEXT, check_streamed_transcripts
+from speech import RATE, STREAM_TEXT, check_streamed_transcripts, wav
 
 from common.audio import decode_audio
 from scripts.test_byoc_job import SPEECH_KEYWORDS, speech_wav, words
 
 pytestmark = pytest.mark.whisper
 
-RATE = 16_000
 MAX_SECONDS = 20
 START_TIMEOUT = 90.0  # importing torch and loading the model, on a busy 2-core machine
 
@@ -34,18 +33,6 @@ START_TIMEOUT = 90.0  # importing torch and loading the model, on a busy 2-core 
 @pytest.fixture(scope="module", autouse=True)
 def whisper_available() -> None:
     require_whisper()
-
-
-def wav(samples: np.ndarray, rate: int = RATE, width: int = 2) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(width)
-        w.setframerate(rate)
-        scale = {1: 127, 2: 32767}[width]
-        ints = np.clip(samples, -1, 1) * scale + (128 if width == 1 else 0)
-        w.writeframes(ints.astype("u1" if width == 1 else "<i2").tobytes())
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

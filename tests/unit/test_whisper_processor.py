@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 from harness import ROOT, require_whisper
-from speech import STREAM_KEYWORDS, STREAM_TEXT
+from speech import RATE, STREAM_KEYWORDS, STREAM_TEXT, wav
 
 from common.audio import decode_audio
 from common.errors import ApiError
 from common.serve import load_processor_class
 from scripts.test_byoc_job import SPEECH_KEYWORDS, speech_wav, words
 
-RATE = 16_000
 _module_path = ROOT / "processors" / "whisper-tiny" / "whisper_tiny.py"
 wt = importlib.import_module(load_processor_class(str(_module_path)).__module__)
 
@@ -37,16 +36,6 @@ def tone(seconds: float, level: float = 0.3, freq: float = 220.0) -> np.ndarray:
 
 def quiet(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), np.float32)
-
-
-def wav16(samples: np.ndarray, rate: int = RATE) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
 
 
 # -- when a phrase is final (no model) ----------------------------------------------------------
@@ -109,7 +98,7 @@ def test_held_audio_never_exceeds_the_bound() -> None:
     ("body", "content_type", "status", "code"),
     [
         (b"definitely not audio" * 10, "audio/wav", 415, "unsupported_media"),
-        (wav16(tone(1))[:-2000], None, 422, "invalid_audio"),  # header says more than is sent
+        (wav(tone(1))[:-2000], None, 422, "invalid_audio"),  # header says more than is sent
         (b"\x00" * 100, "audio/L16", 422, "invalid_audio"),  # L16 needs a rate
     ],
 )
@@ -124,7 +113,7 @@ def test_audio_over_the_configured_limit_is_413(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MAX_AUDIO_SECONDS", "2")
     processor = wt.WhisperTinyProcessor()
     with pytest.raises(ApiError) as caught:
-        asyncio.run(processor.run(wav16(tone(2.5)), "audio/wav", {}))
+        asyncio.run(processor.run(wav(tone(2.5)), "audio/wav", {}))
     assert caught.value.status == 413 and "limit is 2 s" in caught.value.detail
 
 
@@ -202,7 +191,7 @@ def test_raw_l16_stereo_at_another_rate_transcribes_the_same(processor: Any) -> 
 
 @pytest.mark.whisper
 def test_silence_is_an_empty_transcript(processor: Any) -> None:
-    result = run(processor, wav16(quiet(3)))
+    result = run(processor, wav(quiet(3)))
     assert result["text"] == "" and result["segments"] == [] and result["audio_seconds"] == 3.0
 
 
@@ -211,7 +200,7 @@ def test_a_stream_yields_new_text_per_segment_then_flushes(processor: Any) -> No
     audio = trimmed_speech(STREAM_TEXT)
     stream: dict[str, Any] = {}
     chunks = [audio[i : i + 2 * RATE] for i in range(0, len(audio), 2 * RATE)]
-    outputs = [run(processor, wav16(chunk), stream=stream) for chunk in chunks]
+    outputs = [run(processor, wav(chunk), stream=stream) for chunk in chunks]
     flush = asyncio.run(processor.finish({}, stream))
     assert flush is not None, "the speech ends without a pause: something must be held for the flush"
     outputs.append(json.loads(flush.body))
@@ -232,10 +221,10 @@ def test_a_stream_yields_new_text_per_segment_then_flushes(processor: Any) -> No
 def test_pending_text_is_shown_until_it_is_final(processor: Any) -> None:
     audio = trimmed_speech("hello world this is a test of the livepeer pipeline")
     stream: dict[str, Any] = {}
-    first = run(processor, wav16(audio), stream=stream)  # ends mid-sound: held, shown as pending
+    first = run(processor, wav(audio), stream=stream)  # ends mid-sound: held, shown as pending
     assert first["text"] == "" or "pipeline" not in words(first["text"])
     assert "pipeline" in words(first["text"] + " " + first["pending"]), first
-    second = run(processor, wav16(quiet(0.5)), stream=stream)  # the pause makes it final
+    second = run(processor, wav(quiet(0.5)), stream=stream)  # the pause makes it final
     assert "pipeline" in words(second["text"]) and second["pending"] == "", second
     assert asyncio.run(processor.finish({}, stream)) is None  # nothing left to flush
 
