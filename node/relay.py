@@ -20,6 +20,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
+from common.client import new_client as new_http_client
 from common.errors import ApiError
 from common.http import read_body
 from common.trickle.protocol import (
@@ -45,32 +46,13 @@ _RESPONSE_HEADERS = (
 )
 
 
-class _Transport(httpx.AsyncHTTPTransport):
-    """httpx's own transport, with one library fault turned into the error it stands for.
-
-    Under uvloop, anyio (below httpcore) raises ``AttributeError`` on a socket the peer closed as
-    the connection opened (its raw socket is already gone when httpcore asks for TLS details): a
-    container dying at that moment would be a 500 instead of "unreachable".
-    """
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await super().handle_async_request(request)
-        except AttributeError as exc:
-            raise httpx.ConnectError(f"the connection closed as it opened ({exc})", request=request) from exc
-
-
 def new_client() -> httpx.AsyncClient:
-    """The node's HTTP client: httpx's own transport, so header values and framing are checked by
-    a maintained library; a bounded pool and a deadline on every phase of every request."""
+    """The node's HTTP client (:mod:`common.client`): header values and framing checked by a
+    maintained library; a bounded pool and a deadline on every phase of every request."""
     limits = httpx.Limits(
         max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY
     )
-    return httpx.AsyncClient(
-        transport=_Transport(limits=limits),
-        timeout=httpx.Timeout(30.0, connect=5.0, pool=10.0),
-        follow_redirects=False,
-    )
+    return new_http_client(httpx.Timeout(30.0, connect=5.0, pool=10.0), limits)
 
 
 @dataclass(frozen=True)

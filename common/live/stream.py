@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from ..client import new_client
 from ..errors import ApiError
 from ..processor import BaseProcessor, ImageProcessor, Output, _job_context
 from ..trickle.jobs import Input, Job
@@ -249,7 +250,7 @@ class LiveStream:
         limits = httpx.Limits(
             max_connections=16, max_keepalive_connections=8, keepalive_expiry=KEEPALIVE_EXPIRY
         )
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, verify=self._tls) as client:
+        async with new_client(timeout, limits, verify=self._tls) as client:
             await self._run_with(client)
 
     async def _run_with(self, client: httpx.AsyncClient) -> None:

@@ -18,6 +18,7 @@ from harness import (
     sample_image,
 )
 
+from common.client import new_client
 from common.trickle.protocol import PARAMS_HEADER, TrickleError, params_json
 from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
@@ -232,3 +233,33 @@ async def test_clients_report_a_server_that_is_not_there() -> None:
             await subscriber(client, url, retries=2).next()
         elapsed = time.monotonic() - started
     assert 0.9 <= elapsed < 3, "two retries 0.5 s apart, then give up"
+
+
+async def test_the_node_client_sends_a_pre_opened_posts_head_before_its_body() -> None:
+    """go-livepeer's preconnect on the client the node and the containers use (aiohttp under
+    httpx): the POST for segment 1 reaches the server, head and all, while segment 1 does not exist
+    yet. Held back until its body, the head of a channel's next POST met the server's 10 s head
+    timeout whenever the channel was written less often (a control channel's keepalive), and the
+    node lost the stream."""
+    heads: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await heads.put(head.split(b"\r\n", 1)[0])
+            await reader.readuntil(b"0\r\n\r\n")  # the chunked body's end
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = new_client(httpx.Timeout(5.0), httpx.Limits(max_connections=4))
+    try:
+        pub = TricklePublisher(client, f"http://127.0.0.1:{port}/channel", timeout=5.0)
+        assert await pub.write(b"segment 0") == 0
+        assert await asyncio.wait_for(heads.get(), 2) == b"POST /channel/0 HTTP/1.1"
+        # Nothing is written to segment 1, yet its head is there.
+        assert await asyncio.wait_for(heads.get(), 2) == b"POST /channel/1 HTTP/1.1"
+    finally:
+        await client.aclose()
+        server.close()

@@ -1,0 +1,207 @@
+"""The HTTP client every component uses: httpx's API on aiohttp's connection pool and parser.
+
+httpx on its default transport (httpcore, h11 and anyio, all pure Python) cost the node more CPU
+than anything else it does; aiohttp parses and buffers in C. Relaying a 250 KB JPEG through one
+Starlette hop on this host (one run of ``bench/bench_client.py``): httpx on its own transport
+0.94 ms of CPU per job, httpx on this transport 0.61 ms, aiohttp alone 0.42 ms. This keeps
+httpx's requests, responses, timeouts and exceptions for the callers, so nothing else changes,
+and has aiohttp do the HTTP: framing, header checks (CR, LF and NUL refused), keep-alive.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import aiohttp
+import httpx
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
+from yarl import URL
+
+# aiohttp reads ahead of its reader up to twice this per connection. At 256 KB a busy container's
+# stream connections read megabytes ahead under CPU contention, and its heap kept that high-water
+# mark (6.6 MB more per 720p stream in test_finished_streams_leave_no_memory_or_threads_behind);
+# at aiohttp's own 64 KB it stays flat.
+READ_BUFFER_BYTES = 64 * 1024
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _as_httpx_errors(self._request):
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        # Back to the pool when the body was read to its end, closed otherwise (aiohttp decides).
+        self._response.release()
+
+
+class _HeadFirst(aiohttp.payload.AsyncIterablePayload):
+    """A streamed request body whose head goes out at once, as on httpx's own transport.
+
+    aiohttp holds a request's head back until the body's first bytes, to send both in one write.
+    A trickle publisher opens the POST for the next segment before that segment exists
+    (go-livepeer's preconnect); held back, its head would meet the server's head timeout (10 s)
+    on any channel written less often than that, such as a control channel's keepalive.
+    """
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        if isinstance(writer, StreamWriter):
+            writer.send_headers()
+            await writer.drain()
+        await super().write_with_length(writer, content_length)
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that sends each request with one shared :class:`aiohttp.ClientSession`.
+
+    httpx's timeouts map onto aiohttp's: ``connect`` and ``pool`` bound getting a connection,
+    ``read`` (or ``write``, if longer) bounds each wait for bytes from the peer; a peer that stops
+    reading the body never answers either, so the read timeout ends that wait too. aiohttp never
+    sends a POST twice; it retries GET, PUT or DELETE once when a pooled connection turns out to be
+    closed before any answer, as RFC 9112 allows for idempotent requests.
+    """
+
+    def __init__(self, limits: httpx.Limits, verify: bool | ssl.SSLContext = True) -> None:
+        self._limits = limits
+        self._ssl: bool | ssl.SSLContext = verify
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The aiohttp session every request goes through; callers on a hot path may use it
+        directly (see :func:`session_of`)."""
+        if self._session is None:  # made on first use: aiohttp binds it to the running loop
+            connector = aiohttp.TCPConnector(
+                limit=self._limits.max_connections or 0,
+                limit_per_host=0,
+                keepalive_timeout=self._limits.keepalive_expiry or 0,
+                ssl=self._ssl,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,  # httpx decodes, as it would on its own transport
+                read_bufsize=READ_BUFFER_BYTES,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {})
+        connect = _sum(timeout.get("connect"), timeout.get("pool"))
+        read = _max(timeout.get("read"), timeout.get("write"))
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        # aiohttp frames the body itself: chunked for a stream without a length.
+        headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
+        body: bytes | _HeadFirst | None
+        try:
+            body = request.content or None
+        except httpx.RequestNotRead:  # an AsyncClient's streamed body
+            if not isinstance(request.stream, httpx.AsyncByteStream):
+                raise TypeError("an async transport takes an async request body") from None
+            body = _HeadFirst(request.stream)
+        with _as_httpx_errors(request):
+            response = await self.session().request(
+                request.method,
+                URL(str(request.url), encoded=True),  # already encoded by httpx: sent as it is
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
+            )
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            stream=_Body(response, request),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def new_client(
+    timeout: httpx.Timeout, limits: httpx.Limits, verify: bool | ssl.SSLContext = True
+) -> httpx.AsyncClient:
+    """An httpx client on :class:`AiohttpTransport` that follows no redirects."""
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits, verify), timeout=timeout, follow_redirects=False
+    )
+
+
+def session_of(client: httpx.AsyncClient) -> aiohttp.ClientSession:
+    """The aiohttp session under a client from :func:`new_client`, for the calls that carry job
+    bodies: httpx's own work per request (cookies, URL merging, header models) is a third of the
+    CPU a relayed job costs on this transport (``bench/bench_client.py``). One pool serves both."""
+    transport = client._transport  # httpx has no public accessor for its transport
+    if not isinstance(transport, AiohttpTransport):
+        raise TypeError("the client was not made by common.client.new_client")
+    return transport.session()
+
+
+def _sum(*values: float | None) -> float | None:
+    given = [v for v in values if v is not None]
+    return sum(given) if given else None
+
+
+def _max(*values: float | None) -> float | None:
+    given = [v for v in values if v is not None]
+    return max(given) if given else None
+
+
+def body_failure(exc: BaseException) -> Exception | None:
+    """What a request's own body raised, when that is what ended the request.
+
+    aiohttp reports an exception from a body it is sending (a client's upload cut off, too
+    large) as a connection error caused by it; httpx's own transport lets it through as it is,
+    and callers answer it for what it is (a 413, a client that left), not as a peer's failure.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, Exception) and not isinstance(cause, (OSError, aiohttp.ClientError, TimeoutError)):
+        return cause
+    return None
+
+
+@contextmanager
+def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
+    """aiohttp's failures as the httpx exceptions httpx's own transport raises for them."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+        raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+    except aiohttp.ClientError as exc:
+        if (own := body_failure(exc)) is not None:
+            raise own from None
+        raise _httpx_error(exc, request) from exc
+    except ValueError as exc:  # a header value aiohttp refuses to send (CR, LF, NUL)
+        raise httpx.LocalProtocolError(str(exc), request=request) from exc
+
+
+_PEER_BROKE_PROTOCOL = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientResponseError,
+)
+
+
+def _httpx_error(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message, request=request)
+    if isinstance(exc, _PEER_BROKE_PROTOCOL):
+        return httpx.RemoteProtocolError(message, request=request)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return httpx.UnsupportedProtocol(message, request=request)
+    return httpx.ReadError(message, request=request)  # resets, broken pipes
