@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -34,7 +35,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from yarl import URL
 
+from common.client import body_failure, session_of
 from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length
 from common.names import check_model_id, is_model_id
@@ -208,6 +211,11 @@ class Gateway:
         self.live = StreamGateway(self.client, self.job_from, self.choose_fresh, config.live)
         self.jobs = LiveJobs(self.live)  # the tutorial's /live/{job} URLs, as streams of self.live
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client's own aiohttp session: job bodies go straight through it."""
+        return session_of(self.client)
+
     def job_from(self, request: Request) -> JobRequest:
         """The job's model id and timeout, from the tutorial's headers or go-livepeer's; its
         timeout capped by ``max_job_timeout``."""
@@ -378,29 +386,34 @@ class Gateway:
             sent = {**headers, JOB_HEADER: job.capped(max(int(left), 1)).encode()}
             if not upload.complete and (length := request.headers.get("content-length", "")).isdigit():
                 sent["Content-Length"] = length  # streamed with its length rather than chunked
-            outgoing = self.client.build_request(
-                "POST", f"{orch}{JOB_PREFIX}{path}", content=upload.content(), headers=sent,
-                timeout=deadline.timeout(),
-            )  # fmt: skip
             try:
-                response = await asyncio.wait_for(self.client.send(outgoing, stream=True), left)
-            except (httpx.TimeoutException, asyncio.TimeoutError):
+                async with asyncio.timeout(left):
+                    response = await self.session.post(
+                        URL(f"{orch}{JOB_PREFIX}{path}", encoded=True),  # path checked by forward_path
+                        data=upload.content(),
+                        headers=sent,
+                        allow_redirects=False,
+                        timeout=aiohttp.ClientTimeout(total=None, connect=min(left, 5.0), sock_read=left),
+                    )
+            except TimeoutError:
                 failures.append((504, f"{orch}: no answer within timeout_seconds={job.timeout_seconds}"))
                 continue
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
+                if (own := body_failure(exc)) is not None:
+                    raise own from None  # the client's upload failed (too large, cut off)
                 failures.append((502, f"{orch}: unreachable ({exc!r})"))
                 continue
-            if response.status_code >= 500:  # go-livepeer: 5xx means try the next orchestrator
+            if response.status >= 500:  # go-livepeer: 5xx means try the next orchestrator
                 detail = await _short_text(response)
                 codes.add(_error_code(detail))
-                failures.append((response.status_code, f"{orch}: {response.status_code} {detail}"))
+                failures.append((response.status, f"{orch}: {response.status} {detail}"))
                 continue
             log.info(
                 "job %s %s via %s: %d, %d bytes in, answered in %.1f ms",
                 job.id,
                 job.capability,
                 orch,
-                response.status_code,
+                response.status,
                 upload.size,
                 (time.monotonic() - started) * 1000,
             )
@@ -417,7 +430,7 @@ class Gateway:
             {"Retry-After": "1"} if status == 503 else None,
         )
 
-    async def _answer(self, response: httpx.Response, orch: str, deadline: Deadline) -> Response:
+    async def _answer(self, response: aiohttp.ClientResponse, orch: str, deadline: Deadline) -> Response:
         """The orchestrator's answer for the client: a small one whole (cheaper), a big one
         streamed through and cut off at the job's deadline."""
         headers = {**pick(response.headers, ("content-type", "content-length", "x-metadata")),
@@ -426,17 +439,18 @@ class Gateway:
         if not (length.isdigit() and int(length) <= self.config.held_body_bytes):
             return StreamingResponse(
                 _until(response, deadline),
-                response.status_code,
+                response.status,
                 headers=headers,
-                background=BackgroundTask(response.aclose),
+                background=BackgroundTask(_release, response),
             )
         try:
-            content = await asyncio.wait_for(response.aread(), deadline.remaining())
-        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(deadline.remaining()):
+                content = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(502, "orchestrator_failed", f"{orch} broke off its answer ({exc!r})") from None
         finally:
-            await response.aclose()
-        return Response(content, response.status_code, headers=headers)
+            response.release()
+        return Response(content, response.status, headers=headers)
 
     async def status(self, request: Request) -> Response:
         status: dict[str, Any] = {
@@ -457,27 +471,30 @@ class Gateway:
         await self.client.aclose()
 
 
-async def _short_text(response: httpx.Response, limit: int = 300) -> str:
+async def _short_text(response: aiohttp.ClientResponse, limit: int = 300) -> str:
     """The start of an error answer, read without holding more than ``limit`` bytes of it."""
     try:
         head = b""
-        async for chunk in response.aiter_bytes():
-            head += chunk
-            if len(head) >= limit:
-                break
-        return head[:limit].decode("utf-8", "replace")
-    except httpx.HTTPError as exc:
+        async with asyncio.timeout(5.0):
+            while len(head) < limit and (chunk := await response.content.read(limit - len(head))):
+                head += chunk
+        return head.decode("utf-8", "replace")
+    except (aiohttp.ClientError, TimeoutError) as exc:
         return f"(answer unreadable: {exc!r})"
     finally:
-        await response.aclose()
+        response.close()  # the rest is not wanted: the connection is not reused
 
 
-async def _until(response: httpx.Response, deadline: Deadline) -> AsyncIterator[bytes]:
+async def _release(response: aiohttp.ClientResponse) -> None:
+    response.release()  # to the pool when read to its end, closed otherwise
+
+
+async def _until(response: aiohttp.ClientResponse, deadline: Deadline) -> AsyncIterator[bytes]:
     """The answer's body, cut off when the job's deadline passes."""
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_any():
         yield chunk
         if deadline.remaining() <= 0:
-            log.warning("answer from %s cut off at the job's deadline", response.request.url)
+            log.warning("answer from %s cut off at the job's deadline", response.url)
             return
 
 

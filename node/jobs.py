@@ -17,17 +17,20 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import aiohttp
 import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from yarl import URL
 
+from common.client import session_of
 from common.errors import ApiError
 from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length, params_header, read_body
 from common.trickle.protocol import PARAMS_HEADER, params_json
 
 from .livepeer import JOB_HEADER, JOB_PREFIX, JobRequest
 from .registry import UNHEALTHY, Capability, Health, Registry
-from .relay import forward_path
+from .relay import forward_path, forwardable
 
 log = logging.getLogger("orchestrator")
 
@@ -88,6 +91,7 @@ class Jobs:
         job = JobRequest.required(request.headers.get(JOB_HEADER))
         timeout = min(job.timeout_seconds, self.limits.max_job_timeout)
         params = params_header(request)
+        content_type = forwardable(request.headers, ("content-type",)).get("content-type")
         check_declared_length(request, self.limits.max_body_bytes)
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + timeout
@@ -96,7 +100,7 @@ class Jobs:
         try:
             async with asyncio.timeout_at(deadline):
                 body = await read_body(request, self.limits.max_body_bytes)
-            call = self._start_call(capability, path, body, request.headers.get("content-type"), params)
+            call = self._start_call(capability, path, body, content_type, params)
         except TimeoutError:
             raise ApiError(408, "request_timeout", f"the body did not arrive within {timeout} s") from None
         except ClientDisconnect:
@@ -107,13 +111,13 @@ class Jobs:
         try:
             async with asyncio.timeout_at(deadline):
                 upstream = await asyncio.shield(call)  # a timeout here leaves the call running
+        except aiohttp.ClientError as exc:  # first: aiohttp's own timeouts are TimeoutErrors too
+            raise self._unreachable(request, capability, exc) from None
         except TimeoutError:
             log.warning("job %s %s: no answer within %d s (504)", job.id or "-", capability.name, timeout)
             raise ApiError(
                 504, "job_timeout", f"{capability.name} did not finish within timeout_seconds={timeout}"
             ) from None
-        except httpx.TransportError as exc:
-            raise self._unreachable(request, capability, exc) from None
         log.info(
             "job %s %s: POST /%s to its container: %d, %d -> %d bytes in %.1f ms",
             job.id or "-",
@@ -167,30 +171,27 @@ class Jobs:
     ) -> Upstream:
         """One ``POST {container}/{path}``, as go-livepeer's orchestrator sends a job (one request
         per job instead of a trickle PUT, GET and DELETE). Bounded by ``-maxJobTimeout``, whatever
-        the client's deadline: the unit is free only once the container is."""
+        the client's deadline: the unit is free only once the container is. It goes straight
+        through aiohttp, the job's body being most of what the orchestrator handles."""
         limit = self.limits.max_job_timeout
         try:
             async with asyncio.timeout(limit):
-                request = self.client.build_request(
-                    "POST",
-                    url,
-                    content=body,
+                async with session_of(self.client).post(
+                    URL(url, encoded=True),  # the path was checked by forward_path
+                    data=body,
                     headers=headers,
-                    timeout=httpx.Timeout(limit, connect=CONNECT_TIMEOUT),
-                )
-                response = await self.client.send(request, stream=True)
-                try:
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=limit),
+                ) as response:
                     content = await _read_limited(response, self.limits.max_body_bytes)
-                finally:
-                    await response.aclose()
-        except httpx.ConnectError:
+        except aiohttp.ClientConnectorError:
             # Refused at once: the queue must not wait on it.
             self.registry.set_health(capability, Health.UNREACHABLE, time.monotonic())
             raise
         finally:
             self.registry.release(capability)
-        passed = {k: v for k, v in response.headers.items() if k in _PASSED_HEADERS}
-        return Upstream(response.status_code, passed, content)
+        passed = {k.lower(): v for k, v in response.headers.items() if k.lower() in _PASSED_HEADERS}
+        return Upstream(response.status, passed, content)
 
     def _call_ended(self, task: asyncio.Task[Upstream]) -> None:
         self.calls.discard(task)
@@ -214,11 +215,11 @@ class Jobs:
         await asyncio.gather(*self.calls, return_exceptions=True)
 
 
-async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """A container's answer, refused past ``limit`` bytes instead of held whole."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_any():
         size += len(chunk)
         if size > limit:
             raise ApiError(

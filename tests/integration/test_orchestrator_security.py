@@ -284,6 +284,15 @@ def test_unregister_bodies_are_validated_the_same_way(orch: ServerProcess) -> No
     assert "gone-cpu" not in registered(orch)
 
 
+def test_a_content_type_that_cannot_go_on_to_the_container_is_400_json(orch: ServerProcess) -> None:
+    """The orchestrator passes a job's Content-Type on to its container: one that is not
+    printable ASCII is refused before anything is admitted, and the orchestrator keeps serving."""
+    headers = {"Livepeer": job_header("anything-cpu"), "Content-Type": b"image/\xe9"}
+    answer = httpx.post(f"{orch.url}/process/request/frame", content=b"abc", headers=headers)
+    assert "content-type" in assert_error(answer, 400, "invalid_header")["detail"]
+    assert httpx.get(f"{orch.url}/health").status_code == 200
+
+
 # -- redirects ----------------------------------------------------------------------------------
 
 
