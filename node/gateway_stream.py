@@ -507,6 +507,9 @@ class LiveStream:
             local.fail()
             raise
         local.close()
+        # Let the client's reader finish this segment before the next request is built and sent:
+        # the segment's latency is the client's, the next GET waits for a segment anyway.
+        await asyncio.sleep(0)
 
     async def _data(self, session: Session) -> None:
         """The container's JSON lines into the client's ``data``."""

@@ -198,6 +198,9 @@ class StreamGateway:
             )
         prefix = _prefix(body, "stream_name") or _prefix(body, "stream_id")
         stream = await self.open(job, prefix, _params(body.get("params")))
+        if await request.is_disconnected():  # nobody will learn its URLs: free its capacity now
+            log.info("stream %s: its client left while it started; stopping it", stream.id)
+            await self.stop(stream, "the client left before the stream's URLs reached it")
         return JSONResponse(self._urls(request, stream))
 
     def _check_room(self) -> None:

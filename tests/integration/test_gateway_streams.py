@@ -435,6 +435,43 @@ def test_a_start_waits_in_the_orchestrators_queue_for_a_unit(start_server: Start
     asyncio.run(scenario())
 
 
+def test_a_start_whose_client_left_is_stopped_once_it_has_started(start_server: StartServer) -> None:
+    """A client that leaves before the start's answer never learns the stream's URLs: the stream
+    ends as soon as it has started, not at the idle timeout, and its unit is free for the next."""
+    container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
+    orchestrator = start_server(
+        orchestrator_argv(container, "-byocQueue", "1", "-byocQueueTimeout", "15s"), ready_status=NODE_READY
+    )
+    idle_30s = ("-streamIdleTimeout", "30")
+    gateway = start_server(gateway_argv(orchestrator, flags=idle_30s), ready_status=NODE_READY)
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            first = await Client.start(http, gateway)
+            # A second start waits in the orchestrator's queue; its client gives up meanwhile.
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(
+                b"POST /process/stream/start HTTP/1.1\r\nHost: gateway\r\nX-Model-Id: "
+                + MODEL.encode()
+                + b"\r\nContent-Length: 0\r\n\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(1.0)
+            writer.close()
+            await first.stop()  # the queued start now gets the unit, and starts for nobody
+            deadline = time.monotonic() + WAIT
+            while "its client left while it started; stopping it" not in gateway.output():
+                assert time.monotonic() < deadline, gateway.output()[-2000:]
+                await asyncio.sleep(0.1)
+            while live_streams(orchestrator) or live_streams(gateway):
+                assert time.monotonic() < deadline, "the abandoned stream still holds its unit"
+                await asyncio.sleep(0.1)
+            third = await Client.start(http, gateway)  # long before the 30 s idle timeout
+            await third.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_publisher_that_stops_sending_is_ended_by_the_idle_timeout(
     shared: Topology, clip: list[bytes]
 ) -> None:
