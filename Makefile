@@ -130,6 +130,7 @@ format: venv ## ruff: fix formatting
 bench: venv ## run the benchmarks, print their figures; JSON and PNG plots in out/ (~8 minutes)
 	$(PY) bench/bench_green_tint.py
 	$(PY) bench/bench_topology.py
+	$(PY) bench/bench_client.py
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_slow_headers.py
 	$(PY) bench/bench_uploads.py

@@ -6,7 +6,9 @@
 The tutorial topology runs as local processes on free loopback ports (scripts/topology.py: the
 same programs as compose), with green-tint and whisper-tiny containers. One generated 1280x720
 30 fps clip (2 s GOPs, a tone as audio) is played in real time, each packet's bytes sent when a
-live encoder has them (scripts/live_client.py), twice in the same run:
+live encoder has them (scripts/live_client.py), both ways in each of three rounds of a third of
+the clip's length, the order flipping each round (a neighbour's load on this shared host hits both
+alike):
 
 - direct: the client plays the orchestrator for the container (scripts/live_video.py: its own
   trickle server, ``POST /stream/start``), the baseline;
@@ -66,6 +68,7 @@ TARGETS = {"frames_dropped": 0, "latency_ratio": 1.15, "node_cpu_percent": 5.0, 
 # at once. A stream is held in real time when it drops no frame and, after its first segment (the
 # start), its segment latency p50 stays under HELD_P50_S, a quarter of a 2 s segment: a stream the
 # host cannot keep up with piles its segments up, and their latency grows by the second.
+ROUNDS = 3  # direct and topology alternate, a third of the clip's length each
 MOST_STREAMS = 4
 CONCURRENT_SECONDS = 20.0
 HELD_P50_S = 0.5
@@ -123,8 +126,12 @@ async def through_gateway(
     return playback, feeds, elapsed
 
 
-def p50_ms(playback: Playback) -> float:
-    return statistics.median(playback.latencies()) * 1000
+def latencies(runs: list[Playback]) -> list[float]:
+    return [latency for playback in runs for latency in playback.latencies()]
+
+
+def p50_ms(runs: list[Playback]) -> float:
+    return statistics.median(latencies(runs)) * 1000
 
 
 async def concurrent_streams(clip: list[bytes], gateway: int) -> list[dict[str, Any]]:
@@ -156,43 +163,49 @@ async def measure(seconds: float) -> dict[str, Any]:
     keys = Secrets.random()
     green = Processor("green-tint", MODEL, free_port(), capacity=MOST_STREAMS)
     whisper = Processor(WHISPER.name, WHISPER.model_id, free_port())
-    print(f"bench: making a {seconds:.0f} s 1280x720 30 fps clip, and the spoken one", flush=True)
-    video = await asyncio.to_thread(load_input, None, seconds, "tone")
+    print(f"bench: making a {seconds / ROUNDS:.0f} s 1280x720 30 fps clip, and the spoken one", flush=True)
+    video = await asyncio.to_thread(load_input, None, seconds / ROUNDS, "tone")
     speech = await asyncio.to_thread(load_input, None, live_check.CLIP_SECONDS, live_check.PHRASES)
     short = await asyncio.to_thread(load_input, None, CONCURRENT_SECONDS, "tone")
     with topology([green, whisper], keys, {"STREAM_CAPACITY": str(MOST_STREAMS)}) as pids:
         gateway_pid, gateway_port = pids["gateway"]
-        orchestrator_pid = pids["orchestrator"][0]
-        base = await direct(video, green.port, keys.byoc_token)
-        before = {
-            role: cpu_seconds(pid)
-            for role, pid in (("gateway", gateway_pid), ("orchestrator", orchestrator_pid))
-        }
-        via, _, elapsed = await through_gateway(video, gateway_port, MODEL)
-        cpu = {  # the whole stream's cost (start to stop) per second of video it carried
-            role: (cpu_seconds(pid) - before[role]) / seconds * 100
-            for role, pid in (("gateway", gateway_pid), ("orchestrator", orchestrator_pid))
-        }
+        node = {"gateway": gateway_pid, "orchestrator": pids["orchestrator"][0]}
+        runs: dict[str, list[Playback]] = {"direct": [], "topology": []}
+        used = dict.fromkeys(node, 0.0)  # CPU seconds of each role over the topology's runs
+        elapsed = 0.0
+        for round_ in range(ROUNDS):
+            for way in ("direct", "topology") if round_ % 2 == 0 else ("topology", "direct"):
+                if way == "direct":
+                    runs["direct"].append(await direct(video, green.port, keys.byoc_token))
+                    continue
+                before = {role: cpu_seconds(pid) for role, pid in node.items()}
+                via, _, took = await through_gateway(video, gateway_port, MODEL)
+                runs["topology"].append(via)
+                elapsed += took
+                for role, pid in node.items():
+                    used[role] += cpu_seconds(pid) - before[role]
+        # The whole streams' cost (start to stop) per second of video they carried.
+        cpu = {role: seconds_used / seconds * 100 for role, seconds_used in used.items()}
         spoken, feeds, _ = await through_gateway(speech, gateway_port, WHISPER.model_id)
         captions = live_check.caption_latencies(feeds, spoken)
         concurrent = await concurrent_streams(short, gateway_port)
+    frames_in = sum(playback.frames_in for playback in runs["topology"])
+    frames_out = sum(playback.frames_out for playback in runs["topology"])
     return {
         "seconds": seconds,
-        "frames_in": via.frames_in,
-        "frames_out": via.frames_out,
-        "frames_dropped": via.frames_in - via.frames_out,
-        "fps": via.frames_out / max(elapsed, 1e-9),
-        "direct_frames_out": base.frames_out,
-        "latency_p50_ms": {"topology": p50_ms(via), "direct": p50_ms(base)},
-        "latency_ratio": p50_ms(via) / p50_ms(base),
+        "rounds": ROUNDS,
+        "frames_in": frames_in,
+        "frames_out": frames_out,
+        "frames_dropped": frames_in - frames_out,
+        "fps": frames_out / max(elapsed, 1e-9),
+        "direct_frames_out": sum(playback.frames_out for playback in runs["direct"]),
+        "latency_p50_ms": {way: p50_ms(played) for way, played in runs.items()},
+        "latency_ratio": p50_ms(runs["topology"]) / p50_ms(runs["direct"]),
         "node_cpu_percent": cpu,
         "caption_latencies_s": captions,
         "caption_p50_s": statistics.median(captions),
         # The raw series the plots draw (bench/plots.py): per segment, seconds.
-        "latencies_s": {
-            "topology": [round(s, 4) for s in via.latencies()],
-            "direct": [round(s, 4) for s in base.latencies()],
-        },
+        "latencies_s": {way: [round(s, 4) for s in latencies(played)] for way, played in runs.items()},
         "caption_phrases": [phrase.text for phrase in live_check.PHRASES],
         "concurrent_rounds": concurrent,
         "concurrent_held": max((r["streams"] for r in concurrent if r["held"]), default=0),
@@ -204,7 +217,8 @@ def report(result: dict[str, Any]) -> None:
     worst_cpu = max(cpu.values())
     rows = [
         (
-            f"720p30 green-tint through gateway + orchestrator, {result['seconds']:.0f} s: frames dropped",
+            f"720p30 green-tint through gateway + orchestrator, {result['seconds']:.0f} s in "
+            f"{result['rounds']} streams: frames dropped",
             "{frames_dropped} ({frames_out}/{frames_in}, {fps:.1f} fps)".format(**result),
             "0",
             result["frames_dropped"] <= TARGETS["frames_dropped"],
