@@ -34,7 +34,6 @@ from harness import (
     node_argv,
     processor_argv,
     require_whisper,
-    restart_server,
 )
 
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
@@ -594,7 +593,7 @@ def test_a_killed_container_ends_the_stream_with_a_reason_and_frees_its_unit(
             assert live_streams(nodes.orchestrators[0]) == 0 and live_streams(nodes.gateway) == 0
 
     asyncio.run(killed())
-    restart_server(container)
+    start_server(container.argv, port=container.port)  # the same container again, stopped with the rest
 
     async def again() -> None:
         async with async_client() as http:
