@@ -23,6 +23,7 @@ from .jobs import JobLimits
 from .orchestrator import OrchestratorConfig, create_orchestrator_app
 from .registration import MAX_CAPACITY, Protocol, Registration
 from .registry import QueuePolicy, Registry
+from .sched import relay_slice
 from .stream_gateway import stream_config
 from .stream_orchestrator import StreamLimits
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     role = "gateway" if args.gateway else "orchestrator"
     keep_freed_memory()
     configure_logging(role, verbose=args.v >= 5)
+    relay_slice()  # before any thread starts: they inherit it
     if args.gateway:
         host, port = _listen(args.httpAddr, DEFAULT_GATEWAY_PORT)
         orchs = [_url(a) for a in args.orchAddr.split(",") if a]

@@ -35,6 +35,8 @@ import av
 from common.live.tsinput import InputStream
 from common.trickle.channel import Channel, IncompleteSegment, Segment, SegmentTooLarge
 
+from .sched import default_slice
+
 log = logging.getLogger("webrtc")
 
 TIME_BASE = Fraction(1, 90_000)
@@ -177,6 +179,7 @@ class SegmentEncoder:
         self._thread.join(JOIN_SECONDS)
 
     def _main(self) -> None:
+        default_slice()  # an encoder: the relay's short slice would only cost it switches
         try:
             while (item := self._queue.get()) is not None:
                 frame, at = item
@@ -330,6 +333,7 @@ class OutputDemuxer:
         log.info("%s demuxed %d packets from the output", self._thread.name, self.packets)
 
     def _main(self) -> None:
+        default_slice()  # a demuxer and decoder: the relay's short slice would only cost it switches
         container = None
         try:
             options = {"fflags": "+noparse+nofillin", "analyzeduration": "0", "probesize": "32768"}

@@ -7,6 +7,7 @@ processors (the session's ``processors``).
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from harness import (
     NODE_READY,
     ROOT,
@@ -26,6 +28,8 @@ from harness import (
     node_argv,
     sample_image,
 )
+
+from node.sched import RELAY_SLICE_NS, slice_of
 
 SECRET = "test-orch-secret"
 TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
@@ -317,3 +321,18 @@ def test_command_line_flags_override_their_lp_variables(
     assert list(capabilities(orch)) == ["passthrough-cpu"]
     assert_error(register(orch, "from-env", "x", passthrough), 401, "invalid_authorization")
     assert register(orch, "from-flag", "x", passthrough).text == "ok"
+
+
+def test_the_node_relays_with_a_short_cpu_time_slice(start_server: StartServer) -> None:
+    """Both roles ask the kernel for a 0.1 ms time slice (node/sched.py), so that a segment's end
+    is passed on at once on a host an encoder keeps busy; the kernel holds it, the log says so."""
+    release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+    if release < (6, 12):
+        pytest.skip(f"per-thread time slices need Linux 6.12; this kernel is {platform.release()}")
+    orch = start_server(node_argv("orchestrator", "-orchSecret", SECRET), ready_status=NODE_READY)
+    gateway = start_server(
+        node_argv("gateway", "-orchAddr", f"127.0.0.1:{orch.port}"), ready_status=NODE_READY
+    )
+    for node in (orch, gateway):
+        assert slice_of(node.pid) == RELAY_SLICE_NS
+        assert "CPU time slice 0.1 ms" in node.output()
