@@ -69,7 +69,8 @@ BLOCKS = 4
 BLOCK_JOBS = 25  # 3 x 4 x 25 = 300 jobs per target
 WARMUP_JOBS = 10
 STREAM_FRAMES = 300
-IN_FLIGHT = 4
+TARGETS_IN_FLIGHT = 4  # the stream figure's targets are for this many frames in flight
+IN_FLIGHT = TARGETS_IN_FLIGHT  # --in-flight sets it
 PROFILE_SECONDS = 5
 PROFILE_RATE = 250  # samples per second
 TARGET_OVERHEAD_MS = 3.0  # issue 7's targets
@@ -642,14 +643,15 @@ def main() -> None:
     parser.add_argument(
         "--in-flight",
         type=int,
-        default=IN_FLIGHT,
-        help=f"stream frames in flight (default {IN_FLIGHT}, the targets'; 1: a frame's bare round trip)",
+        default=TARGETS_IN_FLIGHT,
+        help=f"stream frames in flight (default {TARGETS_IN_FLIGHT}, the targets'; 1: a bare round trip)",
     )
     args = parser.parse_args()
     set_in_flight(args.in_flight)
+    targets_run = args.in_flight == TARGETS_IN_FLIGHT  # else kept apart, and not drawn over its plots
     command = ".venv/bin/python bench/bench_topology.py" + " --compose" * args.compose
-    command += " --profile" * args.profile + f" --in-flight {args.in_flight}" * (args.in_flight != 4)
-    if not args.compose and not args.profile and args.in_flight == 4:
+    command += " --profile" * args.profile + f" --in-flight {args.in_flight}" * (not targets_run)
+    if not args.compose and not args.profile and targets_run:
         command = f"make bench  # or: {command}"
 
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -667,12 +669,12 @@ def main() -> None:
             results["profile"] = run_profiles(topology, frame)
     results["date"] = date
     out = RESULTS if not args.compose else RESULTS.with_name("bench-topology-compose.json")
-    if args.in_flight != 4:  # not the targets' run: kept apart, and not drawn over its plots
+    if not targets_run:
         out = out.with_name(f"{out.stem}-in-flight-{args.in_flight}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {out.relative_to(ROOT)}")
-    if args.in_flight == 4:
+    if targets_run:
         for png in bench_topology_figures(results, out.parent):
             print(f"plot: {png.relative_to(ROOT)}")
 
