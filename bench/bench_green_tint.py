@@ -4,7 +4,9 @@
 
 Prints (a) decode + tint + encode in process, (b) one ``POST`` job through the container (p50,
 p99), (c) a 300-frame trickle stream with 4 segments in flight (fps), their ratios, the same
-``POST`` to passthrough (HTTP transport alone), each processor's idle RSS, and the targets of
+``POST`` to passthrough (HTTP transport alone), (d) the same ``POST`` to the same work behind a
+bare uvicorn app (bench/bare_green_tint.py: what any Python HTTP container pays, so that (b) - (d)
+is the runtime's own share of the overhead), each processor's idle RSS, and the targets of
 issues 2 and 7 with PASS/MISS; writes the same figures, with the per-job times behind them, to
 ``out/bench-green-tint.json`` and its plot next to it (bench/plots.py).
 """
@@ -143,11 +145,18 @@ async def stream_fps(server: ServerProcess, frame: bytes) -> float:
     return STREAM_FRAMES / elapsed
 
 
+# uvicorn as the container runs it (common/server.py): httptools, uvloop, no access log.
+BARE_ARGV = [sys.executable, "-m", "uvicorn", "--app-dir", "bench", "bare_green_tint:app"]
+BARE_ARGV += ["--host", "127.0.0.1", "--port", "{port}", "--http", "httptools", "--loop", "uvloop"]
+BARE_ARGV += ["--log-level", "warning", "--no-access-log"]
+
+
 def start_processors() -> dict[str, ServerProcess]:
-    """All three processors on free ports, booted side by side."""
+    """All three processors and the bare floor app on free ports, booted side by side."""
     servers = {name: ServerProcess.launch(processor_argv(name)) for name in PROCESSORS}
-    for server in servers.values():
-        server.wait_ready()
+    servers["bare"] = ServerProcess.launch(BARE_ARGV)
+    for name, server in servers.items():
+        server.wait_ready(ready_status=None if name == "bare" else "IDLE")
     return servers
 
 
@@ -163,14 +172,16 @@ def main() -> None:
     servers = start_processors()
     try:
         time.sleep(0.5)  # let start-up allocations settle before reading the idle RSS
-        rss = {name: server.rss_kib() / 1024 for name, server in servers.items()}
+        rss = {name: servers[name].rss_kib() / 1024 for name in PROCESSORS}
         # On a shared 2-core host a neighbour's load moves every figure within minutes: (a) and
         # (b) alternate in blocks over the same minutes, so that b - a compares like with like.
         a_runs: list[float] = []
         posts: list[float] = []
+        bare_posts: list[float] = []
         for _ in range(BLOCKS):
             a_runs += in_process_ms(frame, IN_PROCESS_RUNS // BLOCKS)
             posts += asyncio.run(post_latencies_ms(servers["green-tint"], frame, POST_RUNS // BLOCKS))
+            bare_posts += asyncio.run(post_latencies_ms(servers["bare"], frame, POST_RUNS // BLOCKS))
         fps = asyncio.run(stream_fps(servers["green-tint"], frame))
         busy_rss_mb = servers["green-tint"].rss_kib() / 1024
         # The same POST to passthrough: what moving 2 x 250 KB over HTTP costs by itself.
@@ -182,6 +193,7 @@ def main() -> None:
 
     b_p50 = statistics.median(posts)
     b_p99 = statistics.quantiles(posts, n=100, method="inclusive")[98]
+    d_p50 = statistics.median(bare_posts)
     overhead = b_p50 - a_ms
     in_process_fps = 1000 / a_ms
     stream_ratio = fps / in_process_fps
@@ -190,7 +202,10 @@ def main() -> None:
     print(f"(b) POST job through the container : {b_p50:7.2f} ms p50, {b_p99:.2f} ms p99 ({len(posts)} jobs)")
     print(f"(c) trickle stream, {IN_FLIGHT} in flight    : {fps:7.1f} fps ({STREAM_FRAMES} frames)")
     print(f"    same POST to passthrough       : {transport:7.2f} ms p50 (HTTP transport alone)")
+    print(f"(d) the same work, bare uvicorn app : {d_p50:7.2f} ms p50 (the floor: any Python HTTP container)")
     print(f"(b)/(a)                            : {b_p50 / a_ms:7.2f}")
+    floor, own = d_p50 - a_ms, b_p50 - d_p50
+    print(f"overhead (b) - (a) = {overhead:.2f} ms: floor (d) - (a) {floor:.2f}, runtime (b) - (d) {own:.2f}")
     print(f"(c)/(1/(a)) = {fps:.1f} / {in_process_fps:.1f} fps  : {stream_ratio:7.2f}")
     print()
     target_line(
@@ -221,8 +236,10 @@ def main() -> None:
         "post_ms": {"p50": b_p50, "p99": b_p99, "runs": POST_RUNS},
         "stream": {"fps": fps, "frames": STREAM_FRAMES, "in_flight": IN_FLIGHT},
         "passthrough_post_ms_p50": transport,
+        "bare_uvicorn_post_ms_p50": d_p50,
         "ratios": {"post_p50_over_in_process": b_p50 / a_ms, "stream_over_in_process_rate": stream_ratio},
         "http_overhead_ms_p50": overhead,
+        "overhead_split_ms_p50": {"bare_uvicorn_floor": floor, "runtime_own": own},
         "idle_rss_mb": rss,
         "targets": {
             "http_overhead_ms_p50": {"max": TARGET_OVERHEAD_MS, "pass": overhead <= TARGET_OVERHEAD_MS},
