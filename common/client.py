@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import aiohttp
 import httpx
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
 from yarl import URL
 
@@ -160,6 +161,11 @@ def _max(*values: float | None) -> float | None:
     return max(given) if given else None
 
 
+# What aiohttp raises of its own: the connection's, the peer's (its parser's errors, such as a
+# response cut short), a timeout; never what a request's body raised.
+_NOT_THE_BODYS_OWN = (OSError, aiohttp.ClientError, TimeoutError, HttpProcessingError)
+
+
 def body_failure(exc: BaseException) -> Exception | None:
     """What a request's own body raised, when that is what ended the request.
 
@@ -168,7 +174,7 @@ def body_failure(exc: BaseException) -> Exception | None:
     and callers answer it for what it is (a 413, a client that left), not as a peer's failure.
     """
     cause = exc.__cause__
-    if isinstance(cause, Exception) and not isinstance(cause, (OSError, aiohttp.ClientError, TimeoutError)):
+    if isinstance(cause, Exception) and not isinstance(cause, _NOT_THE_BODYS_OWN):
         return cause
     return None
 

@@ -263,3 +263,29 @@ async def test_the_node_client_sends_a_pre_opened_posts_head_before_its_body() -
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_the_node_client_reports_a_response_the_peer_cut_short_as_an_httpx_error() -> None:
+    """A trickle server cuts a reader's transfer short (no final chunk) when the segment's writer
+    broke off. Through the node's client that is httpx's RemoteProtocolError, which its callers
+    handle (a segment lost); aiohttp's own parser error let through escaped them, and a container
+    ended its whole stream over one cut-off frame."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nLp-Trickle-Seq: 0\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"5\r\nhalf \r\n")
+        await writer.drain()
+        writer.close()  # before the final chunk
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = new_client(httpx.Timeout(5.0), httpx.Limits(max_connections=4))
+    try:
+        segment = await TrickleSubscriber(client, f"http://127.0.0.1:{port}/channel", start_seq=0).next()
+        assert segment is not None and segment.seq == 0
+        with pytest.raises(httpx.RemoteProtocolError):
+            await segment.read()
+    finally:
+        await client.aclose()
+        server.close()
