@@ -110,6 +110,15 @@ class LiveSettings:
         )
 
 
+class SegmentCutShort(Exception):
+    """An input segment's transfer broke off before its end: its publisher stopped writing it
+    (a trickle server cuts the reader's transfer short to say so), or the connection dropped.
+    The segment is lost, not the stream; a channel that is really gone fails the next read."""
+
+    def __init__(self, seq: int, cause: BaseException) -> None:
+        super().__init__(f"input segment {seq} was cut short ({type(cause).__name__}); skipped")
+
+
 class StreamError(Exception):
     """A stream cannot go on; its message is what the events channel reports."""
 
@@ -447,15 +456,20 @@ class LiveStream:
 
     async def _chunks(self, segment: ReceivedSegment) -> AsyncGenerator[bytes, None]:
         size = 0
-        async for chunk in segment.chunks():
-            size += len(chunk)
-            if size > self.settings.max_segment_bytes:
-                raise StreamError(
-                    "segment_too_large",
-                    f"input segment {segment.seq} is over {self.settings.max_segment_bytes} bytes",
-                )
-            self.bytes_in += len(chunk)
-            yield chunk
+        try:
+            async for chunk in segment.chunks():
+                size += len(chunk)
+                if size > self.settings.max_segment_bytes:
+                    raise StreamError(
+                        "segment_too_large",
+                        f"input segment {segment.seq} is over {self.settings.max_segment_bytes} bytes",
+                    )
+                self.bytes_in += len(chunk)
+                yield chunk
+        except httpx.TimeoutException:
+            raise  # a channel that stalls for trickle_timeout is a lost orchestrator
+        except httpx.TransportError as exc:
+            raise SegmentCutShort(segment.seq, exc) from None
 
     async def _feed(self, client: httpx.AsyncClient, transcoder: Any) -> None:
         async with contextlib.aclosing(self._input(client)) as segments:
@@ -463,8 +477,11 @@ class LiveStream:
                 if segment.error is not None:  # the publisher marked it failed: skip, keep reading
                     self._fail("input_segment_error", f"input segment {segment.seq}: {segment.error}")
                     continue
-                async for chunk in self._chunks(segment):
-                    transcoder.feed(chunk)
+                try:
+                    async for chunk in self._chunks(segment):
+                        transcoder.feed(chunk)
+                except SegmentCutShort as exc:  # what came is decoded: MPEG-TS resyncs on the next
+                    self._fail("input_segment_incomplete", str(exc))
                 transcoder.end_segment()
         transcoder.end_input()
 
@@ -565,7 +582,13 @@ class LiveStream:
     async def _feed_job(self, client: httpx.AsyncClient, job: Job, start_seq: int) -> None:
         async with contextlib.aclosing(self._input(client, start_seq)) as segments:
             async for segment in segments:
-                item = await self._job_input(segment, job)
+                try:
+                    item = await self._job_input(segment, job)
+                except SegmentCutShort as exc:
+                    # An error event, but no output for it: a node in front that saw its client
+                    # break off has answered that frame itself, and numbers the outputs after it so.
+                    self._fail("input_segment_incomplete", str(exc))
+                    continue
                 _, upload = await job.open_input()  # waits (bounded) while max_pending are queued
                 upload.set_result(item)
         job.end_input()

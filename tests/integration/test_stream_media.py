@@ -8,6 +8,7 @@ clips are H.264 MPEG-TS made with PyAV (``tests/clips.py``), the output is decod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -131,8 +132,10 @@ class Gateway:
         params: dict[str, Any] | None = None,
         control: list[bytes] | None = None,
         pace: float = 0.0,
+        broken_off: int | None = None,
     ) -> Run:
-        """Start the stream, publish ``segments`` (and ``control`` messages), read until it ends."""
+        """Start the stream, publish ``segments`` (and ``control`` messages), read until it ends;
+        segment ``broken_off`` only halfway, its publisher then failing."""
         run = Run()
         async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
             await self.create_channels(http)
@@ -153,9 +156,9 @@ class Gateway:
                 for message in control:
                     await commands.write(message)
             run.input_times.append(time.monotonic())
-            for segment in segments[1:]:
+            for index, segment in enumerate(segments[1:], 1):
                 await asyncio.sleep(pace)  # a camera's pace: the segment's duration
-                await source.write(segment)
+                await (self.break_off(source, segment) if index == broken_off else source.write(segment))
                 run.input_times.append(time.monotonic())
             await source.close()
             await asyncio.wait_for(asyncio.gather(*readers), STREAM_TIMEOUT)
@@ -174,6 +177,16 @@ class Gateway:
         source = TricklePublisher(http, self.urls["subscribe"])
         source.next_seq = 1 if first else 0
         return source
+
+    @staticmethod
+    async def break_off(source: TricklePublisher, segment: bytes) -> None:
+        """Half of ``segment``, then the publisher fails: the trickle server cuts its readers'
+        transfer of it short, as a go-livepeer gateway's lost upload would."""
+        with contextlib.suppress(ConnectionAbortedError):
+            async with source.segment() as writer:
+                await writer.write(segment[: len(segment) // 2])
+                await asyncio.sleep(0.3)  # the half reaches the worker's reader
+                raise ConnectionAbortedError("the gateway's source broke off")
 
     async def read(self, http: httpx.AsyncClient, key: str, keep: Any) -> None:
         subscriber = TrickleSubscriber(http, self.urls[key], start_seq=0, timeout=STREAM_TIMEOUT)
@@ -239,6 +252,18 @@ def test_passthrough_forwards_each_segment_byte_for_byte(
     assert status["queue_event_type"] == "ai_stream_status"
     last = wait_idle(passthrough)
     assert last["state"] == "ENDED" and last["error"] is None
+
+
+def test_a_segment_its_publisher_broke_off_is_an_error_event_and_the_stream_goes_on(
+    trickle: ServerProcess, passthrough: ServerProcess, small_clip: list[bytes]
+) -> None:
+    run = stream(trickle, passthrough, small_clip, broken_off=1)
+    assert run.outputs == [small_clip[0], small_clip[2]], "what came of segment 1 is not passed on"
+    errors = [d["event"] for d in run.events if d["event"]["type"] == "error"]
+    assert [e["code"] for e in errors] == ["input_segment_incomplete"], errors
+    assert "input segment 1 was cut short" in errors[0]["message"]
+    stopped = run.first("stream_stopped")
+    assert stopped["reason"] == "input ended" and stopped["segments_in"] == len(small_clip)
 
 
 def test_control_messages_update_params_and_bad_ones_are_error_events(
@@ -414,6 +439,18 @@ def test_bad_input_is_an_error_event_and_the_next_stream_is_served(
         assert health(tint) == "IDLE"
     good = stream(trickle, tint, small_clip)
     assert len(good.outputs) == len(small_clip) and wait_idle(tint)["error"] is None
+
+
+def test_a_video_segment_cut_short_is_decoded_as_far_as_it_came(
+    trickle: ServerProcess, tint: ServerProcess, small_clip: list[bytes]
+) -> None:
+    run = stream(trickle, tint, small_clip, broken_off=1)
+    errors = [d["event"] for d in run.events if d["event"]["type"] == "error"]
+    assert [e["code"] for e in errors] == ["input_segment_incomplete"], run.events
+    assert run.first("stream_stopped")["reason"] == "input ended"
+    whole = len(list(frames([small_clip[0], small_clip[2]])))
+    assert whole < len(list(frames(run.outputs))) < len(list(frames(small_clip))), "segment 1 in part"
+    assert wait_idle(tint)["state"] == "ENDED"
 
 
 # -- whisper-tiny: the stream's speech as text on the data channel --------------------------------
