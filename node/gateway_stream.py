@@ -440,14 +440,27 @@ class LiveStream:
                 goodbye = segment.empty and segment.closed and self.input.closed
                 if segment.claimed and not goodbye:
                     self._answering.append(segment.seq)
-                    if await self._post(segment, session, sent):
-                        sent += 1
-                    else:
-                        self._answering.pop()  # cut off by the client: it yields no output
+                    # A cut-off one uses up its seq too: the container read it cut short, skipped
+                    # it and reads on from the next.
+                    delivered = await self._post(segment, session, sent)
+                    sent += 1
+                    if not delivered:
+                        self._answering.pop()
+                        self._answer_cut_off(segment.seq)
                 self._next_input = segment.seq + 1
         finally:
             with contextlib.suppress(httpx.HTTPError, TimeoutError):
                 await self.client.delete(session.publish_url, timeout=5.0)
+
+    def _answer_cut_off(self, seq: int) -> None:
+        """Output ``seq`` for an input its client broke off: an error segment, so that the reader
+        waiting for it gets an answer, as the container gives for a cut-off upload of its own."""
+        local = self.output.open_write(seq)
+        local.content_type = "application/json"
+        local.error = "upload_incomplete"
+        detail = f"input segment {seq} was cut off by the client before its end; send it again whole"
+        local.write(json.dumps({"error": local.error, "detail": detail}).encode())
+        local.close()
 
     def takes_input(self, seq: int) -> bool:
         """Whether input ``seq`` fits: a frame-per-segment stream keeps every segment until it is

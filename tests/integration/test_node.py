@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -717,6 +718,38 @@ def test_bad_stream_requests(topology: Topology) -> None:
             400,
             "invalid_job_id",
         )
+    assert_serves(topology)
+
+
+def test_a_frame_cut_off_mid_upload_is_an_error_output_and_the_stream_goes_on(topology: Topology) -> None:
+    """The gateway relays a frame to the orchestrator as it arrives; when its client breaks off
+    halfway, that frame's output is an ``upload_incomplete`` error, the container skips what it
+    got of it, and the stream goes on: the next frame comes back as output 2."""
+    job = f"/live/{new_job_id()}"
+    with topology.gateway.client() as client:
+        put = client.put(f"{job}/source", content=FRAME, headers={"X-Model-Id": "passthrough-cpu"})
+        assert put.status_code == 200, put.text
+        client.headers[STREAM_KEY] = put.headers[STREAM_KEY]
+        head = (
+            f"PUT {job}/source HTTP/1.1\r\nHost: gateway\r\n{STREAM_KEY}: {put.headers[STREAM_KEY]}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(FRAME)}\r\n\r\n"
+        )
+        first = client.get(f"{job}/output/0")
+        assert (first.status_code, first.content) == (200, FRAME), first.text[:300]
+        with socket.create_connection(("127.0.0.1", topology.gateway.port)) as raw:
+            raw.sendall(head.encode() + FRAME[: len(FRAME) // 2])
+            time.sleep(0.3)  # the half frame on its way to the orchestrator
+        logged = "input segment 1 was cut off by the client"
+        wait_for(lambda: logged in topology.gateway.output(), what="the log")
+        put = client.put(f"{job}/source", content=FRAME)
+        assert (put.status_code, put.headers.get("lp-trickle-seq")) == (200, "2"), put.text
+        cut = client.get(f"{job}/output/1")
+        assert (cut.status_code, cut.headers.get("lp-trickle-error")) == (200, "upload_incomplete"), cut.text
+        assert cut.json()["error"] == "upload_incomplete"
+        got = client.get(f"{job}/output/2")
+        assert (got.status_code, got.content) == (200, FRAME), got.text[:300]
+        assert client.delete(job).status_code == 200
+    assert loads(topology, "passthrough-cpu") == [0, 0]
     assert_serves(topology)
 
 
