@@ -98,5 +98,7 @@ async def follow_control(
             fail(exc.code, exc.detail)
         except ApiError as exc:  # the processor refused a parameter
             fail("invalid_control", f"control message ignored: {exc.detail}")
+        except httpx.HTTPError as exc:  # cut short by its writer, or the connection dropped
+            fail("control_incomplete", f"a control message was cut short ({type(exc).__name__}); ignored")
         finally:
             await segment.aclose()

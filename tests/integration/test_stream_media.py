@@ -133,9 +133,11 @@ class Gateway:
         control: list[bytes] | None = None,
         pace: float = 0.0,
         broken_off: int | None = None,
+        control_broken_off: int | None = None,
     ) -> Run:
         """Start the stream, publish ``segments`` (and ``control`` messages), read until it ends;
-        segment ``broken_off`` only halfway, its publisher then failing."""
+        segment ``broken_off`` (control message ``control_broken_off``) only halfway, its
+        publisher then failing."""
         run = Run()
         async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
             await self.create_channels(http)
@@ -153,8 +155,9 @@ class Gateway:
                 await self.wait_event(run, "receive_first_ingest_segment")
             if control:
                 commands = TricklePublisher(http, self.urls["control"], content_type="application/json")
-                for message in control:
-                    await commands.write(message)
+                for index, message in enumerate(control):
+                    cut = index == control_broken_off
+                    await (self.break_off(commands, message) if cut else commands.write(message))
             run.input_times.append(time.monotonic())
             for index, segment in enumerate(segments[1:], 1):
                 await asyncio.sleep(pace)  # a camera's pace: the segment's duration
@@ -284,6 +287,19 @@ def test_control_messages_update_params_and_bad_ones_are_error_events(
     assert len(errors) == 2, errors
     assert "max_framerate cannot exceed 60 FPS" in errors[0]["message"]
     assert errors[1]["code"] == "invalid_control"
+    wait_idle(passthrough)
+
+
+def test_a_control_message_cut_short_is_an_error_event_and_the_next_one_applies(
+    trickle: ServerProcess, passthrough: ServerProcess, small_clip: list[bytes]
+) -> None:
+    control = [b'{"width": 640, "height": 360}', b'{"width": 320, "height": 180}']
+    run = stream(trickle, passthrough, small_clip, control=control, control_broken_off=0, pace=0.3)
+    updates = [d["event"]["params"] for d in run.events if d["event"]["type"] == "params_updated"]
+    assert updates == [{"width": 320, "height": 180}], "the control channel is still followed"
+    errors = [d["event"] for d in run.events if d["event"]["type"] == "error"]
+    assert [e["code"] for e in errors] == ["control_incomplete"], errors
+    assert run.outputs == small_clip
     wait_idle(passthrough)
 
 
