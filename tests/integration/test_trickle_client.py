@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -23,9 +24,24 @@ from common.trickle.protocol import PARAMS_HEADER, TrickleError, params_json
 from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
 
+_opened: list[str] = []
+
 
 def job_url(server: ServerProcess) -> str:
-    return f"{server.url}/live/client-{uuid.uuid4().hex[:8]}"
+    url = f"{server.url}/live/client-{uuid.uuid4().hex[:8]}"
+    _opened.append(url)
+    return url
+
+
+@pytest.fixture(autouse=True)
+def delete_jobs() -> Iterator[None]:
+    """Each test's jobs are deleted after it: the processors are shared, and a job left open
+    keeps its container busy (/health OK) until the idle sweep, minutes later, so a later test
+    that waits for IDLE (test_node's status test, run after this file) would wait in vain."""
+    yield
+    with httpx.Client(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
+        while _opened:
+            client.delete(_opened.pop())  # 404 for one already gone
 
 
 def publisher(client: httpx.AsyncClient, job: str, content_type: str = "application/octet-stream", **kw):
