@@ -116,7 +116,7 @@ class SegmentCutShort(Exception):
     The segment is lost, not the stream; a channel that is really gone fails the next read."""
 
     def __init__(self, seq: int, cause: BaseException) -> None:
-        super().__init__(f"input segment {seq} was cut short ({type(cause).__name__}); skipped")
+        super().__init__(f"input segment {seq} was cut short ({type(cause).__name__})")
 
 
 class StreamError(Exception):
@@ -480,8 +480,8 @@ class LiveStream:
                 try:
                     async for chunk in self._chunks(segment):
                         transcoder.feed(chunk)
-                except SegmentCutShort as exc:  # what came is decoded: MPEG-TS resyncs on the next
-                    self._fail("input_segment_incomplete", str(exc))
+                except SegmentCutShort as exc:  # MPEG-TS resyncs on the next segment
+                    self._fail("input_segment_incomplete", f"{exc}; decoded as far as it came")
                 transcoder.end_segment()
         transcoder.end_input()
 
@@ -587,7 +587,7 @@ class LiveStream:
                 except SegmentCutShort as exc:
                     # An error event, but no output for it: a node in front that saw its client
                     # break off has answered that frame itself, and numbers the outputs after it so.
-                    self._fail("input_segment_incomplete", str(exc))
+                    self._fail("input_segment_incomplete", f"{exc}; skipped")
                     continue
                 _, upload = await job.open_input()  # waits (bounded) while max_pending are queued
                 upload.set_result(item)
