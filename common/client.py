@@ -141,6 +141,22 @@ def new_client(
     )
 
 
+async def send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request, stream=True)``; for a client from :func:`new_client`, straight to its
+    transport. Read the answer or ``aclose()`` it, as any streamed response.
+
+    httpx's ``send`` wraps what the transport answers in layers these clients have no use for:
+    auth and redirects (which :func:`new_client` turns off) and a cookie jar that parses every
+    answer's headers through ``urllib``. On a container's stream, one GET and one POST per frame,
+    those layers were a sixth of the time its event loop held the GIL, the cookie jar alone a
+    tenth (py-spy, ``bench/bench_topology.py``).
+    """
+    transport = client._transport  # httpx has no public accessor for its transport
+    if isinstance(transport, AiohttpTransport):
+        return await transport.handle_async_request(request)
+    return await client.send(request, stream=True)
+
+
 def session_of(client: httpx.AsyncClient) -> aiohttp.ClientSession:
     """The aiohttp session under a client from :func:`new_client`, for the calls that carry job
     bodies: httpx's own work per request (cookies, URL merging, header models) is a third of the

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
+from ..client import send
 from .protocol import CLOSED_HEADER, TrickleError
 
 # A node (gateway or orchestrator) gives the client that opens a stream a key in this header on
@@ -37,6 +38,16 @@ class StreamKey:
             self.value = value
 
 
+async def _answer(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """The request sent and its answer read whole (a POST's answer is a few bytes)."""
+    response = await send(client, request)
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+    return response
+
+
 def _retrieve(task: asyncio.Task[httpx.Response]) -> None:
     """Mark a POST's outcome as seen: an abandoned one must not warn at garbage collection."""
     if not task.cancelled():
@@ -53,9 +64,10 @@ class _Post:
         self.fed = 0  # bytes the writer handed over: once non-zero, this POST is never sent again
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUED_CHUNKS)
         self._timeout = timeout
-        self.task = asyncio.create_task(
-            client.post(url, content=self._body(), headers=dict(headers), timeout=timeout), name=f"POST {url}"
+        request = client.build_request(
+            "POST", url, content=self._body(), headers=dict(headers), timeout=timeout
         )
+        self.task = asyncio.create_task(_answer(client, request), name=f"POST {url}")
         self.task.add_done_callback(_retrieve)
 
     async def _body(self) -> AsyncIterator[bytes]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from ..client import send
 from .protocol import (
     CLOSED_HEADER,
     ERROR_HEADER,
@@ -133,7 +134,7 @@ class TrickleSubscriber:
         try:
             if left <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(self.client.send(request, stream=True), left)
+            return await asyncio.wait_for(send(self.client, request), left)
         except TimeoutError:
             raise httpx.ReadTimeout(
                 f"no segment {self.seq} from {self.url} within {self.timeout} s", request=request
