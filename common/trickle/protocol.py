@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from ..client import Answer
+
 SEQ_HEADER = "Lp-Trickle-Seq"
 LATEST_HEADER = "Lp-Trickle-Latest"
 CLOSED_HEADER = "Lp-Trickle-Closed"
@@ -41,10 +43,10 @@ class TrickleError(Exception):
         self.detail = detail
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> TrickleError:
+    def from_response(cls, response: httpx.Response | Answer) -> TrickleError:
         """Built from an answer whose body has been read."""
         try:
-            body = response.json()
+            body = json.loads(response.content)
             return cls(response.status_code, str(body["error"]), str(body["detail"]))
         except (ValueError, KeyError, TypeError):
-            return cls(response.status_code, "http_error", response.text[:300])
+            return cls(response.status_code, "http_error", response.content.decode("utf-8", "replace")[:300])

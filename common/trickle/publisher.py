@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from ..client import send
+from ..client import Answer, stream
 from .protocol import CLOSED_HEADER, TrickleError
 
 # A node (gateway or orchestrator) gives the client that opens a stream a key in this header on
@@ -21,6 +21,7 @@ from .protocol import CLOSED_HEADER, TrickleError
 # answers 404 as for a stream that does not exist. A container or a channel server issues none.
 STREAM_KEY_HEADER = "Lp-Stream-Key"
 _QUEUED_CHUNKS = 16  # a segment's chunks waiting for the socket: the writer waits beyond this
+MAX_ANSWER_BYTES = 64 * 1024  # an answer to a write is empty or a small JSON error; more is not read
 
 
 class StreamKey:
@@ -33,22 +34,25 @@ class StreamKey:
     def headers(self) -> dict[str, str]:
         return {STREAM_KEY_HEADER: self.value} if self.value else {}
 
-    def learn(self, response: httpx.Response) -> None:
+    def learn(self, response: Answer) -> None:
         if self.value is None and (value := response.headers.get(STREAM_KEY_HEADER)):
             self.value = value
 
 
-async def _answer(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """The request sent and its answer read whole (a POST's answer is a few bytes)."""
-    response = await send(client, request)
-    try:
-        await response.aread()
-    finally:
-        await response.aclose()
-    return response
+async def _post(
+    client: httpx.AsyncClient,
+    url: str,
+    headers: Mapping[str, str],
+    body: AsyncIterator[bytes],
+    timeout: float,
+) -> Answer:
+    """The POST sent and its answer read (a trickle server answers a write with a few bytes)."""
+    answer = await stream(client, "POST", url, headers=headers, content=body, timeout=timeout)
+    await answer.aread(MAX_ANSWER_BYTES)
+    return answer
 
 
-def _retrieve(task: asyncio.Task[httpx.Response]) -> None:
+def _retrieve(task: asyncio.Task[Answer]) -> None:
     """Mark a POST's outcome as seen: an abandoned one must not warn at garbage collection."""
     if not task.cancelled():
         task.exception()
@@ -64,10 +68,9 @@ class _Post:
         self.fed = 0  # bytes the writer handed over: once non-zero, this POST is never sent again
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUED_CHUNKS)
         self._timeout = timeout
-        request = client.build_request(
-            "POST", url, content=self._body(), headers=dict(headers), timeout=timeout
+        self.task = asyncio.create_task(
+            _post(client, url, headers, self._body(), timeout), name=f"POST {url}"
         )
-        self.task = asyncio.create_task(_answer(client, request), name=f"POST {url}")
         self.task.add_done_callback(_retrieve)
 
     async def _body(self) -> AsyncIterator[bytes]:
@@ -100,7 +103,7 @@ class _Post:
             self._outcome()
         raise TimeoutError(f"segment {self.seq}: the server took no bytes for {self._timeout} s")
 
-    def _outcome(self) -> httpx.Response:
+    def _outcome(self) -> Answer:
         """The answer of a finished POST, raised as :class:`TrickleError` unless it is a plain 200."""
         response = self.task.result()  # a transport error raises here, as it is
         if response.headers.get(CLOSED_HEADER):
@@ -111,7 +114,7 @@ class _Post:
             raise TrickleError.from_response(response)
         return response
 
-    async def finish(self) -> httpx.Response:
+    async def finish(self) -> Answer:
         await self.feed(None)
         try:
             await asyncio.wait_for(asyncio.shield(self.task), self._timeout)

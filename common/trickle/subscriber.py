@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from ..client import send
+from ..client import Answer, stream
 from .protocol import (
     CLOSED_HEADER,
     ERROR_HEADER,
@@ -51,7 +51,7 @@ def _error_body(code: str, body: bytes) -> dict[str, Any]:
     return {"error": code, "detail": body.decode("utf-8", "replace")[:300]}
 
 
-def _header_int(response: httpx.Response, name: str) -> int | None:
+def _header_int(response: Answer, name: str) -> int | None:
     text = response.headers.get(name, "")
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
@@ -64,7 +64,7 @@ class ReceivedSegment:
     seq: int
     content_type: str
     error: dict[str, Any] | None  # the JSON body, when the segment carries Lp-Trickle-Error
-    _response: httpx.Response | None = field(default=None, repr=False)
+    _response: Answer | None = field(default=None, repr=False)
     _body: bytes | None = field(default=None, repr=False)  # already read (error segments)
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -125,19 +125,20 @@ class TrickleSubscriber:
         self.ended = False
         self._current: ReceivedSegment | None = None
 
-    async def _get(self, deadline: float) -> httpx.Response:
+    async def _get(self, deadline: float) -> Answer:
         left = deadline - time.monotonic()
+        url = f"{self.url}/{self.seq}"
         headers = {**self.headers, **(self.key.headers() if self.key else {})}
-        request = self.client.build_request(
-            "GET", f"{self.url}/{self.seq}", headers=headers, timeout=self.timeout
-        )
         try:
             if left <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(send(self.client, request), left)
+            return await asyncio.wait_for(
+                stream(self.client, "GET", url, headers=headers, timeout=self.timeout), left
+            )
         except TimeoutError:
             raise httpx.ReadTimeout(
-                f"no segment {self.seq} from {self.url} within {self.timeout} s", request=request
+                f"no segment {self.seq} from {self.url} within {self.timeout} s",
+                request=httpx.Request("GET", url),
             ) from None
 
     async def _pause(self, seconds: float, deadline: float) -> None:
@@ -176,7 +177,7 @@ class TrickleSubscriber:
                 continue
             seq = _header_int(response, SEQ_HEADER)
             if status != 200 or seq is None:
-                body = _error_body("http_error", await read_bounded(response))
+                body = _error_body("http_error", await response.aread(MAX_ERROR_BODY))
                 failures += 1
                 if failures > self.retries:
                     raise TrickleError(status, str(body.get("error")), str(body.get("detail")))
@@ -187,12 +188,12 @@ class TrickleSubscriber:
             return self._current
         return None
 
-    async def _segment(self, seq: int, response: httpx.Response) -> ReceivedSegment:
+    async def _segment(self, seq: int, response: Answer) -> ReceivedSegment:
         content_type = response.headers.get("content-type", "")
         code = response.headers.get(ERROR_HEADER)
         if code is None:
             return ReceivedSegment(seq, content_type, None, _response=response)
-        body = await read_bounded(response)
+        body = await response.aread(MAX_ERROR_BODY)
         return ReceivedSegment(seq, content_type, _error_body(code, body), _body=body)
 
     async def __aiter__(self) -> AsyncIterator[ReceivedSegment]:
