@@ -131,6 +131,7 @@ bench: venv ## run the benchmarks, print their figures; JSON and PNG plots in ou
 	$(PY) bench/bench_green_tint.py
 	$(PY) bench/bench_topology.py
 	$(PY) bench/bench_client.py
+	$(PY) bench/bench_trickle.py
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_slow_headers.py
 	$(PY) bench/bench_uploads.py
