@@ -199,10 +199,9 @@ async def stream(
     client's own.
 
     A trickle client sends a request per segment and reads each answer as it comes. Through
-    httpx (its request and response models, its auth, redirect and cookie layers) that cost a
-    trickle publisher and subscriber on one client 1.71 ms of CPU per 250 KB segment written and
-    read back, against 0.91 ms for the same two requests on aiohttp alone (the commit that made
-    this has the run).
+    httpx (its request and response models, its auth, redirect and cookie layers) a trickle
+    publisher and subscriber on one client cost 2.2 to 2.4 times the CPU of aiohttp alone sending
+    the same two requests per 250 KB segment; this way, 1.5 times (``bench/bench_trickle.py``).
     """
     transport = client._transport  # httpx has no public accessor for its transport
     if not isinstance(transport, AiohttpTransport):
