@@ -183,6 +183,27 @@ async def test_a_reader_streams_a_segment_while_it_is_written(trickle: ServerPro
         assert (await writing).status_code == 200
 
 
+async def test_a_reader_that_leaves_mid_segment_holds_up_neither_the_writer_nor_other_readers(
+    trickle: ServerProcess,
+) -> None:
+    url = channel(trickle)
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client, httpx.AsyncClient(**CLIENT_OPTIONS) as leaver:
+        await client.post(url)
+        body = Body()
+        writing = post(client, f"{url}/0", body)
+        body.send(b"first part")
+        async with leaver.stream("GET", f"{url}/0") as reading:
+            assert await asyncio.wait_for(anext(reading.aiter_bytes()), 5) == b"first part"
+        await leaver.aclose()  # its connection closes with the segment half sent to it
+        for _ in range(6):  # the rest goes to a reader that is gone
+            body.send(b"x" * 8192)
+        body.end()
+        assert (await asyncio.wait_for(writing, 5)).status_code == 200
+        whole = await asyncio.wait_for(client.get(f"{url}/0"), 5)
+        assert whole.content == b"first part" + b"x" * 8192 * 6
+        assert (await client.get(f"{trickle.url}/health")).json()["status"] == "IDLE"
+
+
 async def test_close_with_a_pending_empty_write_adds_no_segment(trickle: ServerProcess) -> None:
     url = channel(trickle)
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
