@@ -4,9 +4,10 @@ httpx on its default transport (httpcore, h11 and anyio, all pure Python) cost t
 than anything else it does; aiohttp parses and buffers in C. Relaying a 250 KB JPEG through one
 Starlette hop on this host (``bench/bench_client.py`` in make bench, 2026-12-03 12:28 UTC, the
 README's figures): httpx on its own transport 1.06 ms of CPU per job, httpx on this transport
-0.74 ms, aiohttp alone 0.47 ms. This keeps
-httpx's requests, responses, timeouts and exceptions for the callers, so nothing else changes,
-and has aiohttp do the HTTP: framing, header checks (CR, LF and NUL refused), keep-alive.
+0.74 ms, aiohttp alone 0.47 ms. This keeps httpx's requests, responses, timeouts and exceptions
+for the callers, so nothing else changes, and has aiohttp do the HTTP: framing, header checks
+(CR, LF and NUL refused), keep-alive. The hot paths skip httpx's models as well, on the same
+session: job bodies (:func:`session_of`) and trickle segments (:func:`stream`).
 """
 
 from __future__ import annotations
