@@ -35,10 +35,8 @@ class _Body(httpx.AsyncByteStream):
         self._response = response
         self._request = request
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors(lambda: self._request):
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _chunks(self._response, lambda: self._request)
 
     async def aclose(self) -> None:
         # Back to the pool when the body was read to its end, closed otherwise (aiohttp decides).
@@ -110,16 +108,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             if not isinstance(request.stream, httpx.AsyncByteStream):
                 raise TypeError("an async transport takes an async request body") from None
             body = _HeadFirst(request.stream)
-        with _as_httpx_errors(lambda: request):
-            response = await self.session().request(
-                request.method,
-                URL(str(request.url), encoded=True),  # already encoded by httpx: sent as it is
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
-            )
+        response = await _send(
+            self.session(),
+            request.method,
+            URL(str(request.url), encoded=True),  # already encoded by httpx: sent as it is
+            headers,
+            body,
+            connect,
+            read,
+            lambda: request,
+        )
         return httpx.Response(
             response.status,
             headers=response.raw_headers,
@@ -161,6 +159,11 @@ class Answer:
         self.content = b""  # what aread() read
         self._chunks = chunks
         self._close = close
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Answer:
+        """An httpx response opened with ``stream=True``, as an answer."""
+        return cls(response.status_code, response.headers, response.aiter_bytes(), response.aclose)
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         try:
@@ -207,34 +210,53 @@ async def stream(
     transport = client._transport  # httpx has no public accessor for its transport
     if not isinstance(transport, AiohttpTransport):
         sent_request = client.build_request(method, url, headers=headers, content=content, timeout=timeout)
-        answer = await client.send(sent_request, stream=True)
-        return Answer(answer.status_code, answer.headers, answer.aiter_bytes(), answer.aclose)
+        return Answer.of(await client.send(sent_request, stream=True))
 
     def request() -> httpx.Request:  # for an exception only: httpx's carry the request
         return httpx.Request(method, url)
 
     sent = {name: value for name, value in client.headers.items() if name != "accept-encoding"}
     sent.update(headers)  # no accept-encoding: bodies are passed on as they come, undecoded
-    with _as_httpx_errors(request):
-        response = await transport.session().request(
-            method,
-            url,
-            headers=sent,
-            data=None if content is None else _HeadFirst(content),
-            allow_redirects=False,
-            compress=None,
-            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
-        )
-
-    async def chunks() -> AsyncIterator[bytes]:
-        with _as_httpx_errors(request):
-            async for chunk in response.content.iter_any():
-                yield chunk
+    body = None if content is None else _HeadFirst(content)
+    response = await _send(transport.session(), method, url, sent, body, timeout, timeout, request)
 
     async def close() -> None:
         response.release()  # back to the pool when read to its end, closed otherwise
 
-    return Answer(response.status, response.headers, chunks(), close)
+    return Answer(response.status, response.headers, _chunks(response, request), close)
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str | URL,
+    headers: Mapping[str, str] | list[tuple[str, str]],
+    body: bytes | _HeadFirst | None,
+    connect: float | None,
+    read: float | None,
+    request: Callable[[], httpx.Request],
+) -> aiohttp.ClientResponse:
+    """One request on ``session``, no redirect followed: ``connect`` bounds getting a connection,
+    ``read`` each wait for bytes; failures as httpx's exceptions carrying ``request()``."""
+    with _as_httpx_errors(request):
+        return await session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            compress=None,
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
+        )
+
+
+async def _chunks(
+    response: aiohttp.ClientResponse, request: Callable[[], httpx.Request]
+) -> AsyncIterator[bytes]:
+    """An answer's body as it comes; failures as httpx's exceptions carrying ``request()``."""
+    with _as_httpx_errors(request):
+        async for chunk in response.content.iter_any():
+            yield chunk
 
 
 def session_of(client: httpx.AsyncClient) -> aiohttp.ClientSession:

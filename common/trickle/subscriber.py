@@ -30,15 +30,7 @@ MAX_ERROR_BODY = 64 * 1024  # an error report is a small JSON object; more is no
 
 async def read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
     """An answer's body, at most ``limit`` bytes of it (the rest unread); the response closed."""
-    body = bytearray()
-    try:
-        async for chunk in response.aiter_bytes():
-            body += chunk[: limit - len(body)]
-            if len(body) >= limit:
-                break
-    finally:
-        await response.aclose()
-    return bytes(body)
+    return await Answer.of(response).aread(limit)
 
 
 def _error_body(code: str, body: bytes) -> dict[str, Any]:
