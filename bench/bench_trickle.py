@@ -116,10 +116,14 @@ async def trickle_segments(client: httpx.AsyncClient, url: str, body: bytes, seg
 
 
 async def measure(servers: dict[str, ServerProcess], segments: int) -> dict[str, list[float]]:
-    """CPU ms per segment, per block: the server's for the server targets, ours for the clients."""
+    """CPU ms per segment, per round: each server's, and this process's for each client.
+
+    Three blocks: aiohttp to the trickle server (which gives both that server's figure and the
+    aiohttp client's), aiohttp to the bare server, our trickle client to the trickle server.
+    """
     body = os.urandom(SEGMENT_BYTES)
-    trickle_url = f"{servers['trickle server'].url}/bench"
-    per_block: dict[str, list[float]] = {
+    trickle, bare = servers["trickle server"], servers["bare server"]
+    per_round: dict[str, list[float]] = {
         "trickle server": [],
         "bare server": [],
         "trickle client": [],
@@ -129,29 +133,44 @@ async def measure(servers: dict[str, ServerProcess], segments: int) -> dict[str,
         aiohttp.ClientSession() as session,
         new_client(httpx.Timeout(30.0), httpx.Limits(max_connections=8)) as client,
     ):
-        blocks: dict[str, Callable[[str], Awaitable[None]]] = {
-            "trickle server": lambda tag: aiohttp_segments(session, f"{trickle_url}-{tag}", body, segments),
-            "bare server": lambda tag: aiohttp_segments(
-                session, f"{servers['bare server'].url}/{tag}", body, segments
+        # block: (what it runs, the server it goes to, the figure of that server, of this process)
+        blocks: dict[str, tuple[Callable[[str], Awaitable[None]], ServerProcess, str | None, str | None]] = {
+            "aiohttp to trickle": (
+                lambda tag: aiohttp_segments(session, f"{trickle.url}/{tag}", body, segments),
+                trickle,
+                "trickle server",
+                "aiohttp client",
             ),
-            "trickle client": lambda tag: trickle_segments(client, f"{trickle_url}-{tag}", body, segments),
-            "aiohttp client": lambda tag: aiohttp_segments(session, f"{trickle_url}-{tag}", body, segments),
+            "aiohttp to bare": (
+                lambda tag: aiohttp_segments(session, f"{bare.url}/{tag}", body, segments),
+                bare,
+                "bare server",
+                None,
+            ),
+            "trickle to trickle": (
+                lambda tag: trickle_segments(client, f"{trickle.url}/{tag}", body, segments),
+                trickle,
+                None,
+                "trickle client",
+            ),
         }
-        for name, block in blocks.items():  # warm-up: connections, imports, allocator
+        for name, (block, *_) in blocks.items():  # warm-up: connections, imports, allocator
             await block(f"warm-{name.replace(' ', '-')}")
         for round_ in range(ROUNDS):
             for name in list(blocks) if round_ % 2 == 0 else list(reversed(blocks)):
-                server = servers.get(name)
-                before = cpu_ms(server.pid) if server else time.process_time() * 1000
-                await blocks[name](f"r{round_}-{name.replace(' ', '-')}")
-                after = cpu_ms(server.pid) if server else time.process_time() * 1000
-                per_block[name].append((after - before) / segments)
-    return per_block
+                block, server, server_figure, own_figure = blocks[name]
+                server_before, own_before = cpu_ms(server.pid), time.process_time() * 1000
+                await block(f"r{round_}-{name.replace(' ', '-')}")
+                if server_figure is not None:
+                    per_round[server_figure].append((cpu_ms(server.pid) - server_before) / segments)
+                if own_figure is not None:
+                    per_round[own_figure].append((time.process_time() * 1000 - own_before) / segments)
+    return per_round
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--segments", type=int, default=500, help="segments per target per round")
+    parser.add_argument("--segments", type=int, default=500, help="segments per block per round")
     parser.add_argument("--bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -166,14 +185,14 @@ def main() -> None:
         ),
     }
     try:
-        per_block = asyncio.run(measure(servers, args.segments))
+        per_round = asyncio.run(measure(servers, args.segments))
     finally:
         for server in servers.values():
             server.stop()
-    ms = {name: statistics.median(blocks) for name, blocks in per_block.items()}
+    ms = {name: statistics.median(rounds) for name, rounds in per_round.items()}
     print(
         f"one {SEGMENT_BYTES}-byte segment written (POST) and read back (GET), "
-        f"{args.segments} segments per target per round, {ROUNDS} rounds; "
+        f"{args.segments} segments per block per round, {ROUNDS} rounds; "
         "CPU ms per segment, median of the rounds"
     )
     ratios = {}
@@ -191,7 +210,7 @@ def main() -> None:
                 "segment_bytes": SEGMENT_BYTES,
                 "segments_per_block": args.segments,
                 "rounds": ROUNDS,
-                "cpu_ms_per_segment": {"median": ms, "blocks": per_block},
+                "cpu_ms_per_segment": {"median": ms, "rounds": per_round},
                 "ratios_to_floor": ratios,
                 "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             },

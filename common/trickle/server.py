@@ -320,9 +320,9 @@ class _SegmentStream(StreamingResponse):
     Sent without StreamingResponse's watch for a reader that leaves: a task group per response,
     torn down with a repr of its task. With it this server cost about twice the CPU of a bare
     uvicorn app per 250 KB segment written and read, without it 1.5 times
-    (``bench/bench_trickle.py``). A reader that leaves mid-segment is served no longer than the segment's
-    writer takes, which the writer's own body idle deadline bounds; the bytes meant for it go
-    nowhere (uvicorn drops what is sent on a closed connection).
+    (``bench/bench_trickle.py``). A reader that leaves mid-segment is served no longer than the
+    segment's writer takes, which the writer's own body idle deadline bounds; the bytes meant for
+    it go nowhere (uvicorn drops what is sent on a closed connection).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
