@@ -24,6 +24,7 @@ the gateway and the container's output over (or silent for a few seconds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -77,6 +78,7 @@ MAX_LIVE_STREAMS = 512  # bounds the channels (five per stream), whatever the ca
 # that finishes closes its output, which ends the stream at once). A transcription pass over the
 # last seconds of audio takes a few seconds on a busy 2-core host.
 INPUT_END_GRACE = 15.0
+INPUT_ENDED = "the input ended"
 # A container that runs a stream sends a heartbeat event every 5 s: this long without one, while
 # its /health says it runs nothing, the stream is lost (well before -streamEventTimeout).
 LOST_AFTER = 6.0
@@ -123,9 +125,14 @@ class LiveStream:
     # every stream the watchdog looks at has it.
     running_since: float = 0.0
     ended: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # set once it has ended
 
     def owned_by(self, request: Request) -> bool:
         return same_secret(request.headers.get(STREAM_KEY_HEADER, ""), self.key)
+
+    def finished(self) -> bool:
+        """Its end is there: the gateway closed the input and the container its output."""
+        return self.channels[INPUT].closed and self.channels[OUTPUT].closed
 
     def overdue(self, limits: StreamLimits, registry: Registry, now: float) -> str | None:
         """Why a watchdog ends this stream now, or None."""
@@ -137,11 +144,9 @@ class LiveStream:
         if now - self.started > limits.max_lifetime:
             return f"the stream reached the maximum lifetime of {limits.max_lifetime:g} s"
         source, output, data = self.channels[INPUT], self.channels[OUTPUT], self.channels[DATA]
-        if source.closed and (
-            output.closed
-            or now - max(source.closed_at, output.last_active, data.last_active) > INPUT_END_GRACE
-        ):
-            return "the input ended"
+        last_output = max(source.closed_at, output.last_active, data.last_active)
+        if self.finished() or (source.closed and now - last_output > INPUT_END_GRACE):
+            return INPUT_ENDED
         if (
             capability.health in (Health.IDLE, Health.LOADING)
             and capability.checked_at > self.running_since
@@ -216,6 +221,7 @@ class LiveStreams:
             idle_seconds=limits.max_lifetime + 60.0,
         )
         self.streams: dict[str, LiveStream] = {}
+        self._ending: dict[str, LiveStream] = {}  # taken off the running ones, winding down
         self._events: set[str] = set()  # the running streams' events channels
         self._starting: set[str] = set()
         self.background = Background("streams")
@@ -234,7 +240,9 @@ class LiveStreams:
         the stream's final event (see the module's docstring)."""
         name = request.path_params["channel"]
         if name not in self._events:
-            return await self.trickle.delete_channel(request)
+            answer = await self.trickle.delete_channel(request)
+            self._end_if_finished(name)
+            return answer
         return JSONResponse(
             {
                 "channel": name,
@@ -242,6 +250,16 @@ class LiveStreams:
                 "detail": "the orchestrator closes this channel when the stream ends",
             }
         )
+
+    def _end_if_finished(self, channel: str) -> None:
+        """End the stream of ``channel`` now if that closed its last open end: its unit is free
+        at once for the next stream, which waits in the queue for it, not at the next watchdog
+        tick (up to a second later)."""
+        for stream in list(self.streams.values()):
+            if channel in (stream.channels[INPUT].name, stream.channels[OUTPUT].name):
+                if stream.finished() and self._take(stream):
+                    self._end(stream, INPUT_ENDED)
+                return
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """The background loops the app must run: the channel sweep and the watchdog."""
@@ -311,9 +329,10 @@ class LiveStreams:
 
     # -- update and stop ------------------------------------------------------------------------
 
-    def _owned(self, request: Request) -> LiveStream:
+    def _owned(self, request: Request, *, ending: bool = False) -> LiveStream:
         """The stream an update or stop names (``request.stream_id`` in the ``Livepeer`` header),
-        if the caller holds its key; otherwise the same 404 whichever was wrong."""
+        if the caller holds its key; otherwise the same 404 whichever was wrong. With ``ending``,
+        also one that is winding down."""
         job = JobRequest.required(request.headers.get(JOB_HEADER))
         stream_id = job.request.get("stream_id") or job.id
         if not isinstance(stream_id, str) or not stream_id:
@@ -323,7 +342,7 @@ class LiveStreams:
                 f'the {JOB_HEADER} header\'s "request" must name the stream: {{"stream_id": "<id>"}}',
             )
         check_job_id(stream_id)
-        stream = self.streams.get(stream_id)
+        stream = self.streams.get(stream_id) or (self._ending.get(stream_id) if ending else None)
         if stream is None or not stream.owned_by(request):
             raise _unknown_stream(stream_id)
         return stream
@@ -339,9 +358,13 @@ class LiveStreams:
         return Response(answer.content, answer.status, media_type="application/json")
 
     async def stop(self, request: Request) -> Response:
-        stream = self._owned(request)
-        self._take(stream)  # no await since _owned found it: this stop is the one that ends it
-        await self._wind_down(stream, "stopped by its gateway", stop_container=True)
+        stream = self._owned(request, ending=True)
+        if self._take(stream):
+            await self._wind_down(stream, "stopped by its gateway", stop_container=True)
+        else:  # its input and output closed just before: answered once that end is over (and its
+            # unit free), as the gateway may start the next stream on the answer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.done.wait(), CONTAINER_CALL_TIMEOUT + 1.0)
         return JSONResponse({"stream_id": stream.id, "stopped": True})
 
     # -- the end of a stream ------------------------------------------------------------------
@@ -351,6 +374,7 @@ class LiveStreams:
         if self.streams.get(stream.id) is not stream:
             return False
         del self.streams[stream.id]
+        self._ending[stream.id] = stream
         return True
 
     async def _wind_down(self, stream: LiveStream, reason: str, *, stop_container: bool) -> None:
@@ -380,12 +404,14 @@ class LiveStreams:
         if stream.ended:
             return
         stream.ended = True
+        self._ending.pop(stream.id, None)
         event = {"type": STREAM_ENDED_EVENT, "reason": reason, "stream_id": stream.id}
         _final_write(stream.channels[EVENTS], json.dumps(event).encode())
         self._events.discard(stream.channels[EVENTS].name)
         inputs = stream.channels[INPUT].next_write
         self._close_channels(stream)
         self.registry.release(stream.capability)
+        stream.done.set()
         log.info(
             "stream %s (%s) ended: %s; after %.1f s and %d input segments",
             stream.id,
@@ -409,10 +435,14 @@ class LiveStreams:
             for stream in list(self.streams.values()):
                 reason = stream.overdue(limits, self.registry, now)
                 if reason is not None and self._take(stream):
-                    gone = stream.capability.health in UNHEALTHY
-                    ending = self._wind_down(stream, reason, stop_container=not gone)
-                    if not self.background.spawn(ending, f"end stream {stream.id}"):
-                        self._finish(stream, reason)
+                    self._end(stream, reason)
+
+    def _end(self, stream: LiveStream, reason: str) -> None:
+        """End a stream just taken off the running ones, its container stopped in the background."""
+        gone = stream.capability.health in UNHEALTHY
+        ending = self._wind_down(stream, reason, stop_container=not gone)
+        if not self.background.spawn(ending, f"end stream {stream.id}"):
+            self._finish(stream, reason)
 
     async def close(self) -> None:
         """At shutdown: every stream ends now (containers see their channels close)."""

@@ -287,6 +287,23 @@ async def test_one_unit_for_exactly_the_life_of_a_stream(orch: ServerProcess) ->
         assert load(orch, MODEL) == 0
 
 
+async def test_a_stream_ends_when_its_input_and_output_close_not_at_a_watchdog_tick(
+    orch: ServerProcess,
+) -> None:
+    """The gateway's DELETE of the input, then the container's of its output (as its publisher
+    closes): the stream is over there and then, and its unit free for the next stream, which
+    would otherwise wait in the queue until the watchdog's next look (up to a second)."""
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
+        stream = await start_stream(http, orch.url, "stand-in", "both-ends")
+        assert (await http.delete(stream.urls[PUBLISH_URL_HEADER])).status_code == 200
+        assert orch_status(orch)["live_streams"] == 1  # the container's output may still come
+        assert (await http.delete(stream.urls[SUBSCRIBE_URL_HEADER])).status_code == 200
+        assert orch_status(orch)["live_streams"] == 0
+        await asyncio.wait_for(stream.read_events(http), EVENT_WAIT)
+        assert stream.events[-1]["reason"] == "the input ended"
+        assert load(orch, "stand-in") == 0
+
+
 # -- what the container gets, and its refusals ----------------------------------------------------
 
 
