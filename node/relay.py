@@ -90,7 +90,7 @@ def _bad_path(detail: str) -> ApiError:
 def raw_path(request: Request) -> str:
     """The path as the client sent it (still percent-encoded), not Starlette's decoded one."""
     raw = request.scope.get("raw_path")
-    return raw.decode("latin-1") if isinstance(raw, bytes) else request.url.path
+    return raw.decode("latin-1") if isinstance(raw, bytes) else request.scope["path"]
 
 
 def forward_path(request: Request, prefix: str) -> str:
@@ -115,7 +115,7 @@ def forward_path(request: Request, prefix: str) -> str:
 
 def check_plain_path(request: Request) -> None:
     """Refuse a path that only matched its route after decoding (``%2F``, ``%00``, ``%0A``...)."""
-    if raw_path(request) != request.url.path:
+    if raw_path(request) != request.scope["path"]:  # decoded (request.url would rebuild it)
         raise _bad_path("stream URLs take no percent-encoding: use the job id and seq as they are")
 
 
