@@ -320,6 +320,9 @@ class LiveStream:
                     if (exc := task.exception()) is None:
                         continue  # a pump whose channel ended; the events pump ends the stream
                     if self._ending is not None:  # it was ending anyway: not a reason to move
+                        # (a side channel the orchestrator has already closed): the last
+                        # outputs come through first, as when the events end
+                        await self._output_drained()
                         self.end(self._ending)
                         return None
                     if isinstance(exc, SessionLost):
@@ -562,9 +565,13 @@ class LiveStream:
                 log.info("stream %s: an event that is not a JSON object with a type was dropped", self.id)
                 continue
             self._event(event)
+        await self._output_drained()
+        self.end(self._ending or f"{session.orchestrator} closed the stream's events")
+
+    async def _output_drained(self) -> None:
+        """Until the output pump has passed on the last output segment, at most ``drain_seconds``."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._output_done.wait(), self.limits.drain_seconds)
-        self.end(self._ending or f"{session.orchestrator} closed the stream's events")
 
     def _event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
