@@ -12,6 +12,7 @@ import asyncio
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -53,6 +54,7 @@ from node.livepeer import (
 from scripts.clips import make_clip
 
 SECRET = "test-orch-secret"
+SLOW_STOP = 1.0
 MODEL = "passthrough-cpu"
 
 
@@ -61,7 +63,8 @@ MODEL = "passthrough-cpu"
 
 class StandIn(BaseHTTPRequestHandler):
     """Answers ``/stream/start`` by the stream id's prefix (refuse-, unauth-, otherwise 200 and then
-    silence: no event ever) and remembers what each call carried."""
+    silence: no event ever), ``/stream/stop`` of a slowstop- stream after ``SLOW_STOP`` seconds,
+    and remembers what each call carried."""
 
     calls: list[dict[str, Any]] = []
 
@@ -75,6 +78,8 @@ class StandIn(BaseHTTPRequestHandler):
         self.calls.append(
             {"path": self.path, "headers": dict(self.headers), "body": body, "stream_id": stream_id}
         )
+        if self.path == "/stream/stop" and stream_id.startswith("slowstop-"):
+            time.sleep(SLOW_STOP)  # a container that takes its time to stop (its own threads)
         if self.path == "/stream/start" and stream_id.startswith("refuse-"):
             self._answer(422, {"error": "bad_params", "detail": "width must be even"})
         elif self.path == "/stream/start" and stream_id.startswith("unauth-"):
@@ -302,6 +307,24 @@ async def test_a_stream_ends_when_its_input_and_output_close_not_at_a_watchdog_t
         await asyncio.wait_for(stream.read_events(http), EVENT_WAIT)
         assert stream.events[-1]["reason"] == "the input ended"
         assert load(orch, "stand-in") == 0
+
+
+async def test_a_stop_while_the_stream_ends_by_itself_is_answered_once_it_has_ended(
+    orch: ServerProcess,
+) -> None:
+    """Its gateway's stop arrives while the orchestrator is still stopping the container of a
+    stream whose input and output have closed: answered 200 once that end is over, with the unit
+    free, not 404 while the unit is still held (the gateway starts the next stream on that answer)."""
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
+        stream = await start_stream(http, orch.url, "stand-in", "slowstop-1")
+        assert (await http.delete(stream.urls[PUBLISH_URL_HEADER])).status_code == 200
+        assert (await http.delete(stream.urls[SUBSCRIBE_URL_HEADER])).status_code == 200
+        assert load(orch, "stand-in") == 1  # the container's /stream/stop takes SLOW_STOP
+        stop = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
+        assert stop.status_code == 200, stop.text
+        assert load(orch, "stand-in") == 0
+        again = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
+        assert_error(again, 404, "unknown_stream")  # over: as any stream that does not exist
 
 
 # -- what the container gets, and its refusals ----------------------------------------------------
