@@ -95,27 +95,15 @@ async def unless_client_leaves(request: Request, waiting: Coroutine[Any, Any, T]
     Starlette does not cancel a handler whose client has gone. A long-poll would stay parked
     until its segment comes (and, at the job's cursor, take it from the next reader); a job
     queued for a work slot would still run once it got one, on a model nobody waits for.
-
-    ``waiting`` runs in the caller's own task, which a watcher cancels if the client leaves:
-    one task per wait rather than two and an ``asyncio.wait``, on every long-poll and job.
     """
-    task = asyncio.current_task()
-    assert task is not None
-    left = False
-
-    async def watch() -> None:
-        nonlocal left
-        await _client_left(request)
-        left = True
-        task.cancel()
-
-    watcher = asyncio.create_task(watch())
+    read = asyncio.ensure_future(waiting)
+    left = asyncio.ensure_future(_client_left(request))
     try:
-        return await waiting
-    except asyncio.CancelledError:
-        if not left:
-            raise
-        task.uncancel()
-        raise ClientDisconnect() from None
+        await asyncio.wait((read, left), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        left.cancel()
+        if not read.done():
+            read.cancel()
+    if not read.done() or read.cancelled():
+        raise ClientDisconnect()
+    return read.result()
