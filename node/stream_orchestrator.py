@@ -124,8 +124,8 @@ class LiveStream:
     # When the container answered its start (monotonic); set before the stream is listed, so
     # every stream the watchdog looks at has it.
     running_since: float = 0.0
-    ended: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # set once it has ended
+    # Set once it has ended (its final event written, its unit released); stop waits on it.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def owned_by(self, request: Request) -> bool:
         return same_secret(request.headers.get(STREAM_KEY_HEADER, ""), self.key)
@@ -401,9 +401,9 @@ class LiveStreams:
 
     def _finish(self, stream: LiveStream, reason: str) -> None:
         """The final event, the channels closed, the unit released, one log line: exactly once."""
-        if stream.ended:
+        if stream.done.is_set():
             return
-        stream.ended = True
+        stream.done.set()  # its waiters run only after this call has released the unit
         self._ending.pop(stream.id, None)
         event = {"type": STREAM_ENDED_EVENT, "reason": reason, "stream_id": stream.id}
         _final_write(stream.channels[EVENTS], json.dumps(event).encode())
@@ -411,7 +411,6 @@ class LiveStreams:
         inputs = stream.channels[INPUT].next_write
         self._close_channels(stream)
         self.registry.release(stream.capability)
-        stream.done.set()
         log.info(
             "stream %s (%s) ended: %s; after %.1f s and %d input segments",
             stream.id,
