@@ -41,7 +41,6 @@ MAX_EVENT_BYTES = 64 * 1024  # one event document; a bigger one is dropped, not 
 # write this many more ahead at the gateway before it is asked to retry.
 SEGMENTS_IN_FLIGHT = 4
 SEGMENTS_AHEAD = 16
-GAP_POLL_SECONDS = 0.1  # how often a missing input seq is looked for again
 SWAP_WINDOW = 60.0  # seconds over which swaps are counted
 _ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
 
@@ -244,7 +243,7 @@ class LiveStream:
         waiting.update(
             seq
             for seq in range(self._next_input, self.input.next_write)
-            if (segment := self.input.for_read(seq)) is not None and segment.claimed
+            if (segment := self.input.get(seq)) is not None and segment.claimed
         )
         for seq in sorted(waiting):
             answer = self.output.open_write(seq)
@@ -439,14 +438,10 @@ class LiveStream:
                 while len(self._answering) >= SEGMENTS_IN_FLIGHT:
                     await self._answered.wait()
                 segment = self.input.for_read(self._next_input)
-                if segment is None:
+                if segment is None:  # a seq the client skipped (for_read waits for a late one)
                     if self.input.closed:
                         return
-                    if self.input.complete_after(self._next_input):  # a seq nobody wrote: skipped
-                        self._next_input += 1
-                    else:  # its POST may still be on its way: look again shortly
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self.input.wait_change(), GAP_POLL_SECONDS)
+                    self._next_input += 1
                     continue
                 await segment.wait_started()
                 # Skipped: a seq the client never wrote, and the empty write that ends a publisher.

@@ -173,7 +173,7 @@ def _final_write(channel: Channel, data: bytes) -> None:
     """
     start = max(channel.next_write - channel.ring_size, 0)
     for seq in range(start, channel.next_write):
-        segment = channel.for_read(seq)
+        segment = channel.get(seq)
         if segment is not None and not segment.closed and segment.empty:
             break
     else:

@@ -172,16 +172,35 @@ class Channel:
         segment.close()
         return segment.seq
 
+    def get(self, seq: int) -> Segment | None:
+        """Segment ``seq`` if a writer or reader has opened it and the ring still holds it."""
+        return self._segments.get(seq)
+
     def for_read(self, seq: int) -> Segment | None:
         """Segment ``seq`` (after :meth:`resolve`) if a reader can have it now or by waiting.
 
-        ``next_write`` itself is created here, so that the reader waits on the very segment its
-        writer will fill; anything else missing is ``None``: gone from the ring, or not near.
+        A seq still to be written is created here, so that the reader waits on the very segment
+        its writer will fill: ``next_write``, and a seq below it that no writer has opened yet
+        (:meth:`_overtaken`). Anything else missing is ``None``: gone from the ring, skipped by
+        its writer, or not near.
         """
         segment = self._segments.get(seq)
-        if segment is None and seq == self.next_write and not self.closed:
+        if segment is None and not self.closed and (seq == self.next_write or self._overtaken(seq)):
             segment = self._add(seq)
         return segment
+
+    def _overtaken(self, seq: int) -> bool:
+        """Whether missing ``seq`` below ``next_write`` may still be written: its POST was overtaken.
+
+        A publisher pre-opens the POST for n+1 as soon as n starts, on another connection, so
+        under load the server can see n+1 open before n: ``next_write`` is then past n, and a
+        reader asking for n meanwhile must wait for it, not be sent on past it (a test stream lost
+        its ``receive_first_ingest_segment`` event this way). A later segment already written
+        whole means the writer went on without it; one older than every segment kept is gone.
+        """
+        if seq >= self.next_write or self.complete_after(seq):
+            return False
+        return len(self._segments) < self.ring_size or seq > min(self._segments)
 
     async def segments_from(self, seq: int) -> AsyncIterator[Segment]:
         """Every segment from ``seq`` on, each as soon as a reader can have it, until the channel

@@ -277,11 +277,12 @@ async def serve_segment(request: Request, channel: Channel, seq: int) -> Respons
     segment = channel.for_read(seq)
     headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(channel.next_write)}
     if segment is None:
-        if channel.closed:
-            # The end, unless the tail is still there past a gap (a seq nobody wrote): then a
-            # 470 sends the reader on to it, instead of ending its stream short.
-            if (kept := channel.kept_after(seq)) is None:
-                return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
+        # Past a gap (a seq its writer skipped) the 470 sends the reader on to the next segment
+        # kept, not to the live edge past it; on a closed channel without one, that is the end.
+        kept = channel.kept_after(seq)
+        if channel.closed and kept is None:
+            return Response(b"", 200, headers={**headers, CLOSED_HEADER: CLOSED_VALUE})
+        if kept is not None:
             headers[LATEST_HEADER] = str(kept)
         raise ApiError(
             STATUS_UNAVAILABLE,

@@ -80,6 +80,28 @@ async def test_pre_opened_writes_in_any_order_are_read_in_seq_order(trickle: Ser
         assert await _read_all(TrickleSubscriber(client, url, start_seq=0)) == [(0, b"zero"), (1, b"one")]
 
 
+async def test_a_reader_waits_for_a_seq_whose_post_the_next_one_overtook(trickle: ServerProcess) -> None:
+    """Under load a publisher's pre-opened POST n+1 can reach the server before POST n: a reader
+    asking for n meanwhile waits for it (it was sent on to the live edge, past n and n+1)."""
+    url = channel(trickle)
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        assert (await client.post(f"{url}/0", content=b"zero")).status_code == 200
+        subscriber = TrickleSubscriber(client, url, start_seq=0, timeout=10)
+        first = await subscriber.next()
+        assert first is not None and await first.read() == b"zero"
+        later = Body()
+        writes = [post(client, f"{url}/2", later)]
+        await asyncio.sleep(0.3)  # /2 is open at the server, /1 not yet
+        reading = asyncio.create_task(_read_all(subscriber))  # asks for 1 now
+        await asyncio.sleep(0.3)
+        assert (await client.post(f"{url}/1", content=b"one")).status_code == 200
+        later.send(b"two")
+        later.end()
+        assert (await writes[0]).status_code == 200
+        await client.delete(url)
+        assert await asyncio.wait_for(reading, 10) == [(1, b"one"), (2, b"two")]
+
+
 async def test_a_reader_parked_on_a_seq_the_writer_skipped_moves_on(trickle: ServerProcess) -> None:
     """A publisher whose POST n was lost on the way (a pooled connection the server had closed)
     goes on with n+1; a reader waiting on n gets it as empty once n+1 is written, not never."""
