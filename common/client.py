@@ -195,7 +195,7 @@ async def stream(
     url: str,
     *,
     headers: Mapping[str, str],
-    content: AsyncIterator[bytes] | None = None,
+    content: AsyncIterator[bytes] | bytes | None = None,
     timeout: float,
 ) -> Answer:
     """One request, its answer streamed: with a client from :func:`new_client`, straight through
@@ -217,7 +217,7 @@ async def stream(
 
     sent = {name: value for name, value in client.headers.items() if name != "accept-encoding"}
     sent.update(headers)  # no accept-encoding: bodies are passed on as they come, undecoded
-    body = None if content is None else _HeadFirst(content)
+    body = _HeadFirst(content) if content is not None and not isinstance(content, bytes) else content
     response = await _send(transport.session(), method, url, sent, body, timeout, timeout, request)
 
     async def close() -> None:

@@ -406,10 +406,17 @@ class LiveStream:
         top cost more than the rest of the POST (bench/bench_client.py).
         """
         seconds = self.limits.trickle_timeout
+        # A frame goes on once it is whole, with its length, so that the orchestrator has it
+        # whole in one read and hands it on whole. One slower than the trickle timeout to
+        # arrive streams on as it comes.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await segment.wait_closed()
+        whole = segment.whole()
         try:
             async with session_of(self.client).post(
                 f"{session.publish_url}/{seq}",
-                data=segment.chunks(),
+                data=segment.chunks() if whole is None else whole,
                 headers={"Content-Type": segment.content_type or self.input.mime},
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),

@@ -114,6 +114,17 @@ class Segment:
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
+    async def wait_closed(self) -> None:
+        """Until its writer has finished it (or broken off)."""
+        while not self.closed:
+            await self._changed.wait()
+
+    def whole(self) -> bytes | None:
+        """All of it once its writer has finished it, else None."""
+        if not self.closed or self.failed:
+            return None
+        return self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+
 
 class Channel:
     """One channel: a ring of segments, its MIME type, and whether it is closed."""

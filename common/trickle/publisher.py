@@ -43,12 +43,21 @@ async def _post(
     client: httpx.AsyncClient,
     url: str,
     headers: Mapping[str, str],
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[bytes] | bytes,
     timeout: float,
 ) -> Answer:
     """The POST sent and its answer read (a trickle server answers a write with a few bytes)."""
     answer = await stream(client, "POST", url, headers=headers, content=body, timeout=timeout)
     await answer.aread(MAX_ANSWER_BYTES)
+    return answer
+
+
+def _check(answer: Answer, seq: int) -> Answer:
+    """A segment's answer, raised as :class:`TrickleError` unless it is a plain 200."""
+    if answer.headers.get(CLOSED_HEADER):
+        raise TrickleError(answer.status_code, "stream_closed", f"segment {seq}: the channel is closed")
+    if answer.status_code != 200:
+        raise TrickleError.from_response(answer)
     return answer
 
 
@@ -105,14 +114,7 @@ class _Post:
 
     def _outcome(self) -> Answer:
         """The answer of a finished POST, raised as :class:`TrickleError` unless it is a plain 200."""
-        response = self.task.result()  # a transport error raises here, as it is
-        if response.headers.get(CLOSED_HEADER):
-            raise TrickleError(
-                response.status_code, "stream_closed", f"segment {self.seq}: the channel is closed"
-            )
-        if response.status_code != 200:
-            raise TrickleError.from_response(response)
-        return response
+        return _check(self.task.result(), self.seq)  # a transport error raises here, as it is
 
     async def finish(self) -> Answer:
         await self.feed(None)
@@ -176,9 +178,15 @@ class TricklePublisher:
         self._lock = asyncio.Lock()
         self._closed = False
 
+    def _headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        return {**self.headers, **(headers or {}), **(self.key.headers() if self.key else {})}
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise TrickleError(0, "publisher_closed", f"{self.url}: the publisher is closed")
+
     def _open(self, seq: int, headers: Mapping[str, str] | None = None) -> _Post:
-        headers = {**self.headers, **(headers or {}), **(self.key.headers() if self.key else {})}
-        return _Post(self.client, f"{self.url}/{seq}", headers, self.timeout, seq)
+        return _Post(self.client, f"{self.url}/{seq}", self._headers(headers), self.timeout, seq)
 
     def _take(self, headers: Mapping[str, str] | None) -> _Post:
         post, self._pending = self._pending, None
@@ -201,8 +209,7 @@ class TricklePublisher:
         if headers and self.preopen:
             raise ValueError("headers of a segment's own need TricklePublisher(preopen=False)")
         async with self._lock:
-            if self._closed:
-                raise TrickleError(0, "publisher_closed", f"{self.url}: the publisher is closed")
+            self._refuse_if_closed()
             post = self._take(headers)
             try:
                 yield SegmentWriter(post)
@@ -215,10 +222,29 @@ class TricklePublisher:
 
     async def write(self, data: bytes, headers: Mapping[str, str] | None = None) -> int:
         """Send ``data`` as one whole segment (with ``headers`` of its own, see :meth:`segment`);
-        returns its seq."""
-        async with self.segment(headers) as segment:
-            await segment.write(data)
-        return segment.seq
+        returns its seq.
+
+        Without pre-opening, it goes as one plain POST with its length: the server has it whole
+        in one read, and can hand it on whole (see ``serve_segment``).
+        """
+        if self.preopen:
+            async with self.segment(headers) as segment:
+                await segment.write(data)
+            return segment.seq
+        async with self._lock:
+            self._refuse_if_closed()
+            seq, self.next_seq = self.next_seq, self.next_seq + 1
+            url, body = f"{self.url}/{seq}", bytes(data)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    answer = _check(
+                        await _post(self.client, url, self._headers(headers), body, self.timeout), seq
+                    )
+            except TimeoutError:
+                raise TimeoutError(f"segment {seq}: no answer within {self.timeout} s") from None
+            if self.key is not None:
+                self.key.learn(answer)
+        return seq
 
     async def close(self) -> None:
         """``DELETE {url}`` (end of stream), then end the pre-opened POST with no bytes.

@@ -303,6 +303,10 @@ async def serve_segment(request: Request, channel: Channel, seq: int) -> Respons
         if channel.closed and channel.next_write <= seq + 1:
             headers[CLOSED_HEADER] = CLOSED_VALUE
         return Response(b"", 200, headers=headers, media_type=media_type)
+    if (whole := segment.whole()) is not None:
+        # Finished: sent whole with its length, in one write. Streamed, its bytes are framed as
+        # chunks (copied once more) and followed by a second write, the last chunk.
+        return Response(whole, headers=headers, media_type=media_type)
     return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
 
 

@@ -205,6 +205,29 @@ async def test_a_reader_streams_a_segment_while_it_is_written(trickle: ServerPro
         assert (await writing).status_code == 200
 
 
+async def test_a_finished_segment_is_read_whole_with_its_length(trickle: ServerProcess) -> None:
+    """A segment already written to its end goes out in one piece with Content-Length (what
+    the node relays per frame); one still being written is streamed, as above."""
+    url = channel(trickle)
+    frame = bytes(range(256)) * 200
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        assert (await client.post(f"{url}/0", content=frame)).status_code == 200
+        answer = await client.get(f"{url}/0")
+        assert answer.content == frame
+        assert answer.headers["content-length"] == str(len(frame))
+        assert "transfer-encoding" not in answer.headers
+        assert answer.headers["lp-trickle-seq"] == "0"
+
+        # Without a pre-opened POST, a publisher sends a whole segment the same way: with its length.
+        other = channel(trickle)
+        publisher = TricklePublisher(client, other, content_type="image/jpeg", preopen=False)
+        assert await publisher.write(b"first") == 0
+        assert await publisher.write(frame, {"Content-Type": "image/png"}) == 1
+        written = await client.get(f"{other}/1")
+        assert (written.content, written.headers["content-type"]) == (frame, "image/png")
+        assert written.headers["content-length"] == str(len(frame))
+
+
 async def test_a_reader_that_leaves_mid_segment_holds_up_neither_the_writer_nor_other_readers(
     trickle: ServerProcess,
 ) -> None:
