@@ -18,7 +18,8 @@ A stream ends once, whatever ends it (a stop, a watchdog, the container failing)
 open until then. The watchdogs are one loop over every stream: no input for
 ``-streamIdleTimeout``, no event from the container for ``-streamEventTimeout``, the container
 failing its health check, the stream older than ``-maxStreamLifetime``, or its input closed by
-the gateway and the container's output over (or silent for a few seconds).
+the gateway and the container done: its output closed, then its events channel (or a second
+without a new event), or both silent for a while.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ MAX_LIVE_STREAMS = 512  # bounds the channels (five per stream), whatever the ca
 # that finishes closes its output, which ends the stream at once). A transcription pass over the
 # last seconds of audio takes a few seconds on a busy 2-core host.
 INPUT_END_GRACE = 15.0
+# A finishing container sends its last events after closing its output, then closes its events
+# channel. One whose publisher never closes that channel is done once this long has passed
+# without a new event segment after its output closed.
+LAST_EVENTS_GRACE = 1.0
 INPUT_ENDED = "the input ended"
 # A container that runs a stream sends a heartbeat event every 5 s: this long without one, while
 # its /health says it runs nothing, the stream is lost (well before -streamEventTimeout).
@@ -126,13 +131,17 @@ class LiveStream:
     running_since: float = 0.0
     # Set once it has ended (its final event written, its unit released); stop waits on it.
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # The container DELETEd its events channel: its last event is sent (the channel itself stays
+    # open for the orchestrator's final event).
+    events_closed: bool = False
 
     def owned_by(self, request: Request) -> bool:
         return same_secret(request.headers.get(STREAM_KEY_HEADER, ""), self.key)
 
     def finished(self) -> bool:
-        """Its end is there: the gateway closed the input and the container its output."""
-        return self.channels[INPUT].closed and self.channels[OUTPUT].closed
+        """Its end is there: the gateway closed the input, the container its output and then its
+        events (ended earlier, the container's last events were cut off mid-segment)."""
+        return self.channels[INPUT].closed and self.channels[OUTPUT].closed and self.events_closed
 
     def overdue(self, limits: StreamLimits, registry: Registry, now: float) -> str | None:
         """Why a watchdog ends this stream now, or None."""
@@ -145,7 +154,12 @@ class LiveStream:
             return f"the stream reached the maximum lifetime of {limits.max_lifetime:g} s"
         source, output, data = self.channels[INPUT], self.channels[OUTPUT], self.channels[DATA]
         last_output = max(source.closed_at, output.last_active, data.last_active)
-        if self.finished() or (source.closed and now - last_output > INPUT_END_GRACE):
+        last_events = max(output.closed_at, self.channels[EVENTS].last_active)
+        if (
+            self.finished()
+            or (source.closed and now - last_output > INPUT_END_GRACE)
+            or (source.closed and output.closed and now - last_events > LAST_EVENTS_GRACE)
+        ):
             return INPUT_ENDED
         if (
             capability.health in (Health.IDLE, Health.LOADING)
@@ -243,6 +257,7 @@ class LiveStreams:
             answer = await self.trickle.delete_channel(request)
             self._end_if_finished(name)
             return answer
+        self._end_if_finished(name)
         return JSONResponse(
             {
                 "channel": name,
@@ -256,7 +271,9 @@ class LiveStreams:
         at once for the next stream, which waits in the queue for it, not at the next watchdog
         tick (up to a second later)."""
         for stream in list(self.streams.values()):
-            if channel in (stream.channels[INPUT].name, stream.channels[OUTPUT].name):
+            if channel == stream.channels[EVENTS].name:
+                stream.events_closed = True
+            if channel in (stream.channels[role].name for role in (INPUT, OUTPUT, EVENTS)):
                 if stream.finished() and self._take(stream):
                     self._end(stream, INPUT_ENDED)
                 return

@@ -292,18 +292,38 @@ async def test_one_unit_for_exactly_the_life_of_a_stream(orch: ServerProcess) ->
         assert load(orch, MODEL) == 0
 
 
-async def test_a_stream_ends_when_its_input_and_output_close_not_at_a_watchdog_tick(
+async def test_a_stream_ends_when_the_container_closes_its_events_after_its_output(
     orch: ServerProcess,
 ) -> None:
-    """The gateway's DELETE of the input, then the container's of its output (as its publisher
-    closes): the stream is over there and then, and its unit free for the next stream, which
-    would otherwise wait in the queue until the watchdog's next look (up to a second)."""
+    """The gateway's DELETE of the input, the container's of its output, then its last event and
+    the DELETE of its events channel (as its publishers close): the stream is over at that last
+    DELETE, not at the watchdog's next look (up to a second later, with the next stream waiting in
+    the queue for the unit), and not at the output's DELETE either: ended there, a container's
+    last event was cut off mid-segment (seen under load)."""
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
         stream = await start_stream(http, orch.url, "stand-in", "both-ends")
+        reading = asyncio.create_task(stream.read_events(http))
         assert (await http.delete(stream.urls[PUBLISH_URL_HEADER])).status_code == 200
         assert orch_status(orch)["live_streams"] == 1  # the container's output may still come
         assert (await http.delete(stream.urls[SUBSCRIBE_URL_HEADER])).status_code == 200
+        assert orch_status(orch)["live_streams"] == 1  # and its last events
+        last = b'{"event": {"type": "stream_stopped"}, "queue_event_type": "ai_stream_events"}'
+        assert (await http.post(f"{stream.urls[EVENTS_URL_HEADER]}/0", content=last)).status_code == 200
+        assert (await http.delete(stream.urls[EVENTS_URL_HEADER])).status_code == 200
         assert orch_status(orch)["live_streams"] == 0
+        await asyncio.wait_for(reading, EVENT_WAIT)
+        assert stream.types() == ["stream_stopped", STREAM_ENDED_EVENT], stream.events
+        assert stream.events[-1]["reason"] == "the input ended"
+        assert load(orch, "stand-in") == 0
+
+
+async def test_a_stream_whose_container_never_closes_its_events_ends_a_second_after_its_output(
+    orch: ServerProcess,
+) -> None:
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
+        stream = await start_stream(http, orch.url, "stand-in", "no-events-close")
+        assert (await http.delete(stream.urls[PUBLISH_URL_HEADER])).status_code == 200
+        assert (await http.delete(stream.urls[SUBSCRIBE_URL_HEADER])).status_code == 200
         await asyncio.wait_for(stream.read_events(http), EVENT_WAIT)
         assert stream.events[-1]["reason"] == "the input ended"
         assert load(orch, "stand-in") == 0
@@ -317,8 +337,8 @@ async def test_a_stop_while_the_stream_ends_by_itself_is_answered_once_it_has_en
     free, not 404 while the unit is still held (the gateway starts the next stream on that answer)."""
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as http:
         stream = await start_stream(http, orch.url, "stand-in", "slowstop-1")
-        assert (await http.delete(stream.urls[PUBLISH_URL_HEADER])).status_code == 200
-        assert (await http.delete(stream.urls[SUBSCRIBE_URL_HEADER])).status_code == 200
+        for end in (PUBLISH_URL_HEADER, SUBSCRIBE_URL_HEADER, EVENTS_URL_HEADER):
+            assert (await http.delete(stream.urls[end])).status_code == 200
         assert load(orch, "stand-in") == 1  # the container's /stream/stop takes SLOW_STOP
         stop = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
         assert stop.status_code == 200, stop.text
