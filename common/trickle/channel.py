@@ -260,13 +260,20 @@ class Channel:
         return True
 
     def close(self) -> None:
-        """End of stream: every segment closes, readers finish, writers are refused."""
+        """End of stream: every segment closes, readers finish, writers are refused.
+
+        A segment caught mid-write is cut off, not closed: its readers must not take the bytes
+        so far (half a JSON event, a TS segment's head) for the whole segment.
+        """
         if self.closed:
             return
         self.closed = True
         self.closed_at = time.monotonic()
         for segment in self._segments.values():
-            segment.close()
+            if segment.claimed and not segment.closed and not segment.empty:
+                segment.fail()
+            else:
+                segment.close()
         self._changed.notify()
 
     async def wait_change(self) -> None:

@@ -328,6 +328,26 @@ async def test_a_writer_that_leaves_mid_segment_cuts_its_readers_off(trickle: Se
     assert "Traceback" not in trickle.output()
 
 
+async def test_a_channel_closed_mid_segment_cuts_that_segments_readers_off(trickle: ServerProcess) -> None:
+    """Half an event or half a TS segment must not reach a reader as a whole one: the channel's
+    DELETE while a segment is still being written cuts its readers' transfer short."""
+    url = channel(trickle)
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        await client.post(url)
+        body = Body()
+        writing = post(client, f"{url}/0", body)
+        body.send(b'{"event": ')
+        reader = asyncio.create_task(client.get(f"{url}/0"))
+        await asyncio.sleep(0.3)
+        assert (await client.delete(url)).status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await asyncio.wait_for(reader, 5)
+        body.send(b"{}}")  # the writer goes on: its bytes go nowhere, and it learns the end
+        body.end()
+        answer = await asyncio.wait_for(writing, 5)
+        assert answer.status_code == 200 and answer.headers.get("lp-trickle-closed")
+
+
 async def test_bounds_are_json_errors(trickle: ServerProcess) -> None:
     url = channel(trickle)
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
