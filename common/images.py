@@ -20,6 +20,14 @@ import numpy as np
 
 from .errors import ApiError
 
+# OpenCV's own thread pool off: a container already runs two images at once on its worker
+# threads, and on top of that each cv2.LUT (or resize...) split over the pool oversubscribed the
+# cores and left pool threads spinning in sched_yield between calls (strace: ~190 per stream
+# frame). Single-threaded, bench_green_tint's 4-in-flight stream ran 186-191 fps against 170-179
+# with the pool, alternating runs on one host (2026-12-04), and the container's system CPU per
+# frame halved.
+cv2.setNumThreads(1)
+
 ACCEPTED = "PNG, JPEG or WebP"
 DEFAULT_MAX_PIXELS = 40_000_000  # a little more than 8K UHD (33 MP)
 DEFAULT_JPEG_QUALITY = 90
