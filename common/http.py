@@ -95,15 +95,29 @@ async def unless_client_leaves(request: Request, waiting: Coroutine[Any, Any, T]
     Starlette does not cancel a handler whose client has gone. A long-poll would stay parked
     until its segment comes (and, at the job's cursor, take it from the next reader); a job
     queued for a work slot would still run once it got one, on a model nobody waits for.
+    ``waiting`` runs in the caller's task and one watcher task listens for the disconnect: a
+    trickle reader waits here once per segment, and a task per side cost a third more.
     """
-    read = asyncio.ensure_future(waiting)
+    task = asyncio.current_task()
+    assert task is not None
     left = asyncio.ensure_future(_client_left(request))
+    finished = gone = False
+
+    def on_left(_: asyncio.Future[None]) -> None:
+        # Runs a loop iteration after ``left`` ends: by then the wait may be over, and this task
+        # on to other awaits that a cancellation must not hit.
+        nonlocal gone
+        if not finished and not left.cancelled():
+            gone = True
+            task.cancel()
+
+    left.add_done_callback(on_left)
     try:
-        await asyncio.wait((read, left), return_when=asyncio.FIRST_COMPLETED)
+        return await waiting
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:  # ours alone, not a shutdown's as well
+            raise ClientDisconnect() from None
+        raise
     finally:
+        finished = True
         left.cancel()
-        if not read.done():
-            read.cancel()
-    if not read.done() or read.cancelled():
-        raise ClientDisconnect()
-    return read.result()

@@ -115,7 +115,8 @@ class Job:
     async def open_input(self, seq: int = SEQ_NEXT) -> tuple[int, Upload]:
         """Reserve input ``seq`` (-1: the next); waits, a bounded time, while too many are pending."""
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._input_wait)
+            async with asyncio.timeout(self._input_wait):  # no task of its own, as wait_for's
+                await self._slots.acquire()
         except TimeoutError:
             raise ApiError(
                 503,

@@ -124,9 +124,10 @@ class TrickleSubscriber:
         try:
             if left <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(
-                stream(self.client, "GET", url, headers=headers, timeout=self.timeout), left
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the request in a task
+            # of its own, one more task per segment.
+            async with asyncio.timeout(left):
+                return await stream(self.client, "GET", url, headers=headers, timeout=self.timeout)
         except TimeoutError:
             raise httpx.ReadTimeout(
                 f"no segment {self.seq} from {self.url} within {self.timeout} s",

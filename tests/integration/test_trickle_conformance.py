@@ -118,6 +118,7 @@ async def test_a_reader_parked_on_a_seq_the_writer_skipped_moves_on(trickle: Ser
 async def test_the_clients_round_trip_with_the_next_post_pre_opened(trickle: ServerProcess) -> None:
     url = channel(trickle)
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        assert (await client.post(url)).status_code == 200  # a reader that came first would get 404
         pub = TricklePublisher(client, url)
         sub = TrickleSubscriber(client, url, start_seq=0)
         reading = asyncio.create_task(_read_all(sub))
