@@ -114,9 +114,14 @@ async def post_latencies_ms(server: ServerProcess, frame: bytes, runs: int = POS
 
 
 async def stream_fps(server: ServerProcess, frame: bytes) -> float:
-    """(c) One trickle job; the publisher runs at most ``IN_FLIGHT`` segments ahead of the reader."""
+    """(c) One trickle job; the publisher runs at most ``IN_FLIGHT`` segments ahead of the reader.
+
+    The reader starts once the first write is answered: that write opens the job, and a ``GET``
+    that overtakes it is a 404, which ends a subscriber.
+    """
     job_url = f"{server.url}/live/bench-{int(time.time())}"
     in_flight = asyncio.Semaphore(IN_FLIGHT)
+    opened = asyncio.Event()
     received = 0
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/jpeg")
@@ -126,16 +131,20 @@ async def stream_fps(server: ServerProcess, frame: bytes) -> float:
             for _ in range(STREAM_FRAMES):
                 await in_flight.acquire()
                 await publisher.write(frame)
+                opened.set()
             await publisher.close()
 
         async def subscribe() -> None:
             nonlocal received
+            await opened.wait()
             async for segment in subscriber:
                 await segment.read()
                 if segment.error is not None:
                     raise RuntimeError(f"segment {segment.seq}: {segment.error}")
                 received += 1
                 in_flight.release()
+            if received != STREAM_FRAMES:  # else the publisher waits forever
+                raise RuntimeError(f"the stream ended early: {received} of {STREAM_FRAMES} received")
 
         started = time.perf_counter()
         await asyncio.gather(publish(), subscribe())
