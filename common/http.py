@@ -96,7 +96,9 @@ async def unless_client_leaves(request: Request, waiting: Coroutine[Any, Any, T]
     until its segment comes (and, at the job's cursor, take it from the next reader); a job
     queued for a work slot would still run once it got one, on a model nobody waits for.
     ``waiting`` runs in the caller's task and one watcher task listens for the disconnect: a
-    trickle reader waits here once per segment, and a task per side cost a third more.
+    trickle reader waits here once per segment. With this and two other waits no longer in tasks
+    of their own, the node's CPU per ``/live`` frame was 0.94-0.98 of before
+    (``bench/bench_compare.py``).
     """
     task = asyncio.current_task()
     assert task is not None
@@ -113,7 +115,7 @@ async def unless_client_leaves(request: Request, waiting: Coroutine[Any, Any, T]
 
     left.add_done_callback(on_left)
     try:
-        return await waiting
+        result = await waiting
     except asyncio.CancelledError:
         if gone and task.uncancel() == 0:  # ours alone, not a shutdown's as well
             raise ClientDisconnect() from None
@@ -121,3 +123,6 @@ async def unless_client_leaves(request: Request, waiting: Coroutine[Any, Any, T]
     finally:
         finished = True
         left.cancel()
+    if gone:  # ``waiting`` took our cancellation and returned anyway: none may stay pending
+        task.uncancel()
+    return result

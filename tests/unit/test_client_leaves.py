@@ -77,3 +77,18 @@ async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_a_wait_that_absorbs_the_cancellation_leaves_none_pending() -> None:
+    peer = Peer()
+
+    async def stubborn() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return "finished anyway"
+        return "never"
+
+    asyncio.get_running_loop().call_later(0.05, peer.leave)
+    assert await unless_client_leaves(peer.request(), stubborn()) == "finished anyway"
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
