@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.plots import bench_green_tint_figures  # noqa: E402
 from common.client import new_client, session_of  # noqa: E402
 from common.serve import load_processor_class  # noqa: E402
-from common.trickle.publisher import TricklePublisher  # noqa: E402
+from common.trickle.publisher import StreamKey, TricklePublisher  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
 from tests.harness import AUTH_HEADERS, CLIENT_OPTIONS, PROCESSORS, ServerProcess, processor_argv  # noqa: E402
 
@@ -114,22 +114,34 @@ async def post_latencies_ms(server: ServerProcess, frame: bytes, runs: int = POS
 
 
 async def stream_fps(server: ServerProcess, frame: bytes) -> float:
-    """(c) One trickle job; the publisher runs at most ``IN_FLIGHT`` segments ahead of the reader.
+    """(c) One trickle job straight to the container."""
+    return await live_stream_fps(f"{server.url}/live/bench-{time.time_ns():x}", frame, AUTH_HEADERS)
 
-    The reader starts once the first write is answered: that write opens the job, and a ``GET``
-    that overtakes it is a 404, which ends a subscriber.
+
+async def live_stream_fps(
+    job_url: str,
+    frame: bytes,
+    headers: dict[str, str],
+    key: StreamKey | None = None,
+    in_flight: int = IN_FLIGHT,
+) -> float:
+    """One ``/live/{job}`` stream of ``STREAM_FRAMES``; the publisher runs ``in_flight`` segments
+    ahead of the reader. Also bench_topology's, to the container or through a node.
+
+    The reader starts once the first write is answered: that write opens the job (a node chooses
+    the next hop on it), and a ``GET`` that overtakes it is a 404, which ends a subscriber; the
+    answer to that write also brings a node's stream key, which ``key`` keeps for both.
     """
-    job_url = f"{server.url}/live/bench-{int(time.time())}"
-    in_flight = asyncio.Semaphore(IN_FLIGHT)
+    ahead = asyncio.Semaphore(in_flight)
     opened = asyncio.Event()
     received = 0
-    async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
-        publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/jpeg")
-        subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0)
+    async with httpx.AsyncClient(**CLIENT_OPTIONS, headers=headers) as client:
+        publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/jpeg", key=key)
+        subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0, key=key)
 
         async def publish() -> None:
             for _ in range(STREAM_FRAMES):
-                await in_flight.acquire()
+                await ahead.acquire()
                 await publisher.write(frame)
                 opened.set()
             await publisher.close()
@@ -140,17 +152,16 @@ async def stream_fps(server: ServerProcess, frame: bytes) -> float:
             async for segment in subscriber:
                 await segment.read()
                 if segment.error is not None:
-                    raise RuntimeError(f"segment {segment.seq}: {segment.error}")
+                    raise RuntimeError(f"{job_url} segment {segment.seq}: {segment.error}")
                 received += 1
-                in_flight.release()
-            if received != STREAM_FRAMES:  # else the publisher waits forever
-                raise RuntimeError(f"the stream ended early: {received} of {STREAM_FRAMES} received")
+                ahead.release()
+            if received != STREAM_FRAMES or subscriber.skipped:  # else the publisher waits forever
+                skipped = subscriber.skipped
+                raise RuntimeError(f"{job_url} ended early: {received} received, {skipped} skipped")
 
         started = time.perf_counter()
-        await asyncio.gather(publish(), subscribe())
+        await asyncio.wait_for(asyncio.gather(publish(), subscribe()), timeout=STREAM_FRAMES)
         elapsed = time.perf_counter() - started
-    if received != STREAM_FRAMES or subscriber.skipped:
-        raise RuntimeError(f"stream lost segments: {received} received, {subscriber.skipped} skipped")
     return STREAM_FRAMES / elapsed
 
 

@@ -53,11 +53,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_green_tint import make_frame, target_line  # noqa: E402
+from bench.bench_green_tint import STREAM_FRAMES, live_stream_fps, make_frame, target_line  # noqa: E402
 from bench.plots import bench_topology_figures  # noqa: E402
 from common.trickle.protocol import TrickleError  # noqa: E402
-from common.trickle.publisher import StreamKey, TricklePublisher  # noqa: E402
-from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
+from common.trickle.publisher import StreamKey  # noqa: E402
 from node.livepeer import JOB_HEADER, JobRequest  # noqa: E402
 from scripts.topology import PROCESSORS, Secrets, env_file_secrets, services  # noqa: E402
 from tests.harness import CLIENT_OPTIONS, ServerProcess, free_port  # noqa: E402
@@ -70,7 +69,6 @@ ROUNDS = 3  # each round: BLOCKS post blocks per target, then one stream per tar
 BLOCKS = 4
 BLOCK_JOBS = 25  # 3 x 4 x 25 = 300 jobs per target
 WARMUP_JOBS = 10
-STREAM_FRAMES = 300
 TARGETS_IN_FLIGHT = 4  # the stream figure's targets are for this many frames in flight
 IN_FLIGHT = TARGETS_IN_FLIGHT  # --in-flight sets it
 PROFILE_SECONDS = 5
@@ -259,44 +257,10 @@ def percentile(values: list[float], pct: int) -> float:
 
 
 async def stream_fps(base_url: str, job_id: str, frame: bytes, key: StreamKey, auth: dict[str, str]) -> float:
-    """One trickle job of ``STREAM_FRAMES``; the publisher runs ``IN_FLIGHT`` segments ahead.
-
-    The reader starts once the first write is answered: a node opens the stream on that write
-    (choosing the next hop), and a ``GET`` that overtakes it is a 404, which ends a subscriber;
-    the answer to that write also brings the stream's key, which ``key`` keeps for both.
-    """
-    job_url = f"{base_url}/live/{job_id}"
-    in_flight = asyncio.Semaphore(IN_FLIGHT)
-    opened = asyncio.Event()
-    received = 0
-    # X-Model-Id opens the stream on the gateway; the container ignores it.
-    async with httpx.AsyncClient(**CLIENT_OPTIONS, headers={"X-Model-Id": MODEL, **auth}) as client:
-        publisher = TricklePublisher(client, f"{job_url}/source", content_type="image/jpeg", key=key)
-        subscriber = TrickleSubscriber(client, f"{job_url}/output", start_seq=0, key=key)
-
-        async def publish() -> None:
-            for _ in range(STREAM_FRAMES):
-                await in_flight.acquire()
-                await publisher.write(frame)
-                opened.set()
-            await publisher.close()
-
-        async def subscribe() -> None:
-            nonlocal received
-            await opened.wait()
-            async for segment in subscriber:
-                await segment.read()
-                if segment.error is not None:
-                    raise RuntimeError(f"{job_id} segment {segment.seq}: {segment.error}")
-                received += 1
-                in_flight.release()
-            if received != STREAM_FRAMES or subscriber.skipped:  # else the publisher waits forever
-                raise RuntimeError(f"{job_id} ended early: {received} received, {subscriber.skipped} skipped")
-
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(publish(), subscribe()), timeout=STREAM_FRAMES)
-        elapsed = time.perf_counter() - started
-    return STREAM_FRAMES / elapsed
+    """One trickle job of ``STREAM_FRAMES`` with ``IN_FLIGHT`` segments ahead; X-Model-Id opens the
+    stream on a gateway, a container ignores it."""
+    headers = {"X-Model-Id": MODEL, **auth}
+    return await live_stream_fps(f"{base_url}/live/{job_id}", frame, headers, key, IN_FLIGHT)
 
 
 @dataclass
