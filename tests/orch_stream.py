@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class Stream:
     events: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[bytes] = field(default_factory=list)
     cut: int = 0  # output segments cut short by their writer
+    events_cut: int = 0  # event segments cut short by their writer
 
     @classmethod
     def started(cls, response: httpx.Response, capability: str, stream_id: str) -> Stream:
@@ -81,25 +83,38 @@ class Stream:
     def types(self) -> list[str]:
         return [event_type(e) for e in self.events]
 
-    async def read_events(self, http: httpx.AsyncClient) -> None:
-        """Every event, one JSON document per segment, until the channel closes."""
-        subscriber = TrickleSubscriber(http, self.urls[EVENTS_URL_HEADER], start_seq=0, timeout=60)
-        while (segment := await subscriber.next()) is not None:
-            if body := await segment.read():  # an empty segment is a keepalive
+    async def read_events(self, http: httpx.AsyncClient, cuts_allowed: int = 0) -> None:
+        """Every event, one JSON document per segment, until the channel closes. A segment whose
+        writer broke off fails the read, unless the test killed that writer: then up to
+        ``cuts_allowed`` are counted in ``events_cut`` (the event being sent at the kill)."""
+        async for body in self._whole_segments(http, EVENTS_URL_HEADER):
+            if body is None:
+                self.events_cut += 1
+                assert self.events_cut <= cuts_allowed, f"{self.events_cut} event segments cut short"
+            else:
                 self.events.append(json.loads(body))
 
     async def read_output(self, http: httpx.AsyncClient) -> None:
         """Every whole output segment; one whose writer broke off (its transfer cut short) is
         counted in ``cut``, as a gateway drops it."""
-        subscriber = TrickleSubscriber(http, self.urls[SUBSCRIBE_URL_HEADER], start_seq=0, timeout=60)
+        async for body in self._whole_segments(http, SUBSCRIBE_URL_HEADER):
+            if body is None:
+                self.cut += 1
+            else:
+                self.outputs.append(body)
+
+    async def _whole_segments(self, http: httpx.AsyncClient, url_header: str) -> AsyncIterator[bytes | None]:
+        """The channel's non-empty segments (an empty one is a keepalive) read whole, in order;
+        ``None`` for one whose transfer was cut short."""
+        subscriber = TrickleSubscriber(http, self.urls[url_header], start_seq=0, timeout=60)
         while (segment := await subscriber.next()) is not None:
             try:
                 body = await segment.read()
             except httpx.RemoteProtocolError:
-                self.cut += 1
+                yield None
                 continue
             if body:
-                self.outputs.append(body)
+                yield body
 
     async def wait_event(self, kind: str, timeout: float = EVENT_WAIT) -> dict[str, Any]:
         """The first event of type ``kind`` (read by a :meth:`read_events` task)."""
