@@ -24,7 +24,7 @@ from .app import Settings, create_app
 from .http import DEFAULT_MAX_BODY_BYTES
 from .live.stream import LiveSettings
 from .logs import configure_logging
-from .malloc import keep_freed_memory
+from .malloc import collect_cycles_less_often, keep_freed_memory
 from .processor import BaseProcessor, ImageProcessor, Processor
 from .registration import Registration
 from .server import serve
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     app = create_app(cls(), settings, registration_from_env(cls.model_id, port, token))
     log.info("%s (%s) listening on %s:%d", cls.model_id, cls.__name__, args.host, port)
+    collect_cycles_less_often()
     serve(app, args.host, port)
 
 

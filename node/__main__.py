@@ -15,7 +15,7 @@ from typing import Any
 
 from common.http import DEFAULT_MAX_BODY_BYTES
 from common.logs import configure_logging
-from common.malloc import keep_freed_memory
+from common.malloc import collect_cycles_less_often, keep_freed_memory
 from common.server import serve
 
 from .gateway import GatewayConfig, create_gateway_app
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         app = create_orchestrator_app(config, registry)
         log.info("orchestrator listening on %s:%d, service address %s", host, port, config.service_addr)
+    collect_cycles_less_often()
     serve(app, host, port)
 
 
