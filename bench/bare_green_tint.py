@@ -19,11 +19,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.malloc import keep_freed_memory  # noqa: E402
+from common.malloc import collect_cycles_less_often, keep_freed_memory  # noqa: E402
 from common.serve import load_processor_class  # noqa: E402
 
 keep_freed_memory()  # as common/serve.py does for the container
 processor = load_processor_class(str(ROOT / "processors/green-tint/green_tint.py"))()
+collect_cycles_less_often()  # likewise, once started (uvicorn imports this module, then serves)
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -53,7 +53,7 @@ def server_main(stack: str, port: int, upstream: str) -> None:
 
     from common.client import READ_BUFFER_BYTES, new_client
     from common.http import read_body
-    from common.malloc import keep_freed_memory
+    from common.malloc import collect_cycles_less_often, keep_freed_memory
 
     keep_freed_memory()  # as the node and the processors run
     state: dict[str, object] = {}
@@ -89,6 +89,7 @@ def server_main(stack: str, port: int, upstream: str) -> None:
 
     handler = echo if stack == "echo" else relay
     app = Starlette(routes=[Route("/job", handler, methods=["POST"])], lifespan=lifespan)
+    collect_cycles_less_often()  # as the node and the processors do, right before serving
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning")
 
 

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.client import READ_BUFFER_BYTES  # noqa: E402
-from common.malloc import keep_freed_memory  # noqa: E402
+from common.malloc import collect_cycles_less_often, keep_freed_memory  # noqa: E402
 from common.trickle.protocol import KEEPALIVE_EXPIRY, SEQ_HEADER  # noqa: E402
 
 RESULTS = ROOT / "out" / "bench-stream-floor.json"
@@ -50,6 +50,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 if __name__ != "__main__":  # under uvicorn: as the node and the container run (common/malloc.py)
     keep_freed_memory()
+    collect_cycles_less_often()  # start-up is this module's import: uvicorn serves right after
 
 
 @functools.cache
