@@ -150,7 +150,7 @@ bench-webrtc: venv ## WHIP/WHEP through the processes' topology: gateway CPU, WH
 	$(PY) bench/bench_webrtc.py --seconds 30
 	$(PY) bench/bench_webrtc.py --seconds 20 --whep-codec video/VP8
 
-plots: venv ## redraw the README's plots (docs/plots/*.png) from the latest out/bench-*.json, no rerun
+plots: venv ## redraw the plots of README and docs/benchmarks.md (docs/plots/*.png) from the latest out/bench-*.json, no rerun
 	$(PY) bench/plots.py --out docs/plots
 
 bench-whisper: venv ## whisper real-time factor in process and through the topology, JSON and plot in out/ (--compose: Docker)

@@ -5,9 +5,9 @@
 Each benchmark that ``make bench``, ``make bench-whisper`` and ``make bench-live`` run writes its
 JSON to out/ and calls its ``*_figures`` function here (see :data:`FIGURES`), which writes the
 PNGs next to the JSON; ``main()`` draws the same figures again from the latest out/*.json, without
-rerunning anything, into docs/plots/ (the images the README shows). Every figure says under it
-the command and the date of the run it came from, so a picture in the README can be traced to its
-run.
+rerunning anything, into docs/plots/ (the images README.md and docs/benchmarks.md show). Every
+figure says under it the command and the date of the run it came from, so a picture can be traced
+to its run.
 
 matplotlib draws with its Agg backend: files only, no display, the same on a headless host.
 """

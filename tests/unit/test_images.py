@@ -238,7 +238,7 @@ def test_random_damage_to_scan_data_is_a_valid_image_or_a_422() -> None:
 
 def test_the_runtime_turns_opencvs_own_thread_pool_off() -> None:
     """Two jobs already run at once on a container's worker threads; OpenCV's pool on top of them
-    oversubscribed the cores and spun in sched_yield between calls (README, Tests and benchmarks).
+    oversubscribed the cores and spun in sched_yield between calls (docs/benchmarks.md).
     A fresh interpreter, so that nothing else imported first decides."""
     probe = "import cv2; n = cv2.getNumThreads(); from common import images; print(n, cv2.getNumThreads())"
     answer = subprocess.run(
