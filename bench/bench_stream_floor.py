@@ -1,6 +1,6 @@
 """The floor of bench_topology's stream ratio: its six HTTP exchanges per frame, every hop bare.
 
-    .venv/bin/python bench/bench_stream_floor.py [--rounds N]
+    .venv/bin/python bench/bench_stream_floor.py [--rounds N] [--pyreqwest]
 
 Through gateway, orchestrator and container a frame crosses six exchanges (client -> gateway,
 gateway -> orchestrator, container <- orchestrator input, container -> orchestrator output,
@@ -13,6 +13,11 @@ paths, the order flipping each round, with the same client (bench_topology's str
 frames and frames in flight. Prints median fps, both ratios, the CPU per frame of each process
 and the product's over the floor's per role; writes ``out/bench-stream-floor.json``. The bare
 apps trust every request: not a product.
+
+``--pyreqwest`` adds a fifth path: the floor's hops again with pyreqwest (bindings to Rust's
+reqwest and hyper) as their HTTP client instead of aiohttp, to show what the client library alone
+moves. The client is the larger share of an exchange's CPU here: aiohttp's costs about twice
+uvicorn's side of the same request.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ KEEP = 8  # segments a channel keeps: its readers stay within IN_FLIGHT of its w
 WORKERS = asyncio.Semaphore(2)  # frames processed at once, as our container does (common/app.py)
 ORCHESTRATOR = os.environ.get("FLOOR_ORCHESTRATOR", "")
 CONTAINER = os.environ.get("FLOOR_CONTAINER", "")
+CLIENT = os.environ.get("FLOOR_CLIENT", "aiohttp")  # the hops' HTTP client (pyreqwest: --pyreqwest)
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 if __name__ != "__main__":  # under uvicorn: as the node and the container run (common/malloc.py)
@@ -66,6 +73,39 @@ def session() -> aiohttp.ClientSession:
     # is closing is lost (aiohttp resends no POST), and a round can leave a path idle that long.
     connector = aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_EXPIRY)
     return aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFFER_BYTES)
+
+
+@functools.cache
+def reqwest() -> Any:
+    from datetime import timedelta
+
+    from pyreqwest.client import ClientBuilder
+
+    return ClientBuilder().pool_idle_timeout(timedelta(seconds=KEEPALIVE_EXPIRY)).build()
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    seq: str | None  # Lp-Trickle-Seq
+
+
+async def call(method: str, url: str, body: bytes | None = None) -> Reply:
+    """One request on the hops' client, its answer read whole."""
+    if CLIENT == "pyreqwest":
+        builder = reqwest().request(method, url)
+        if body is not None:
+            builder = builder.body_bytes(body)
+        response = await builder.build().send()
+        return Reply(response.status, bytes(await response.bytes()), response.get_header(SEQ_HEADER))
+    async with session().request(method, url, data=body) as response:
+        return Reply(response.status, await response.read(), response.headers.get(SEQ_HEADER))
+
+
+def succeeded(reply: Reply, what: str) -> None:
+    if reply.status != 200:
+        raise RuntimeError(f"{what}: {reply.status}")
 
 
 class Channel:
@@ -187,22 +227,20 @@ async def store(job: str, seq: int, body: bytes) -> None:  # direct mode's outpu
 
 
 async def post_output(job: str, seq: int, body: bytes) -> None:  # topology mode's
-    async with session().post(f"{ORCHESTRATOR}/{job}-out/{seq}", data=body) as response:
-        response.raise_for_status()
+    succeeded(await call("POST", f"{ORCHESTRATOR}/{job}-out/{seq}", body), "output")
 
 
 async def relay_stream(job: str) -> None:
     """Input segments from the orchestrator until its 404 (closed), outputs back, then close."""
     pipeline, seq = Pipeline(functools.partial(post_output, job)), 0
     while True:
-        async with session().get(f"{ORCHESTRATOR}/{job}-in/{seq}") as response:
-            if response.status != 200:
-                break
-            pipeline.add(seq, await response.read())
+        reply = await call("GET", f"{ORCHESTRATOR}/{job}-in/{seq}")
+        if reply.status != 200:
+            break
+        pipeline.add(seq, reply.body)
         seq += 1
     await pipeline.drain()
-    async with session().delete(f"{ORCHESTRATOR}/{job}-out"):
-        pass
+    await call("DELETE", f"{ORCHESTRATOR}/{job}-out")
 
 
 async def orchestrator(scope: dict[str, Any], receive: Any, send: Send) -> None:
@@ -226,8 +264,7 @@ starts: dict[str, asyncio.Task[None]] = {}  # the container told to run the job
 
 
 async def start(job: str) -> None:
-    async with session().post(f"{CONTAINER}/start/{job}") as response:
-        response.raise_for_status()
+    succeeded(await call("POST", f"{CONTAINER}/start/{job}"), "start")
 
 
 async def gateway(scope: dict[str, Any], receive: Any, send: Send) -> None:
@@ -241,17 +278,14 @@ async def gateway(scope: dict[str, Any], receive: Any, send: Send) -> None:
                 if job not in starts:  # once per job: its first write waits for the start
                     starts[job] = asyncio.create_task(start(job))
                 await starts[job]
-                async with session().post(f"{ORCHESTRATOR}/{job}-in/{seq}", data=body) as response:
-                    status = response.status
+                status = (await call("POST", f"{ORCHESTRATOR}/{job}-in/{seq}", body)).status
             await answer(send, status)
         case ("GET", ["live", job, "output", seq]):
-            async with session().get(f"{ORCHESTRATOR}/{job}-out/{seq}") as response:
-                body = await response.read()
-            await answer(send, response.status, body, response.headers.get(SEQ_HEADER))
+            reply = await call("GET", f"{ORCHESTRATOR}/{job}-out/{seq}")
+            await answer(send, reply.status, reply.body, reply.seq)
         case ("DELETE", ["live", job, "source"]):
             starts.pop(job, None)
-            async with session().delete(f"{ORCHESTRATOR}/{job}-in") as response:
-                await answer(send, response.status)
+            await answer(send, (await call("DELETE", f"{ORCHESTRATOR}/{job}-in")).status)
         case _:
             await answer(send, 404)
 
@@ -265,6 +299,8 @@ PATHS = {
     "floor direct": ("floor direct container", ("floor direct container",)),
     "floor topology": ("floor gateway", ("floor orchestrator", "floor container", "floor gateway")),
 }
+# With --pyreqwest: the floor's hops again, with pyreqwest (Rust's reqwest) as their client.
+REQWEST_PATH = ("reqwest gateway", ("reqwest orchestrator", "reqwest container", "reqwest gateway"))
 
 
 def main() -> None:
@@ -277,7 +313,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=6, help="rounds of one stream per path (default 6)")
-    rounds = parser.parse_args().rounds
+    parser.add_argument(
+        "--pyreqwest", action="store_true", help="a fifth path: the floor's hops with pyreqwest as client"
+    )
+    args = parser.parse_args()
+    rounds = args.rounds
+    if args.pyreqwest:
+        PATHS["floor topology, pyreqwest"] = REQWEST_PATH
     frame = make_frame()
     print(
         f"stream floor: the product's topology and bare uvicorn (httptools, uvloop) + aiohttp hops,"
@@ -296,6 +338,18 @@ def main() -> None:
     floor["floor gateway"] = launch(
         "gateway", FLOOR_ORCHESTRATOR=orchestrator, FLOOR_CONTAINER=floor["floor container"].url
     )
+    if args.pyreqwest:
+        floor["reqwest orchestrator"] = launch("orchestrator", FLOOR_CLIENT="pyreqwest")
+        orchestrator = floor["reqwest orchestrator"].url
+        floor["reqwest container"] = launch(
+            "container", FLOOR_ORCHESTRATOR=orchestrator, FLOOR_CLIENT="pyreqwest"
+        )
+        floor["reqwest gateway"] = launch(
+            "gateway",
+            FLOOR_ORCHESTRATOR=orchestrator,
+            FLOOR_CONTAINER=floor["reqwest container"].url,
+            FLOOR_CLIENT="pyreqwest",
+        )
     fps: dict[str, list[float]] = {path: [] for path in PATHS}
     cpu: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}  # ms per frame, per stream
     try:
@@ -311,7 +365,7 @@ def main() -> None:
                     ("gateway", "gateway"),
                 )
             }
-            for path in ("floor direct", "floor topology"):  # each floor path's first output, once
+            for path in [p for p in PATHS if p.startswith("floor")]:  # each floor path's first output
                 check_first_output(
                     f"{urls[PATHS[path][0]]}/live/check-{time.time_ns():x}", frame, CLIENT_OPTIONS
                 )
@@ -369,15 +423,18 @@ def report(
     print()
     for path in PATHS:
         shown = ", ".join(f"{v:.1f}" for v in fps[path])
-        print(f"stream, {path:<17}: {median[path]:6.1f} fps (median of {shown})")
-        cost = ", ".join(f"{p.removeprefix('floor ')} {ms:.2f}" for p, ms in per_frame[path].items())
+        print(f"stream, {path:<25}: {median[path]:6.1f} fps (median of {shown})")
+        roles = {p.removeprefix("floor ").removeprefix("reqwest "): ms for p, ms in per_frame[path].items()}
+        cost = ", ".join(f"{role} {ms:.2f}" for role, ms in roles.items())
         print(f"  CPU ms per frame: {cost}; all {total[path]:.2f}")
-    ratios = {kind: median[f"{kind} topology"] / median[f"{kind} direct"] for kind in ("product", "floor")}
-    for kind, ratio in ratios.items():
-        cpu_ratio = total[f"{kind} direct"] / total[f"{kind} topology"]
+    pairs = {"product": ("product topology", "product direct"), "floor": ("floor topology", "floor direct")}
+    if "floor topology, pyreqwest" in PATHS:  # its direct path is the floor's: no hop's client in it
+        pairs["floor, pyreqwest"] = ("floor topology, pyreqwest", "floor direct")
+    ratios = {kind: median[topology] / median[direct] for kind, (topology, direct) in pairs.items()}
+    for kind, (topology, direct) in pairs.items():
         print(
-            f"ratio topology/direct, {kind:<7}: fps {ratio:.3f}; "
-            f"CPU per frame direct/topology {cpu_ratio:.3f}"
+            f"ratio topology/direct, {kind:<16}: fps {ratios[kind]:.3f}; "
+            f"CPU per frame direct/topology {total[direct] / total[topology]:.3f}"
         )
     over = {
         role: per_frame["product topology"][role] - per_frame["floor topology"][f"floor {role}"]
