@@ -9,7 +9,9 @@ round), sequential jobs go to the echo server directly and through each relay:
 
 - ``httpx``: httpx on its own transport (httpcore, h11, anyio);
 - ``httpx+aiohttp``: httpx on :class:`common.client.AiohttpTransport`, what the node uses;
-- ``aiohttp``: aiohttp alone, the floor a Python client can reach here.
+- ``aiohttp``: aiohttp alone, the cheapest pure-asyncio client;
+- ``pyreqwest``: bindings to Rust's reqwest and hyper, which do the HTTP on a tokio thread of the
+  same process (its CPU is counted with the relay's): what a client outside Python costs.
 
 Prints, per relay, the CPU its process spends per job (user + system, ``/proc``), the p50 latency
 it adds over the direct job, and each figure as a ratio to plain httpx.
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tests.harness import ServerProcess  # noqa: E402
 
 BODY_BYTES = 252_631  # the 1280x720 JPEG q90 of bench/bench_topology.py
-STACKS = ("httpx", "httpx+aiohttp", "aiohttp")
+STACKS = ("httpx", "httpx+aiohttp", "aiohttp", "pyreqwest")
 ROUNDS = 4
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -67,6 +69,10 @@ def server_main(stack: str, port: int, upstream: str) -> None:
         if isinstance(client, httpx.AsyncClient):
             answer = await client.post(upstream, content=body, headers={"content-type": "image/jpeg"})
             return Response(answer.content, answer.status_code, media_type="image/jpeg")
+        if stack == "pyreqwest":
+            request = client.post(upstream).header("content-type", "image/jpeg").body_bytes(body)  # type: ignore[attr-defined]
+            sent = await request.build().send()
+            return Response(bytes(await sent.bytes()), sent.status, media_type="image/jpeg")
         async with client.post(upstream, data=body, headers={"content-type": "image/jpeg"}) as answer:  # type: ignore[attr-defined]
             return Response(await answer.read(), answer.status, media_type="image/jpeg")
 
@@ -80,6 +86,10 @@ def server_main(stack: str, port: int, upstream: str) -> None:
             import aiohttp
 
             state["client"] = aiohttp.ClientSession(read_bufsize=READ_BUFFER_BYTES, auto_decompress=False)
+        elif stack == "pyreqwest":
+            from pyreqwest.client import ClientBuilder
+
+            state["client"] = ClientBuilder().build()
         yield
         client = state.get("client")
         if isinstance(client, httpx.AsyncClient):
