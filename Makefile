@@ -130,7 +130,7 @@ format: venv ## ruff: fix formatting
 bench: venv ## run the benchmarks, print their figures; JSON and PNG plots in out/ (~8 minutes)
 	$(PY) bench/bench_green_tint.py
 	$(PY) bench/bench_topology.py
-	$(PY) bench/bench_stream_floor.py
+	$(PY) bench/bench_stream_floor.py --pyreqwest
 	$(PY) bench/bench_client.py
 	$(PY) bench/bench_trickle.py
 	$(PY) bench/bench_load.py
