@@ -87,9 +87,11 @@ def server_main(stack: str, port: int, upstream: str) -> None:
 
             state["client"] = aiohttp.ClientSession(read_bufsize=READ_BUFFER_BYTES, auto_decompress=False)
         elif stack == "pyreqwest":
+            from datetime import timedelta
+
             from pyreqwest.client import ClientBuilder
 
-            state["client"] = ClientBuilder().build()
+            state["client"] = ClientBuilder().timeout(timedelta(seconds=30.0)).build()  # as httpx's
         yield
         client = state.get("client")
         if isinstance(client, httpx.AsyncClient):

@@ -16,8 +16,7 @@ apps trust every request: not a product.
 
 ``--pyreqwest`` adds a fifth path: the floor's hops again with pyreqwest (bindings to Rust's
 reqwest and hyper) as their HTTP client instead of aiohttp, to show what the client library alone
-moves. The client is the larger share of an exchange's CPU here: aiohttp's costs about twice
-uvicorn's side of the same request.
+moves (``bench/bench_client.py`` compares the same clients on one relay hop).
 """
 
 from __future__ import annotations
@@ -81,7 +80,9 @@ def reqwest() -> Any:
 
     from pyreqwest.client import ClientBuilder
 
-    return ClientBuilder().pool_idle_timeout(timedelta(seconds=KEEPALIVE_EXPIRY)).build()
+    # The same bound as aiohttp's session by default: 300 s for a whole request.
+    builder = ClientBuilder().timeout(timedelta(seconds=300))
+    return builder.pool_idle_timeout(timedelta(seconds=KEEPALIVE_EXPIRY)).build()
 
 
 @dataclass
@@ -292,15 +293,19 @@ async def gateway(scope: dict[str, Any], receive: Any, send: Send) -> None:
 
 # -- the bench (the apps above run in processes of their own) ----------------------------------
 
+
+def hops_path(prefix: str) -> tuple[str, tuple[str, ...]]:
+    """The path through one set of bare hops (see ``launch_hops``), named by ``prefix``."""
+    return f"{prefix} gateway", (f"{prefix} orchestrator", f"{prefix} container", f"{prefix} gateway")
+
+
 # Each path: where its streams go, and the processes whose CPU a frame costs on it.
 PATHS = {
     "product direct": ("container", ("container",)),
     "product topology": ("gateway", ("orchestrator", "container", "gateway")),
     "floor direct": ("floor direct container", ("floor direct container",)),
-    "floor topology": ("floor gateway", ("floor orchestrator", "floor container", "floor gateway")),
+    "floor topology": hops_path("floor"),
 }
-# With --pyreqwest: the floor's hops again, with pyreqwest (Rust's reqwest) as their client.
-REQWEST_PATH = ("reqwest gateway", ("reqwest orchestrator", "reqwest container", "reqwest gateway"))
 
 
 def main() -> None:
@@ -319,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = args.rounds
     if args.pyreqwest:
-        PATHS["floor topology, pyreqwest"] = REQWEST_PATH
+        PATHS["floor topology, pyreqwest"] = hops_path("reqwest")
     frame = make_frame()
     print(
         f"stream floor: the product's topology and bare uvicorn (httptools, uvloop) + aiohttp hops,"
@@ -332,24 +337,22 @@ def main() -> None:
             [a.replace("bare_green_tint:app", f"bench_stream_floor:{app}") for a in BARE_ARGV], env=env
         )
 
-    floor = {"floor direct container": launch("container"), "floor orchestrator": launch("orchestrator")}
-    orchestrator = floor["floor orchestrator"].url
-    floor["floor container"] = launch("container", FLOOR_ORCHESTRATOR=orchestrator)
-    floor["floor gateway"] = launch(
-        "gateway", FLOOR_ORCHESTRATOR=orchestrator, FLOOR_CONTAINER=floor["floor container"].url
-    )
+    def launch_hops(prefix: str, client: str) -> dict[str, ServerProcess]:
+        """Orchestrator, container and gateway of one topology, with ``client`` as their client."""
+        orchestrator = launch("orchestrator", FLOOR_CLIENT=client)
+        container = launch("container", FLOOR_ORCHESTRATOR=orchestrator.url, FLOOR_CLIENT=client)
+        gateway = launch(
+            "gateway", FLOOR_ORCHESTRATOR=orchestrator.url, FLOOR_CONTAINER=container.url, FLOOR_CLIENT=client
+        )
+        return {
+            f"{prefix} orchestrator": orchestrator,
+            f"{prefix} container": container,
+            f"{prefix} gateway": gateway,
+        }
+
+    floor = {"floor direct container": launch("container"), **launch_hops("floor", "aiohttp")}
     if args.pyreqwest:
-        floor["reqwest orchestrator"] = launch("orchestrator", FLOOR_CLIENT="pyreqwest")
-        orchestrator = floor["reqwest orchestrator"].url
-        floor["reqwest container"] = launch(
-            "container", FLOOR_ORCHESTRATOR=orchestrator, FLOOR_CLIENT="pyreqwest"
-        )
-        floor["reqwest gateway"] = launch(
-            "gateway",
-            FLOOR_ORCHESTRATOR=orchestrator,
-            FLOOR_CONTAINER=floor["reqwest container"].url,
-            FLOOR_CLIENT="pyreqwest",
-        )
+        floor |= launch_hops("reqwest", "pyreqwest")
     fps: dict[str, list[float]] = {path: [] for path in PATHS}
     cpu: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}  # ms per frame, per stream
     try:
@@ -448,7 +451,8 @@ def report(
         f"(issue 7's target for the product's ratio: >= {target:.0%}; the floor's bounds what any code"
         " reaches on these libraries)"
     )
-    print(f"\nrerun: {COMMAND}")
+    command = COMMAND + (" --pyreqwest" if "floor, pyreqwest" in pairs else "")
+    print(f"\nrerun: {command}")
     results = {
         "what": "the /live stream ratio of the product and of bare uvicorn + aiohttp hops",
         "host": {"node": platform.node(), "cpus": len(os.sched_getaffinity(0))},
@@ -461,7 +465,7 @@ def report(
         "cpu_ms_per_frame_all_processes_median": total,
         "product_over_floor_cpu_ms_per_frame": over,
         "cpu_ms_per_frame_per_stream": cpu,
-        "command": COMMAND,
+        "command": command,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
