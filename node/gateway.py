@@ -591,9 +591,9 @@ def create_gateway_app(config: GatewayConfig) -> Starlette:
     gateway = Gateway(config)
     app = service_app(
         [
+            *gateway.live.routes(),  # first: a live stream's segments are most of the requests
             Route("/process/request/{path:path}", gateway.process_request, methods=["POST"]),
             *gateway.jobs.routes(),
-            *gateway.live.routes(),
             Route("/status", gateway.status, methods=["GET"]),
             Route("/health", gateway.health, methods=["GET"]),
             *page_routes(gateway.client, config.orch_addrs),  # the browser page, GET /process/models

@@ -62,12 +62,12 @@ class LiveJobs:
         self._opening: dict[str, asyncio.Future[_Job]] = {}
 
     def routes(self) -> list[Route]:
-        return [
+        return [  # a frame's two requests first: Starlette tries routes in order
+            Route("/live/{job_id}/source/{seq}", self.write, methods=["PUT", "POST"]),
+            Route("/live/{job_id}/output/{seq}", self.read, methods=["GET"]),
             Route("/live/{job_id}/source", self.write, methods=["PUT"]),
             Route("/live/{job_id}/source", self.end_input, methods=["DELETE"]),
-            Route("/live/{job_id}/source/{seq}", self.write, methods=["PUT", "POST"]),
             Route("/live/{job_id}/output", self.read, methods=["GET"]),
-            Route("/live/{job_id}/output/{seq}", self.read, methods=["GET"]),
             Route("/live/{job_id}", self.delete, methods=["DELETE"]),
             # Every other /live/ path, with every method: a 400 that names the shape, rather
             # than a 404/405 that reads as "no such stream" or "try another method".

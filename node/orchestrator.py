@@ -144,11 +144,11 @@ def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> S
     orch = Orchestrator(config, registry)
     return service_app(
         [
+            *orch.live.routes(),  # first: a live stream's segments are most of the requests
             Route("/capability/register", orch.register, methods=["POST"]),
             Route("/capability/unregister", orch.unregister, methods=["POST"]),
             Route("/process/token", orch.token, methods=["GET"]),
             Route("/process/request/{path:path}", orch.jobs.process_request, methods=["POST"]),
-            *orch.live.routes(),
             Route("/status", orch.status, methods=["GET"]),
             Route("/health", orch.health, methods=["GET"]),
         ],

@@ -31,16 +31,23 @@ def valid_name(name: str) -> bool:
 
 
 class Signal:
-    """Wakes every waiter on each change; waiters re-check their condition."""
+    """Wakes every waiter on each change; waiters re-check their condition.
+
+    Its event is made by the first waiter after a change: a segment notifies once per chunk
+    written, mostly with nobody waiting.
+    """
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        self._event: asyncio.Event | None = None
 
     def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
         await self._event.wait()
 
 
