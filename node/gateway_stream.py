@@ -515,6 +515,7 @@ class LiveStream:
         answers = self._answering.popleft() if channel is self.output and self._answering else None
         local = channel.open_write(SEQ_NEXT if answers is None else answers)
         local.content_type = received.content_type
+        local.length = received.length
         if received.error is not None:  # an error report stays one, in band
             code = received.error.get("error")
             local.error = (

@@ -71,6 +71,7 @@ class Segment:
         self.closed = False
         self.failed = False
         self.claimed = False  # a writer has taken it (else a reader created it, waiting)
+        self.length: int | None = None  # the size its writer announced (Content-Length), if any
         self._chunks: list[bytes] = []
         self._changed = Signal()
 

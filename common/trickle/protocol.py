@@ -29,6 +29,19 @@ SEQ_LATEST = -2  # the segment written last
 KEEPALIVE_EXPIRY = 4.0
 
 
+# A segment its writer sent with a Content-Length of at most this many bytes (a frame, an event,
+# a whole-segment publisher's upload) goes to readers once it is whole, in one write with that
+# length; longer or chunked ones are streamed as they arrive. Loopback carries a MiB in under a
+# millisecond, so a reader waits about that; each chunk streamed costs both ends a write and the
+# chunk framing (the gateway's frames came to its client chunked, read in Python by httpx).
+WHOLE_SEGMENT_BYTES = 1024 * 1024
+
+
+def header_int(text: str | None) -> int | None:
+    """A header's non-negative integer of at most 18 ASCII digits, else None."""
+    return int(text) if text is not None and text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def params_json(params: Mapping[str, Any]) -> str:
     return json.dumps(dict(params), separators=(",", ":"))
 

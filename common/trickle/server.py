@@ -7,7 +7,8 @@ Routes, under a prefix (``/ai/trickle`` on an orchestrator):
 - ``POST {ch}/{seq}`` write segment ``seq`` (``-1``: the next), its body streamed to readers as
   it arrives; ``Lp-Trickle-Reset`` closes every earlier segment;
 - ``GET {ch}/{seq}`` read (``-1`` the next, ``-2`` the latest): waits for the next segment's first
-  byte, then streams; ``GET {ch}/next`` the next seq to be written; ``DELETE {ch}/{seq}`` close one.
+  byte, then streams (one written with a Content-Length of at most a MiB goes out once whole,
+  with that length); ``GET {ch}/next`` the next seq to be written; ``DELETE {ch}/{seq}`` close one.
 
 A read answers only 200, 404 or 470, as readers (go-livepeer's, pytrickle's) take any other
 status for a broken connection: 200 with ``Lp-Trickle-Seq`` (and ``Lp-Trickle-Closed`` at the
@@ -51,6 +52,8 @@ from .protocol import (
     SEQ_LATEST,
     SEQ_NEXT,
     STATUS_UNAVAILABLE,
+    WHOLE_SEGMENT_BYTES,
+    header_int,
 )
 
 log = logging.getLogger("trickle")
@@ -241,6 +244,7 @@ async def receive_segment(
         raise ApiError(400, "invalid_mime", f"Content-Type must be a MIME type, got {_shown(content_type)}")
     segment = channel.open_write(seq, reset=RESET_HEADER.lower() in request.headers)
     segment.content_type = content_type  # each segment keeps its own (frames: image/jpeg, ...)
+    segment.length = header_int(request.headers.get("content-length"))
     if error is not None:  # the writer reports a failure in band: readers get it and go on
         segment.error, segment.content_type = error, "application/json"
     try:
@@ -272,7 +276,8 @@ async def receive_segment(
 
 
 async def serve_segment(request: Request, channel: Channel, seq: int) -> Response:
-    """``GET {ch}/{seq}``: the segment streamed as it is written, or why not, as 200/470 only."""
+    """``GET {ch}/{seq}``: the segment streamed as it is written (whole, if its writer announced a
+    length of at most :data:`WHOLE_SEGMENT_BYTES`), or why not, as 200/470 only."""
     seq = channel.resolve(seq)
     segment = channel.for_read(seq)
     headers = {SEQ_HEADER: str(seq), LATEST_HEADER: str(channel.next_write)}
@@ -293,6 +298,8 @@ async def serve_segment(request: Request, channel: Channel, seq: int) -> Respons
         )
     if not segment.closed and segment.empty:
         await unless_client_leaves(request, segment.wait_started())
+    if not segment.closed and segment.length is not None and segment.length <= WHOLE_SEGMENT_BYTES:
+        await unless_client_leaves(request, segment.wait_closed())
     headers[LATEST_HEADER] = str(channel.next_write)
     if segment.error is not None:
         headers[ERROR_HEADER] = segment.error

@@ -20,6 +20,7 @@ from .protocol import (
     SEQ_LATEST,
     STATUS_UNAVAILABLE,
     TrickleError,
+    header_int,
 )
 from .publisher import StreamKey
 
@@ -44,8 +45,7 @@ def _error_body(code: str, body: bytes) -> dict[str, Any]:
 
 
 def _header_int(response: Answer, name: str) -> int | None:
-    text = response.headers.get(name, "")
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+    return header_int(response.headers.get(name))
 
 
 @dataclass
@@ -56,6 +56,7 @@ class ReceivedSegment:
     seq: int
     content_type: str
     error: dict[str, Any] | None  # the JSON body, when the segment carries Lp-Trickle-Error
+    length: int | None = None  # Content-Length: its size, when it came whole
     _response: Answer | None = field(default=None, repr=False)
     _body: bytes | None = field(default=None, repr=False)  # already read (error segments)
 
@@ -185,7 +186,8 @@ class TrickleSubscriber:
         content_type = response.headers.get("content-type", "")
         code = response.headers.get(ERROR_HEADER)
         if code is None:
-            return ReceivedSegment(seq, content_type, None, _response=response)
+            length = _header_int(response, "content-length")
+            return ReceivedSegment(seq, content_type, None, length, _response=response)
         body = await response.aread(MAX_ERROR_BODY)
         return ReceivedSegment(seq, content_type, _error_body(code, body), _body=body)
 

@@ -757,6 +757,10 @@ async def test_frames_in_flight_on_one_stream(topology: Topology) -> None:
     """The test client's pattern: many frames of one job in flight at once, through the gateway."""
     job = f"/live/{new_job_id()}"
     in_flight = asyncio.Semaphore(4)  # scripts/test_byoc_job.py's window; the ring keeps 5 segments
+
+    def frame(i: int) -> bytes:  # as big as a 720p JPEG: more than one read at each hop
+        return b"frame %02d " % i * 25_000
+
     async with topology.gateway.async_client() as client:
 
         async def one(i: int) -> tuple[int, bytes]:
@@ -764,21 +768,21 @@ async def test_frames_in_flight_on_one_stream(topology: Topology) -> None:
                 return await put_and_get(i)
 
         async def put_and_get(i: int) -> tuple[int, bytes]:
-            put = await client.put(
-                f"{job}/source", content=b"frame %d" % i, headers={"X-Model-Id": "passthrough-cpu"}
-            )
+            headers = {"X-Model-Id": "passthrough-cpu"}
+            put = await client.put(f"{job}/source", content=frame(i), headers=headers)
             assert put.status_code == 200, put.text
             if i == 0:  # the stream is its opener's: every later request carries the key
                 client.headers[STREAM_KEY] = put.headers[STREAM_KEY]
             seq = int(put.headers["lp-trickle-seq"])
-            got = await client.get(f"{job}/output/{seq}")
+            got = await client.get(f"{job}/output/{seq}")  # mostly before the output exists
             assert got.status_code == 200, got.text
+            assert got.headers.get("content-length") == str(len(got.content)), "whole, with its length"
             return seq, got.content
 
         results = [await put_and_get(0)]
         results += await asyncio.gather(*(one(i) for i in range(1, 12)))
         assert sorted(seq for seq, _ in results) == list(range(12)), "one seq per frame"
-        assert sorted(body for _, body in results) == sorted(b"frame %d" % i for i in range(12))
+        assert sorted(body for _, body in results) == sorted(frame(i) for i in range(12))
         assert (await client.delete(job)).status_code == 200
     assert loads(topology, "passthrough-cpu") == [0, 0]
 

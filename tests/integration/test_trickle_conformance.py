@@ -229,6 +229,41 @@ async def test_a_finished_segment_is_read_whole_with_its_length(trickle: ServerP
         assert written.headers["content-length"] == str(len(frame))
 
 
+async def test_a_segment_written_with_its_length_reaches_a_waiting_reader_whole(
+    trickle: ServerProcess,
+) -> None:
+    """A writer that gives its length (a frame, an event) is read whole, with that length, also by
+    a reader that was waiting before the first byte: no chunk framing on the way out. If that
+    writer breaks off, its reader is still cut off, never handed a short segment."""
+    url = channel(trickle)
+    async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
+        await client.post(url)
+        reader = asyncio.create_task(client.get(f"{url}/0"))
+        await asyncio.sleep(0.2)
+        body = Body()
+        writing = post(client, f"{url}/0", body, **{"Content-Length": "20"})
+        body.send(b"first part")
+        await asyncio.sleep(0.3)
+        assert not reader.done(), "half a frame is not an answer"
+        body.send(b"0123456789")
+        body.end()
+        answer = await asyncio.wait_for(reader, 5)
+        assert answer.content == b"first part0123456789"
+        assert answer.headers["content-length"] == "20"
+        assert "transfer-encoding" not in answer.headers
+        assert (await writing).status_code == 200
+
+        reader = asyncio.create_task(client.get(f"{url}/1"))
+        await asyncio.sleep(0.2)
+        body = Body()
+        writing = post(client, f"{url}/1", body, **{"Content-Length": "20"})
+        body.send(b"half")
+        await asyncio.sleep(0.3)
+        writing.cancel()  # the connection drops 16 bytes short
+        with pytest.raises(httpx.RemoteProtocolError):
+            await asyncio.wait_for(reader, 5)
+
+
 async def test_a_reader_that_leaves_mid_segment_holds_up_neither_the_writer_nor_other_readers(
     trickle: ServerProcess,
 ) -> None:
