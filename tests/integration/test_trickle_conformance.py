@@ -238,12 +238,18 @@ async def test_a_segment_written_with_its_length_reaches_a_waiting_reader_whole(
     url = channel(trickle)
     async with httpx.AsyncClient(**CLIENT_OPTIONS) as client:
         await client.post(url)
-        reader = asyncio.create_task(client.get(f"{url}/0"))
-        await asyncio.sleep(0.2)
-        body = Body()
-        writing = post(client, f"{url}/0", body, **{"Content-Length": "20"})
-        body.send(b"first part")
-        await asyncio.sleep(0.3)
+
+        async def half_written(seq: int, first: bytes) -> tuple[asyncio.Task, asyncio.Task, Body]:
+            """A reader waiting on ``seq``, then its writer: 20 bytes announced, ``first`` sent."""
+            reader = asyncio.create_task(client.get(f"{url}/{seq}"))
+            await asyncio.sleep(0.2)
+            body = Body()
+            writing = post(client, f"{url}/{seq}", body, **{"Content-Length": "20"})
+            body.send(first)
+            await asyncio.sleep(0.3)
+            return reader, writing, body
+
+        reader, writing, body = await half_written(0, b"first part")
         assert not reader.done(), "half a frame is not an answer"
         body.send(b"0123456789")
         body.end()
@@ -253,12 +259,7 @@ async def test_a_segment_written_with_its_length_reaches_a_waiting_reader_whole(
         assert "transfer-encoding" not in answer.headers
         assert (await writing).status_code == 200
 
-        reader = asyncio.create_task(client.get(f"{url}/1"))
-        await asyncio.sleep(0.2)
-        body = Body()
-        writing = post(client, f"{url}/1", body, **{"Content-Length": "20"})
-        body.send(b"half")
-        await asyncio.sleep(0.3)
+        reader, writing, _ = await half_written(1, b"half")
         writing.cancel()  # the connection drops 16 bytes short
         with pytest.raises(httpx.RemoteProtocolError):
             await asyncio.wait_for(reader, 5)
