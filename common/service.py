@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute
 
 from .errors import install_error_handlers
@@ -81,11 +82,13 @@ def service_app(
     routes: Sequence[BaseRoute],
     background: Loops,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    inner: Sequence[Middleware] = (),
 ) -> Starlette:
     """An app whose ``background()`` loops live as long as it serves, under a :class:`Supervisor`.
 
     ``background()`` is called again to restart a crashed loop, so it must build fresh coroutines
-    from the app's state each time.
+    from the app's state each time. ``inner`` middleware runs inside the JSON error handling (an
+    exception it lets through is still a JSON 500), in front of Starlette's own.
     """
 
     @contextlib.asynccontextmanager
@@ -100,5 +103,7 @@ def service_app(
                 await on_shutdown()
 
     app = Starlette(routes=list(routes), lifespan=lifespan)
+    for middleware in reversed(inner):  # each added outside the one before: the first is outermost
+        app.add_middleware(middleware.cls, *middleware.args, **middleware.kwargs)
     install_error_handlers(app)
     return app

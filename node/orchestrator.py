@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -23,9 +24,10 @@ from common.errors import ApiError
 from common.http import read_body
 from common.names import check_model_id
 from common.service import service_app
+from common.trickle.server import SegmentRoutes
 
 from .jobs import JobLimits, Jobs, on_loopback
-from .livepeer import CAPABILITY_HEADER, SENDER_HEADER, check_sender_header
+from .livepeer import CAPABILITY_HEADER, SENDER_HEADER, TRICKLE_PREFIX, check_sender_header
 from .registration import check_resolved_host, registration_from_json, unregister_name
 from .registry import Registry
 from .relay import new_client, same_secret
@@ -157,4 +159,5 @@ def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> S
             *orch.live.loops(),
         ],
         on_shutdown=orch.close,
+        inner=[Middleware(SegmentRoutes, server=orch.live.trickle, prefix=TRICKLE_PREFIX)],
     )

@@ -7,9 +7,12 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+import httpx
 import pytest
+from starlette.middleware import Middleware
 
 from common.service import Supervisor, service_app
+from common.trickle.server import ChannelServer, SegmentRoutes
 
 
 class Loops:
@@ -85,3 +88,26 @@ async def test_service_app_supervises_its_loops_for_as_long_as_it_serves(
     assert loops.flaky_runs == 3
     assert loops.steady_ended == 1, "shutdown cancels the loops and waits for them"
     assert "Traceback" in caplog.text and "RuntimeError: boom 1" in caplog.text
+
+
+async def test_inner_middleware_answers_inside_the_json_error_handling() -> None:
+    """``SegmentRoutes`` (the orchestrator's segment reads and writes past Starlette's router) as
+    ``service_app``'s inner middleware: its refusals are the usual JSON 4xx, a bug in it is a JSON
+    500, and every other request still reaches the app's routes."""
+
+    class BrokenReads(ChannelServer):
+        async def read(self, request: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    server = BrokenReads(autocreate=True)
+    segments = Middleware(SegmentRoutes, server=server, prefix="/t")
+    app = service_app(server.routes("/t"), list, inner=[segments])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+        written = await client.post("/t/ch/0", content=b"frame", headers={"Content-Type": "image/jpeg"})
+        assert (written.status_code, written.headers["lp-trickle-seq"]) == (200, "0")
+        bug = await client.get("/t/ch/0")
+        assert (bug.status_code, bug.json()["error"]) == (500, "internal_error")
+        refused = await client.post("/t/.hidden/0", content=b"x")
+        assert (refused.status_code, refused.json()["error"]) == (400, "invalid_channel")
+        assert (await client.get("/t/ch/next")).text == "1"  # not one of its two routes: the app's
+        assert (await client.put("/t/ch/0")).json()["error"] == "method_not_allowed"
