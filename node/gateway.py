@@ -591,8 +591,9 @@ def create_gateway_app(config: GatewayConfig) -> Starlette:
     gateway = Gateway(config)
     app = service_app(
         [
-            *gateway.live.routes(),  # first: a live stream's segments are most of the requests
+            # The routes that carry jobs and frames first: Starlette tries routes in order.
             Route("/process/request/{path:path}", gateway.process_request, methods=["POST"]),
+            *gateway.live.routes(),
             *gateway.jobs.routes(),
             Route("/status", gateway.status, methods=["GET"]),
             Route("/health", gateway.health, methods=["GET"]),

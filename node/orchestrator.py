@@ -146,11 +146,13 @@ def create_orchestrator_app(config: OrchestratorConfig, registry: Registry) -> S
     orch = Orchestrator(config, registry)
     return service_app(
         [
-            *orch.live.routes(),  # first: a live stream's segments are most of the requests
+            # Jobs, then streams: Starlette tries routes in order (a stream's segment reads and
+            # writes do not get here: SegmentRoutes below).
+            Route("/process/request/{path:path}", orch.jobs.process_request, methods=["POST"]),
+            *orch.live.routes(),
             Route("/capability/register", orch.register, methods=["POST"]),
             Route("/capability/unregister", orch.unregister, methods=["POST"]),
             Route("/process/token", orch.token, methods=["GET"]),
-            Route("/process/request/{path:path}", orch.jobs.process_request, methods=["POST"]),
             Route("/status", orch.status, methods=["GET"]),
             Route("/health", orch.health, methods=["GET"]),
         ],

@@ -241,8 +241,9 @@ class LiveStreams:
         self.background = Background("streams")
 
     def routes(self) -> list[BaseRoute]:
-        # The channels first: they take several requests per segment, and Starlette tries routes
-        # in order. The DELETE of a channel is this class's, ahead of the channel server's own.
+        # The channels first (their segment reads and writes reach them past the router, through
+        # SegmentRoutes, when the orchestrator's app installs it). The DELETE of a channel is this
+        # class's, ahead of the channel server's own.
         return [
             Route(f"{TRICKLE_PREFIX}/{{channel}}", self.delete_channel, methods=["DELETE"]),
             *self.trickle.routes(TRICKLE_PREFIX),
