@@ -241,15 +241,12 @@ class LiveStreams:
         self.background = Background("streams")
 
     def routes(self) -> list[BaseRoute]:
-        # The channels first (their segment reads and writes reach them past the router, through
-        # SegmentRoutes, when the orchestrator's app installs it). The DELETE of a channel is this
-        # class's, ahead of the channel server's own.
         return [
-            Route(f"{TRICKLE_PREFIX}/{{channel}}", self.delete_channel, methods=["DELETE"]),
-            *self.trickle.routes(TRICKLE_PREFIX),
             Route(STREAM_START_PATH, self.start, methods=["POST"]),
             Route(STREAM_UPDATE_PATH, self.update, methods=["POST"]),
             Route(STREAM_STOP_PATH, self.stop, methods=["POST"]),
+            Route(f"{TRICKLE_PREFIX}/{{channel}}", self.delete_channel, methods=["DELETE"]),
+            *self.trickle.routes(TRICKLE_PREFIX),
         ]
 
     async def delete_channel(self, request: Request) -> Response:

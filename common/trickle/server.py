@@ -143,6 +143,7 @@ class ChannelServer:
     # -- HTTP -----------------------------------------------------------------------------------
 
     def routes(self, prefix: str = "") -> list[Route]:
+        # GET and POST {channel}/{seq} are also dispatched by SegmentRoutes: change them together.
         prefix = prefix.rstrip("/")
         return [
             Route(f"{prefix}/{{channel}}/next", self.next_seq, methods=["GET"]),
