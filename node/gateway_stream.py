@@ -26,8 +26,9 @@ import httpx
 
 from common.client import body_failure, session_of
 from common.trickle.channel import RING_SIZE, Channel, IncompleteSegment, Segment, SegmentTooLarge, Signal
-from common.trickle.protocol import SEQ_NEXT, TrickleError
+from common.trickle.protocol import CLOSED_HEADER, ERROR_HEADER, REPLY_HEADER, SEQ_NEXT, TrickleError
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
+from common.trickle.server import REPLY_SECONDS
 from common.trickle.subscriber import ReceivedSegment, TrickleSubscriber
 
 from .livepeer import STREAM_ENDED_EVENT, JobRequest
@@ -78,6 +79,19 @@ class StreamLimits:
     max_segment_bytes: int = 32 * 1024 * 1024
     drain_seconds: float = 5.0  # after the events end, for the last output segment to come through
     join_seconds: float = 5.0  # longest wait for a container to show it reads its input (see _input)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """The orchestrator's answer to a frame: the container's output for it."""
+
+    content_type: str | None
+    error: str | None  # Lp-Trickle-Error: the output is an error report
+    body: bytes
+    ended: bool = False  # no output: the orchestrator's output channel has ended
+
+
+Exchanges = asyncio.Queue["asyncio.Task[_Reply | None] | None"]  # in send order; None: no more
 
 
 class SessionLost(Exception):
@@ -299,7 +313,12 @@ class LiveStream:
         """Run the pumps of one session until the stream ends (``None``) or the session is lost."""
         self._last_event = time.monotonic()
         self._output_done, self._heard, self._fed = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        pumps = [self._input(session), self._output(session), self._events(session), self._watch(session)]
+        if self.segments:
+            exchanges: Exchanges = asyncio.Queue()
+            pumps = [self._input_segments(session, exchanges), self._outputs(exchanges)]
+        else:
+            pumps = [self._input(session), self._output(session)]
+        pumps += [self._events(session), self._watch(session)]
         if session.data_url:
             pumps.append(self._data(session))
         if session.control_url:
@@ -341,9 +360,6 @@ class LiveStream:
         event), and the rest only once it shows it has that one (an event or an output segment
         saying so), each wait bounded by ``join_seconds``: a quicker start would go unread.
         """
-        if self.segments:
-            await self._input_segments(session)
-            return
         publisher = TricklePublisher(self.client, session.publish_url, timeout=self.limits.trickle_timeout)
         joined = False
         try:
@@ -394,28 +410,17 @@ class LiveStream:
 
     async def _send_first(self, segment: Segment, session: Session) -> None:
         """Segment 0 of a session as one plain POST: no next one opened behind it, so it stays
-        the live edge until the container comes for it."""
-        await self._post(segment, session, 0)
-
-    async def _post(self, segment: Segment, session: Session, seq: int) -> bool:
-        """``segment`` as one plain POST to the orchestrator's input ``seq``, with its own content
-        type; ``False`` if the client cut it off.
-
-        Straight through the client's aiohttp session, as one-shot job bodies go: a
-        frame-per-segment stream sends one per frame, and httpx's request and response objects on
-        top cost more than the rest of the POST (bench/bench_client.py).
-        """
+        the live edge until the container comes for it. Sent whole, with its length, once it is
+        (the orchestrator then hands it on whole); one slower than the trickle timeout to arrive
+        streams on as it comes."""
         seconds = self.limits.trickle_timeout
-        # A frame goes on once it is whole, with its length, so that the orchestrator has it
-        # whole in one read and hands it on whole. One slower than the trickle timeout to
-        # arrive streams on as it comes.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await segment.wait_closed()
         whole = segment.whole()
         try:
             async with session_of(self.client).post(
-                f"{session.publish_url}/{seq}",
+                f"{session.publish_url}/0",
                 data=segment.chunks() if whole is None else whole,
                 headers={"Content-Type": segment.content_type or self.input.mime},
                 allow_redirects=False,
@@ -425,21 +430,21 @@ class LiveStream:
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(body_failure(exc), IncompleteSegment):
                 log.info("stream %s: input segment %d was cut off by the client", self.id, segment.seq)
-                return False
+                return
             raise SessionLost(_failed("the orchestrator's input", exc), repr(exc)) from None
         if status != 200:
-            raise SessionLost(f"the orchestrator refused input segment {seq} ({status})")
+            raise SessionLost(f"the orchestrator refused input segment 0 ({status})")
         self.segments_in += 1
-        return True
 
-    async def _input_segments(self, session: Session) -> None:
-        """Frame-per-segment input: every segment in seq order, each answered by one output, at
-        most ``SEGMENTS_IN_FLIGHT`` unanswered (the orchestrator's ring must not overrun). After a
-        move, the first segment the old orchestrator did not answer goes again."""
+    async def _input_segments(self, session: Session, exchanges: Exchanges) -> None:
+        """Frame-per-segment input: every segment in seq order, each sent whole as soon as it is
+        and answered by its output (:meth:`_exchange`), at most ``SEGMENTS_IN_FLIGHT`` unanswered
+        (the orchestrator's ring must not overrun). After a move, the first segment the old
+        orchestrator did not answer goes again."""
         if self._answering:
             self._next_input = self._answering[0]
             self._answering.clear()
-        sent = 0
+        unanswered: set[asyncio.Task[_Reply | None]] = set()
         try:
             while True:
                 while len(self._answering) >= SEGMENTS_IN_FLIGHT:
@@ -447,6 +452,10 @@ class LiveStream:
                 segment = self.input.for_read(self._next_input)
                 if segment is None:  # a seq the client skipped (for_read waits for a late one)
                     if self.input.closed:
+                        # The last frames are answered before the orchestrator hears the input
+                        # has ended: one still on its way would find the channel closed.
+                        if unanswered:
+                            await asyncio.wait(unanswered)
                         return
                     self._next_input += 1
                     continue
@@ -455,25 +464,101 @@ class LiveStream:
                 goodbye = segment.empty and segment.closed and self.input.closed
                 if segment.claimed and not goodbye:
                     self._answering.append(segment.seq)
-                    # A cut-off one uses up its seq too: the container read it cut short, skipped
-                    # it and reads on from the next.
-                    delivered = await self._post(segment, session, sent)
-                    sent += 1
-                    if not delivered:
-                        self._answering.pop()
-                        self._answer_cut_off(segment.seq)
+                    task = asyncio.create_task(self._exchange(segment, session))
+                    unanswered.add(task)
+                    task.add_done_callback(unanswered.discard)
+                    exchanges.put_nowait(task)
                 self._next_input = segment.seq + 1
         finally:
+            exchanges.put_nowait(None)  # the outputs end after the last exchange's
             with contextlib.suppress(httpx.HTTPError, TimeoutError):
                 await self.client.delete(session.publish_url, timeout=5.0)
 
-    def _answer_cut_off(self, seq: int) -> None:
-        """Output ``seq`` for an input its client broke off: an error segment, so that the reader
-        waiting for it gets an answer, as the container gives for a cut-off upload of its own."""
+    async def _exchange(self, segment: Segment, session: Session) -> _Reply | None:
+        """One input segment to the orchestrator as a POST to its input's next seq, answered with
+        the container's output for it (``REPLY_HEADER``): one request a frame at each node where
+        a write and a read of the output took two. ``None``: the client broke the upload off, or
+        took longer than a trickle request may, and the segment was not sent.
+
+        The next seq, not the segment's own: these POSTs overlap, and the orchestrator numbers
+        them as they arrive, so that its input channel is written in order whichever comes first.
+        """
+        seconds = self.limits.trickle_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await segment.wait_closed()
+        whole = segment.whole()
+        if whole is None:
+            why = "was cut off by the client" if segment.failed else "came too slowly"
+            log.info("stream %s: input segment %d %s; answered as incomplete", self.id, segment.seq, why)
+            return None
+        try:
+            async with session_of(self.client).post(
+                f"{session.publish_url}/{SEQ_NEXT}",
+                data=whole,
+                headers={"Content-Type": segment.content_type or self.input.mime, REPLY_HEADER: "1"},
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=REPLY_SECONDS + seconds),
+            ) as response:
+                body = await response.read()
+                status, headers = response.status, response.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SessionLost(_failed("the orchestrator's input", exc), repr(exc)) from None
+        if status != 200:
+            raise SessionLost(f"the orchestrator answered input segment {segment.seq} with {status}")
+        self.segments_in += 1
+        return _Reply(headers.get("Content-Type"), headers.get(ERROR_HEADER), body, CLOSED_HEADER in headers)
+
+    async def _outputs(self, exchanges: Exchanges) -> None:
+        """Frame-per-segment output: each exchange's output, in the order the inputs were sent,
+        into the client's ``out`` at its input's seq."""
+        current: asyncio.Task[_Reply | None] | None = None
+        try:
+            while (current := await exchanges.get()) is not None:
+                reply = await current
+                if reply is not None and reply.ended:  # the events say why; the rest is answered then
+                    return
+                seq = self._answering.popleft()
+                if reply is None:
+                    self._answer_unsent(seq)
+                else:
+                    self._write_output(seq, reply)
+                self.segments_out += 1
+                self._answered.notify()
+                self._fed.set()
+                self._running()
+        finally:
+            pending = [] if current is None else [current]
+            while not exchanges.empty():
+                if (task := exchanges.get_nowait()) is not None:
+                    pending.append(task)
+            await _cancel(set(pending))
+            for task in pending:  # a failure behind the first is moot: the session is over
+                if not task.cancelled():
+                    task.exception()
+            self._output_done.set()
+
+    def _write_output(self, seq: int, reply: _Reply) -> None:
+        local = self.output.open_write(seq)
+        local.content_type = reply.content_type
+        local.length = len(reply.body)
+        if reply.error is not None:  # an error report stays one, in band
+            local.error = reply.error if _ERROR_CODE.fullmatch(reply.error) else "processing_failed"
+            local.content_type = "application/json"
+        local.write(reply.body)
+        local.close()
+
+    def _answer_unsent(self, seq: int) -> None:
+        """Output ``seq`` for an input its client broke off (or sent slower than a trickle request
+        may take): an error segment, so that the reader waiting for it gets an answer, as the
+        container gives for a cut-off upload of its own."""
         local = self.output.open_write(seq)
         local.content_type = "application/json"
         local.error = "upload_incomplete"
-        detail = f"input segment {seq} was cut off by the client before its end; send it again whole"
+        detail = (
+            f"input segment {seq} was cut off by the client before its end (or came slower than "
+            f"{self.limits.trickle_timeout:g} s); send it again whole"
+        )
         local.write(json.dumps({"error": local.error, "detail": detail}).encode())
         local.close()
 
@@ -505,15 +590,13 @@ class LiveStream:
             while (received := await self._next(subscriber, session, "output")) is not None:
                 await self._copy(received, self.output, session, "output")
                 self.segments_out += 1
-                self._answered.notify()
                 self._fed.set()
                 self._running()
         finally:
             self._output_done.set()
 
     async def _copy(self, received: ReceivedSegment, channel: Channel, session: Session, what: str) -> None:
-        answers = self._answering.popleft() if channel is self.output and self._answering else None
-        local = channel.open_write(SEQ_NEXT if answers is None else answers)
+        local = channel.open_write()
         local.content_type = received.content_type
         local.length = received.length
         if received.error is not None:  # an error report stays one, in band

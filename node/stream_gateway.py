@@ -37,7 +37,7 @@ from common.errors import LOG_PATH, ApiError, from_loopback
 from common.http import read_body
 from common.names import check_job_id
 from common.trickle.channel import IncompleteSegment
-from common.trickle.protocol import CLOSED_HEADER, CLOSED_VALUE, SEQ_NEXT
+from common.trickle.protocol import CLOSED_HEADER, CLOSED_VALUE, REPLY_HEADER, SEQ_NEXT
 from common.trickle.publisher import STREAM_KEY_HEADER
 from common.trickle.server import next_seq_answer, parse_seq, receive_segment, serve_segment
 from common.trickle.subscriber import read_bounded
@@ -318,6 +318,13 @@ class StreamGateway:
             if not (key.isascii() and key.isprintable() and len(key) <= 256):
                 raise ApiError(502, "orchestrator_failed", f"{orch} answered an unusable {STREAM_KEY_HEADER}")
             headers = response.headers
+            if stream.segments and headers.get(REPLY_HEADER) != "1":
+                raise ApiError(
+                    502,
+                    "orchestrator_unsupported",
+                    f"{orch} does not answer a frame's input with its output ({REPLY_HEADER}), which "
+                    "frame-per-segment /live streams need: choose one of this project's orchestrators",
+                )
             return Session(
                 orchestrator=orch,
                 key=key,

@@ -43,6 +43,7 @@ from common.errors import ApiError
 from common.http import read_body
 from common.names import check_job_id
 from common.trickle.channel import Channel
+from common.trickle.protocol import REPLY_HEADER
 from common.trickle.publisher import STREAM_KEY_HEADER
 from common.trickle.server import ChannelServer
 from common.trickle.subscriber import read_bounded
@@ -319,6 +320,8 @@ class LiveStreams:
         try:
             for role in ROLES:
                 stream.channels[role] = self.trickle.create(stream.base + role.suffix, role.mime)
+            if start.get("segments"):  # each input's output answers the gateway's write of it
+                stream.channels[INPUT].replies = stream.channels[OUTPUT]
             body = {
                 "gateway_request_id": stream_id,
                 **{role.start_key: self._url(stream, role) for role in ROLES},
@@ -336,6 +339,8 @@ class LiveStreams:
         self.streams[stream_id] = stream
         log.info("stream %s (%s) started on %s", stream_id, capability.name, capability.url)
         headers = {role.header: self._url(stream, role) for role in ROLES}
+        if start.get("segments"):
+            headers[REPLY_HEADER] = "1"
         return JSONResponse(
             {"stream_id": stream_id},
             headers={**headers, STREAM_KEY_HEADER: stream.key, "Livepeer-Balance": "0"},

@@ -148,6 +148,12 @@ class Channel:
         self.last_active = time.monotonic()
         self._segments: dict[int, Segment] = {}
         self._changed = Signal()
+        # Frame-per-segment: the channel whose segment n answers this one's segment n (a write
+        # asking for it with REPLY_HEADER), and the first seq whose writer broke off, after which
+        # the outputs no longer line up with the inputs (the container skips a cut-off input).
+        self.replies: Channel | None = None
+        self.awaiting_replies = 0  # writes that asked for their output and wait for it
+        self.first_cut_off: int | None = None
 
     def resolve(self, seq: int) -> int:
         """-1: the next segment to be written; -2: the one written last (0 before any)."""
@@ -190,6 +196,12 @@ class Channel:
         segment.write(data)
         segment.close()
         return segment.seq
+
+    def writer_broke_off(self, segment: Segment) -> None:
+        """``segment``'s writer broke off (left, or sent too much): it fails for its readers."""
+        segment.fail()
+        if self.first_cut_off is None or segment.seq < self.first_cut_off:
+            self.first_cut_off = segment.seq
 
     def get(self, seq: int) -> Segment | None:
         """Segment ``seq`` if a writer or reader has opened it and the ring still holds it."""

@@ -18,6 +18,10 @@ RESET_HEADER = "Lp-Trickle-Reset"  # on a write: close every earlier segment of 
 # On a 200 segment: the segment is an error report (its body is {"error", "detail"} JSON), so a
 # reader keeps going; go-livepeer's and pytrickle's readers treat any other status as a fault.
 ERROR_HEADER = "Lp-Trickle-Error"
+# Ours, for frame-per-segment streams (each input segment answered by one output segment): on an
+# orchestrator's start answer, "1" says a write to the stream's input that carries it with "1" is
+# answered with the output of the same seq, so the gateway needs no output read per frame.
+REPLY_HEADER = "Lp-Trickle-Reply"
 PARAMS_HEADER = "X-Params"
 
 STATUS_UNAVAILABLE = 470  # segment gone from the ring, or not reachable yet

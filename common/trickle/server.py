@@ -21,6 +21,7 @@ Run alone (tests, benches): ``python -m common.trickle.server --port 8000 --auto
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -47,6 +48,7 @@ from .protocol import (
     CLOSED_VALUE,
     ERROR_HEADER,
     LATEST_HEADER,
+    REPLY_HEADER,
     RESET_HEADER,
     SEQ_HEADER,
     SEQ_LATEST,
@@ -61,6 +63,9 @@ log = logging.getLogger("trickle")
 _SEQ = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
 _ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
 _MIME = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}(;[ -~]{0,128})?")
+# The longest a write that asked for its output waits for it (a container's time for one frame is
+# milliseconds to seconds; the stream's own watchdogs end a container that stops answering).
+REPLY_SECONDS = 30.0
 
 
 def _shown(text: str) -> str:
@@ -189,11 +194,33 @@ class ChannelServer:
     async def _fill(
         self, request: Request, channel: Channel, seq: int, first: bytes, stream: AsyncIterator[bytes]
     ) -> Response:
+        output = channel.replies if request.headers.get(REPLY_HEADER) == "1" else None
+        # An input overrun in the ring before the container reads it is skipped, and the outputs
+        # after it would answer the wrong frames: fewer frames await theirs than the ring holds.
+        if output is not None and channel.awaiting_replies >= channel.ring_size - 1:
+            raise ApiError(
+                503,
+                "too_many_frames",
+                f"{channel.awaiting_replies} frames of {channel.name!r} await their output, the most "
+                "its ring allows; send the next once one is answered",
+                {"Retry-After": "1"},
+            )
         self.writers += 1
+        channel.awaiting_replies += output is not None
         try:
-            return await receive_segment(request, channel, seq, first, stream)
+            try:
+                answer = await receive_segment(request, channel, seq, first, stream)
+            finally:
+                self.writers -= 1
+            if output is None or answer.status_code != 200:
+                return answer
+            written = int(answer.headers[SEQ_HEADER])
+            segment = channel.get(written)
+            if segment is None or segment.empty:  # a keepalive or a goodbye: it has no output
+                return answer
+            return await _reply(request, channel, output, written)
         finally:
-            self.writers -= 1
+            channel.awaiting_replies -= output is not None
 
     async def next_seq(self, request: Request) -> Response:
         return next_seq_answer(self._channel(request))
@@ -255,13 +282,14 @@ async def receive_segment(
                 break
             segment.write(chunk)
     except SegmentTooLarge as exc:
+        channel.writer_broke_off(segment)
         raise ApiError(413, "payload_too_large", f"{exc}: send smaller segments") from None
     except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
-        segment.fail()
+        channel.writer_broke_off(segment)
         log.info("channel %s seq %d: the writer left after %d bytes", channel.name, segment.seq, segment.size)
         return Response(b"", 400)
     except BaseException:
-        segment.fail()
+        channel.writer_broke_off(segment)
         raise
     segment.close()
     if not segment.empty:
@@ -316,6 +344,36 @@ async def serve_segment(request: Request, channel: Channel, seq: int) -> Respons
         # chunks (copied once more) and followed by a second write, the last chunk.
         return Response(whole, headers=headers, media_type=media_type)
     return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
+
+
+async def _reply(request: Request, channel: Channel, output: Channel, seq: int) -> Response:
+    """The answer to a write of ``channel``'s segment ``seq`` that asked for its output: ``output``'s
+    segment ``seq``, served as a read of it would be, once the container has written it.
+
+    Output ``n`` answers input ``n`` while every input before it reached the container whole: it
+    skips one cut off, so from there on the outputs are one place early, and a write asking for
+    its output is refused rather than answered with another frame's.
+    """
+    if channel.first_cut_off is not None and channel.first_cut_off < seq:
+        raise ApiError(
+            409,
+            "reply_unavailable",
+            f"input segment {channel.first_cut_off} of {channel.name!r} was cut off, so later outputs "
+            "no longer match their inputs; restart the stream",
+        )
+
+    async def reachable() -> None:
+        while output.next_write < seq and not output.closed:
+            await output.wait_change()
+
+    try:
+        async with asyncio.timeout(REPLY_SECONDS):
+            await unless_client_leaves(request, reachable())
+            return await serve_segment(request, output, seq)
+    except TimeoutError:
+        raise ApiError(
+            504, "reply_timeout", f"no output {seq} on {output.name!r} within {REPLY_SECONDS:g} s"
+        ) from None
 
 
 def next_seq_answer(channel: Channel) -> Response:

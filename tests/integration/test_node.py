@@ -722,9 +722,9 @@ def test_bad_stream_requests(topology: Topology) -> None:
 
 
 def test_a_frame_cut_off_mid_upload_is_an_error_output_and_the_stream_goes_on(topology: Topology) -> None:
-    """The gateway relays a frame to the orchestrator as it arrives; when its client breaks off
-    halfway, that frame's output is an ``upload_incomplete`` error, the container skips what it
-    got of it, and the stream goes on: the next frame comes back as output 2."""
+    """The gateway sends a frame on once it is whole; when its client breaks off halfway, that
+    frame's output is an ``upload_incomplete`` error, the container never sees it, and the stream
+    goes on: the next frame comes back as output 2."""
     job = f"/live/{new_job_id()}"
     with topology.gateway.client() as client:
         put = client.put(f"{job}/source", content=FRAME, headers={"X-Model-Id": "passthrough-cpu"})
@@ -738,7 +738,7 @@ def test_a_frame_cut_off_mid_upload_is_an_error_output_and_the_stream_goes_on(to
         assert (first.status_code, first.content) == (200, FRAME), first.text[:300]
         with socket.create_connection(("127.0.0.1", topology.gateway.port)) as raw:
             raw.sendall(head.encode() + FRAME[: len(FRAME) // 2])
-            time.sleep(0.3)  # the half frame on its way to the orchestrator
+            time.sleep(0.3)  # the half frame at the gateway before the break
         logged = "input segment 1 was cut off by the client"
         wait_for(lambda: logged in topology.gateway.output(), what="the log")
         put = client.put(f"{job}/source", content=FRAME)

@@ -40,6 +40,7 @@ from orch_stream import (
     start_stream,
 )
 
+from common.trickle.protocol import REPLY_HEADER
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
 from node.livepeer import (
     CONTROL_URL_HEADER,
@@ -215,6 +216,51 @@ async def test_a_whole_stream_start_segments_update_stop(orch: ServerProcess, cl
         assert_error(late, 404, "unknown_stream")
         written = await http.post(f"{base}/99", content=b"late")
         assert written.status_code == 404 or written.headers.get("Lp-Trickle-Closed")
+
+
+async def test_a_frame_stream_answers_each_frame_with_its_own_output(orch: ServerProcess) -> None:
+    """A frame-per-segment stream (``"segments": true``, as our gateway starts ``/live`` jobs): a
+    write asking with ``Lp-Trickle-Reply`` is answered with the container's output for it, writes
+    overlapping; once a writer breaks off mid-frame (the container skips that input), a write asking
+    is refused rather than answered with another frame's output; without the header a write is
+    answered as any trickle write."""
+    async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
+        started = await http.post(
+            f"{orch.url}/ai/stream/start",
+            json={"params": {}, "segments": True},
+            headers=start_header(MODEL, "frames"),
+        )
+        stream = Stream.started(started, MODEL, "frames")
+        assert started.headers[REPLY_HEADER] == "1"
+        base = stream.urls[PUBLISH_URL_HEADER]
+
+        async def send(frame: bytes) -> httpx.Response:
+            headers = {REPLY_HEADER: "1", "Content-Type": "application/octet-stream"}
+            return await http.post(f"{base}/-1", content=frame, headers=headers)
+
+        for batch in range(3):  # four at once: the most that may await their outputs (ring of 5)
+            frames = [b"frame %d " % (batch * 4 + n) * 20_000 for n in range(4)]
+            answers = await asyncio.gather(*(send(frame) for frame in frames))
+            assert [a.status_code for a in answers] == [200] * 4, [a.text[:200] for a in answers]
+            assert [a.content for a in answers] == frames, "passthrough: each write answered with its own"
+
+        plain = await http.post(f"{base}/-1", content=b"no reply asked")
+        assert (plain.status_code, plain.content) == (200, b"")
+
+        host, port = orch.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        path = base.removeprefix(orch.url)
+        writer.write(
+            f"POST {path}/-1 HTTP/1.1\r\nHost: orch\r\nContent-Length: 1000\r\n\r\n".encode() + b"x" * 10
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+        await asyncio.sleep(0.3)  # the orchestrator sees the writer leave
+        assert_error(await send(b"after the cut"), 409, "reply_unavailable")
+
+        stopped = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
+        assert stopped.status_code == 200, stopped.text
 
 
 # -- ownership and bad requests -----------------------------------------------------------------
