@@ -643,6 +643,57 @@ def test_a_stream_moves_when_its_orchestrator_dies_and_output_goes_on(
     asyncio.run(scenario())
 
 
+def test_a_live_job_moves_when_its_orchestrator_dies_and_every_frame_is_answered(
+    start_server: StartServer,
+) -> None:
+    """``/live/{job}``, four frames in flight, each answered by the orchestrator with its output:
+    when that orchestrator dies, the frames it had not answered go again to the other, and every
+    frame's output is its own (passthrough), none lost and none another frame's."""
+    nodes = topology(start_server, 2)
+    job = f"{nodes.gateway.url}/live/move-{os.urandom(4).hex()}"
+    frames = [b"frame %03d " % n * 2_000 for n in range(60)]
+    sent: dict[int, bytes] = {}  # by the seq the gateway gave each frame
+    outputs: dict[int, bytes] = {}
+
+    async def scenario() -> None:
+        async with async_client() as http:
+            opened = await http.put(f"{job}/source", content=frames[0], headers={"X-Model-Id": MODEL})
+            assert opened.status_code == 200, opened.text
+            http.headers[STREAM_KEY_HEADER] = opened.headers[STREAM_KEY_HEADER]
+            sent[0] = frames[0]
+            in_flight = asyncio.Semaphore(4)
+
+            async def one(frame: bytes) -> None:
+                async with in_flight:  # a PUT without a seq takes the next: frames in arrival order
+                    put = await http.put(f"{job}/source", content=frame)
+                    assert put.status_code == 200, put.text
+                    seq = int(put.headers["lp-trickle-seq"])
+                    sent[seq] = frame
+                    await read(seq)
+
+            async def read(seq: int) -> None:
+                got = await http.get(f"{job}/output/{seq}")
+                assert got.status_code == 200, got.text
+                outputs[seq] = got.content
+
+            first = [o for o in nodes.orchestrators if live_streams(o) == 1]
+            assert len(first) == 1
+            sending = asyncio.gather(read(0), *(one(frame) for frame in frames[1:]))
+            await until(lambda: _at_least(outputs, 15), "15 outputs")
+            first[0].process.kill()
+            await asyncio.wait_for(sending, WAIT)
+            assert sorted(sent) == list(range(len(frames)))
+            assert outputs == sent, "each frame's output is its own"
+            assert [live_streams(o) for o in nodes.orchestrators if o is not first[0]] == [1]
+            assert (await http.delete(job)).status_code == 200
+
+    asyncio.run(scenario())
+
+
+async def _at_least(outputs: dict[int, bytes], count: int) -> bool:
+    return len(outputs) >= count
+
+
 async def _moved(client: Client) -> bool:
     return int((await client.status())["moves"]) == 1
 
