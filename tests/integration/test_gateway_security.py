@@ -46,11 +46,13 @@ SEEN, LOCK = [], threading.Lock()
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def send(self, status, value):
+    def send(self, status, value, headers=()):
         body = json.dumps(value).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, header in headers:
+            self.send_header(name, header)
         self.end_headers()
         self.wfile.write(body)
 
@@ -75,8 +77,12 @@ class Handler(BaseHTTPRequestHandler):
         self.record(size)
         if "/slow/" in self.path:
             time.sleep(float(self.path.rsplit("/", 1)[1]))
+        # A start answered as go-livepeer's orchestrator does: channel URLs, no Lp-Trickle-Reply.
+        channels = f"http://127.0.0.1:{PORT}/ai/trickle/standin"
+        urls = [(f"X-{role}-Url", channels + suffix) for role, suffix in
+                (("Publish", ""), ("Subscribe", "-out"), ("Control", "-control"), ("Events", "-events"))]
         try:
-            self.send(200, {"path": self.path, "size": size})
+            self.send(200, {"path": self.path, "size": size}, urls if self.path == "/ai/stream/start" else ())
         except OSError:
             pass
 
@@ -214,6 +220,21 @@ def test_timeouts_over_the_maximum_are_capped(nodes: Nodes) -> None:
     starts = [r for r in seen(nodes.standin) if r["path"] == "/ai/stream/start"][before:]
     assert len(records) == 2 and len(starts) == 1, (records, starts)
     assert all(forwarded_timeout(r) <= 300 for r in records + starts), records + starts
+
+
+def test_a_live_job_needs_an_orchestrator_that_answers_frames_with_their_outputs(nodes: Nodes) -> None:
+    # The stand-in starts streams as go-livepeer's orchestrator does, without Lp-Trickle-Reply:
+    # a frame-per-segment job there is refused at once, and the stream is stopped where it started.
+    before = len([r for r in seen(nodes.standin) if r["path"] == "/ai/stream/stop"])
+    response = httpx.put(
+        f"{nodes.recorded.url}/live/noreply-{uuid.uuid4().hex[:8]}/source",
+        content=b"frame",
+        headers={"X-Model-Id": "passthrough-cpu"},
+        timeout=30,
+    )
+    assert "Lp-Trickle-Reply" in assert_error(response, 502, "orchestrator_unsupported")["detail"]
+    stops = [r for r in seen(nodes.standin) if r["path"] == "/ai/stream/stop"][before:]
+    assert len(stops) == 1, stops
 
 
 def test_max_job_timeout_sets_the_cap(start_server: StartServer, nodes: Nodes) -> None:
