@@ -5,7 +5,9 @@ Routes, under a prefix (``/ai/trickle`` on an orchestrator):
 - ``POST {ch}`` create (only with ``autocreate``; MIME from ``Expect-Content``), ``DELETE {ch}``
   close (readers finish, writers are refused);
 - ``POST {ch}/{seq}`` write segment ``seq`` (``-1``: the next), its body streamed to readers as
-  it arrives; ``Lp-Trickle-Reset`` closes every earlier segment;
+  it arrives; ``Lp-Trickle-Reset`` closes every earlier segment; ours, ``Lp-Trickle-Reply: 1``
+  on a channel whose segments each have an output (``Channel.replies``: an orchestrator's
+  frame-per-segment input) answers the write with that output once it is there;
 - ``GET {ch}/{seq}`` read (``-1`` the next, ``-2`` the latest): waits for the next segment's first
   byte, then streams (one written with a Content-Length of at most a MiB goes out once whole,
   with that length); ``GET {ch}/next`` the next seq to be written; ``DELETE {ch}/{seq}`` close one.
