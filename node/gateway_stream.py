@@ -145,6 +145,11 @@ def _failed(what: str, exc: BaseException) -> str:
     return f"{what} {kind} ({type(exc).__name__})"
 
 
+def _error_code(value: object) -> str:
+    """An orchestrator's in-band error code as the client gets it: one of ours, else generic."""
+    return value if isinstance(value, str) and _ERROR_CODE.fullmatch(value) else "processing_failed"
+
+
 def _reason(value: Any, fallback: str) -> str:
     text = value if isinstance(value, str) and value else fallback
     return "".join(c if c.isprintable() else " " for c in text[:300])
@@ -408,16 +413,21 @@ class LiveStream:
         self.segments_in += 1
         return True
 
+    async def _whole(self, segment: Segment) -> bytes | None:
+        """``segment``'s bytes once its client has sent them all, or ``None`` if it broke off or
+        took longer than a trickle request may."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.trickle_timeout):
+                await segment.wait_closed()
+        return segment.whole()
+
     async def _send_first(self, segment: Segment, session: Session) -> None:
         """Segment 0 of a session as one plain POST: no next one opened behind it, so it stays
         the live edge until the container comes for it. Sent whole, with its length, once it is
         (the orchestrator then hands it on whole); one slower than the trickle timeout to arrive
         streams on as it comes."""
         seconds = self.limits.trickle_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await segment.wait_closed()
-        whole = segment.whole()
+        whole = await self._whole(segment)
         try:
             async with session_of(self.client).post(
                 f"{session.publish_url}/0",
@@ -484,10 +494,7 @@ class LiveStream:
         them as they arrive, so that its input channel is written in order whichever comes first.
         """
         seconds = self.limits.trickle_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await segment.wait_closed()
-        whole = segment.whole()
+        whole = await self._whole(segment)
         if whole is None:
             why = "was cut off by the client" if segment.failed else "came too slowly"
             log.info("stream %s: input segment %d %s; answered as incomplete", self.id, segment.seq, why)
@@ -543,7 +550,7 @@ class LiveStream:
         local.content_type = reply.content_type
         local.length = len(reply.body)
         if reply.error is not None:  # an error report stays one, in band
-            local.error = reply.error if _ERROR_CODE.fullmatch(reply.error) else "processing_failed"
+            local.error = _error_code(reply.error)
             local.content_type = "application/json"
         local.write(reply.body)
         local.close()
@@ -600,10 +607,7 @@ class LiveStream:
         local.content_type = received.content_type
         local.length = received.length
         if received.error is not None:  # an error report stays one, in band
-            code = received.error.get("error")
-            local.error = (
-                code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "processing_failed"
-            )
+            local.error = _error_code(received.error.get("error"))
             local.content_type = "application/json"
         try:
             async for chunk in received.chunks():

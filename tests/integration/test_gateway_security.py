@@ -77,12 +77,13 @@ class Handler(BaseHTTPRequestHandler):
         self.record(size)
         if "/slow/" in self.path:
             time.sleep(float(self.path.rsplit("/", 1)[1]))
-        # A start answered as go-livepeer's orchestrator does: channel URLs, no Lp-Trickle-Reply.
-        channels = f"http://127.0.0.1:{PORT}/ai/trickle/standin"
-        urls = [(f"X-{role}-Url", channels + suffix) for role, suffix in
-                (("Publish", ""), ("Subscribe", "-out"), ("Control", "-control"), ("Events", "-events"))]
+        urls = []
+        if self.path == "/ai/stream/start":  # as go-livepeer's orchestrator: no Lp-Trickle-Reply
+            channels = f"http://127.0.0.1:{PORT}/ai/trickle/standin"
+            urls = [(f"X-{role}-Url", channels + suffix) for role, suffix in
+                    (("Publish", ""), ("Subscribe", "-out"), ("Control", "-control"), ("Events", "-events"))]
         try:
-            self.send(200, {"path": self.path, "size": size}, urls if self.path == "/ai/stream/start" else ())
+            self.send(200, {"path": self.path, "size": size}, urls)
         except OSError:
             pass
 
