@@ -1,13 +1,15 @@
 """What the Docker tests share: the compose topology of this checkout, its secrets, and faults.
 
-Faults touch only containers of this checkout's compose project (checked by the labels compose
-puts on them) and only through the Docker CLI by container name: a lookup that fails stops the
-test, it never turns into a signal for some other process.
+Faults touch only containers of the compose project that compose.yaml names (checked by the label
+compose puts on them; `make up` in any checkout replaces that project's containers) and only
+through the Docker CLI by container name: a lookup that fails stops the test, it never turns into
+a signal for some other process.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -17,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_FILE = ROOT / ".env"
+PROJECT = re.findall(r"^name: *(\S+)", (ROOT / "compose.yaml").read_text(), re.M)[0]
 GATEWAY = "http://127.0.0.1:8935"
 ORCHESTRATOR = "http://127.0.0.1:8936"
 # Service name, container name, model id, container port, as in compose.yaml.
@@ -92,10 +95,10 @@ def inspect(name: str, template: str) -> str:
 
 
 def owned(name: str) -> str:
-    """``name`` if it is a container of this checkout's compose project; else the test fails."""
-    working_dir = inspect(name, '{{index .Config.Labels "com.docker.compose.project.working_dir"}}')
-    if Path(working_dir or "/nonexistent").resolve() != ROOT:
-        pytest.fail(f"refusing to touch {name}: not a container of the compose project in {ROOT}")
+    """``name`` if it is a container of compose.yaml's project; else the test fails."""
+    project = inspect(name, '{{index .Config.Labels "com.docker.compose.project"}}')
+    if project != PROJECT:
+        pytest.fail(f"refusing to touch {name}: not a container of the compose project {PROJECT!r}")
     return name
 
 
