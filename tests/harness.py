@@ -27,6 +27,8 @@ import httpx
 import numpy as np
 import pytest
 
+from common.trickle.protocol import KEEPALIVE_EXPIRY
+
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC_TEST_TIMEOUT = 30.0
 PROCESSORS = ("green-tint", "grayscale", "passthrough")
@@ -39,7 +41,11 @@ AUTH_HEADERS = {"Authorization": f"Bearer {TEST_TOKEN}"}
 # httpx loads the CA bundle for every new client (~40 ms); these servers speak plain HTTP, so
 # every client shares one context built once.
 _TLS = ssl.create_default_context()
-CLIENT_OPTIONS: dict[str, Any] = {"timeout": 10.0, "verify": _TLS}
+# A pooled connection is dropped after 4 s idle, under uvicorn's 5 s keep-alive (httpx's default
+# is 5 s too): a request on a connection the server is closing that moment fails with ReadError.
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY)
+REQUEST_OPTIONS: dict[str, Any] = {"timeout": 10.0, "verify": _TLS}  # httpx.get() and the like
+CLIENT_OPTIONS: dict[str, Any] = {**REQUEST_OPTIONS, "limits": _LIMITS}
 
 
 class ServerStartError(RuntimeError):

@@ -27,6 +27,7 @@ import pytest
 from harness import (
     CLIENT_OPTIONS,
     NODE_READY,
+    REQUEST_OPTIONS,
     TEST_TOKEN,
     ServerProcess,
     StartServer,
@@ -199,7 +200,7 @@ async def sse(http: httpx.AsyncClient, url: str) -> list[tuple[str, str]]:
 
 
 def live_streams(server: ServerProcess) -> int:
-    return int(httpx.get(f"{server.url}/status", **CLIENT_OPTIONS).json()["live_streams"])
+    return int(httpx.get(f"{server.url}/status", **REQUEST_OPTIONS).json()["live_streams"])
 
 
 def async_client() -> httpx.AsyncClient:

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 from harness import (
-    CLIENT_OPTIONS,
     NODE_READY,
+    REQUEST_OPTIONS,
     ServerProcess,
     StartServer,
     assert_error,
@@ -71,7 +71,7 @@ def header(capability: str = "slow-cpu", timeout: int = 10, **more: str) -> dict
 
 def state(orch: ServerProcess, name: str = "slow-cpu") -> tuple[int, int]:
     """(load, queued) of a capability."""
-    answer = httpx.get(f"{orch.url}/status", **CLIENT_OPTIONS)
+    answer = httpx.get(f"{orch.url}/status", **REQUEST_OPTIONS)
     found = {c["name"]: c for c in answer.json()["capabilities"]}[name]
     return found["load"], found["queued"]
 
