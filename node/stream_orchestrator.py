@@ -320,12 +320,14 @@ class LiveStreams:
         try:
             for role in ROLES:
                 stream.channels[role] = self.trickle.create(stream.base + role.suffix, role.mime)
-            if start.get("segments"):  # each input's output answers the gateway's write of it
-                stream.channels[INPUT].replies = stream.channels[OUTPUT]
+            if start.get("segments"):  # each input's output answers the gateway's write of it,
+                stream.channels[INPUT].replies = stream.channels[OUTPUT]  # and a container's
+                stream.channels[OUTPUT].read_along = stream.channels[INPUT]  # output its next input
             body = {
                 "gateway_request_id": stream_id,
                 **{role.start_key: self._url(stream, role) for role in ROLES},
                 **start,
+                **({"read_along": True} if start.get("segments") else {}),
             }
             answer = await self._call(stream, "/stream/start", json.dumps(body).encode(), timeout)
             if answer.status >= 400:

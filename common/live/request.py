@@ -1,7 +1,7 @@
 """What a stream start or params update may say, checked where it enters.
 
 The body is pytrickle's (``gateway_request_id`` required, five channel URLs, a free-form
-``params`` object; ours adds an optional boolean ``segments``), sent by a go-livepeer
+``params`` object; ours adds optional booleans ``segments`` and ``read_along``), sent by a go-livepeer
 orchestrator or any pytrickle client. Everything in it is hostile until checked: URLs must be
 plain http(s) and short, ids printable, ``params`` split into pytrickle's stream options
 (checked with pytrickle's rules and messages) and the processor's own parameters (checked by the
@@ -66,6 +66,9 @@ class StreamRequest:
     # Frame per segment: each input segment is one input of the app's trickle job machinery
     # (what ``/live/{job}`` does), read from seq 0, whatever the processor's kind.
     segments: bool = False
+    # The orchestrator answers an output write that asks for the next input with it, when that
+    # one is whole already (Lp-Trickle-Read, ours: common/trickle/protocol.py).
+    read_along: bool = False
 
     def urls(self) -> dict[str, str | None]:
         return {key.removesuffix("_url"): getattr(self, key) for key in URL_KEYS}
@@ -209,6 +212,13 @@ def parse_start(
             "segments must be true (each input segment is one input, its result one output segment) "
             f"or false (the processor's own kind of stream), not {type(segments).__name__}",
         )
+    read_along = fields.get("read_along", False)
+    if not isinstance(read_along, bool):
+        raise start_error(
+            "invalid_request",
+            "read_along must be true (the orchestrator answers an output write with the next input "
+            f"when it can) or false, not {type(read_along).__name__}",
+        )
     stream_id = check_id(stream_id_header, "X-Stream-Id") if stream_id_header else request_id
     return StreamRequest(
         stream_id=stream_id,
@@ -221,4 +231,5 @@ def parse_start(
         params=params,
         options=options,
         segments=segments,
+        read_along=read_along,
     )

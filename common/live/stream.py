@@ -25,14 +25,15 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
 import numpy as np
 
-from ..client import new_client
+from ..client import Answer, new_client
 from ..errors import ApiError
 from ..processor import BaseProcessor, ImageProcessor, Output, _job_context
 from ..trickle.jobs import Input, Job
@@ -171,6 +172,7 @@ class LiveStream:
         self.started = time.time()
         self.ended: float | None = None
         self.segments_in = 0
+        self.segments_in_read_along = 0  # of them, those that came with the answer to an output write
         self.segments_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -185,6 +187,9 @@ class LiveStream:
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()  # for the media threads' reports
         self._broken = False  # the media gave up on the input
+        # Frame per segment with read_along: the input seq the feed wants from the answer to the
+        # next output write, and where that answer goes.
+        self._wanted: tuple[int, asyncio.Future[Answer | None]] | None = None
 
     @property
     def id(self) -> str:
@@ -238,6 +243,7 @@ class LiveStream:
             "urls": self.request.urls(),
             "params": {**self.params, **self.options},
             "segments_in": self.segments_in,
+            "segments_in_read_along": self.segments_in_read_along,
             "segments_out": self.segments_out,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -438,14 +444,18 @@ class LiveStream:
             self._events.emit_threadsafe(str(event.get("type", "media")), **fields)
 
     async def _input(
-        self, client: httpx.AsyncClient, start_seq: int = SEQ_LATEST
+        self,
+        client: httpx.AsyncClient,
+        start_seq: int = SEQ_LATEST,
+        ride: Callable[[int], Awaitable[Answer | None]] | None = None,
     ) -> AsyncGenerator[ReceivedSegment, None]:
         """Input segments in order until the channel ends, each closed after the caller's turn;
-        also those their publisher marked failed (``segment.error``): the caller says what of them."""
+        also those their publisher marked failed (``segment.error``): the caller says what of them.
+        ``ride(seq)`` may bring segment ``seq`` another way; when it brings None, it is read."""
         subscriber = TrickleSubscriber(
             client, self.request.subscribe_url, start_seq=start_seq, timeout=self.settings.trickle_timeout
         )
-        while (segment := await subscriber.next()) is not None:
+        while (segment := await subscriber.next(await ride(subscriber.seq) if ride else None)) is not None:
             try:
                 if self.segments_in == 0 and self._events is not None:
                     self._events.emit("receive_first_ingest_segment", seq=segment.seq)
@@ -580,7 +590,8 @@ class LiveStream:
             job.stop()
 
     async def _feed_job(self, client: httpx.AsyncClient, job: Job, start_seq: int) -> None:
-        async with contextlib.aclosing(self._input(client, start_seq)) as segments:
+        ride = partial(self._ride, job) if self.request.read_along else None
+        async with contextlib.aclosing(self._input(client, start_seq, ride)) as segments:
             async for segment in segments:
                 try:
                     item = await self._job_input(segment, job)
@@ -592,6 +603,41 @@ class LiveStream:
                 _, upload = await job.open_input()  # waits (bounded) while max_pending are queued
                 upload.set_result(item)
         job.end_input()
+
+    async def _ride(self, job: Job, seq: int) -> Answer | None:
+        """Input ``seq`` from the answer to the next output write, if an input already waits for a
+        worker: then none is needed before an output goes out, and a request is saved. None: read
+        it. (Riding with every worker busy but none waiting cost more in idle workers: a worker
+        freed by an output waited a round trip for the input that output brought.)"""
+        if job.next_input - job.output.next_write <= self._work.limit:
+            return None
+        wanted: asyncio.Future[Answer | None] = self._loop.create_future()
+        self._wanted = (seq, wanted)
+        try:
+            async with asyncio.timeout(self.settings.trickle_timeout):
+                return await wanted
+        except TimeoutError:  # no output went out meanwhile (the future was cancelled with it)
+            return None
+        finally:
+            self._wanted = None
+
+    async def _write_output(self, publisher: TricklePublisher, body: bytes, headers: dict[str, str]) -> None:
+        """One output segment; it carries the feed's wish for its next input, if there is one."""
+        wanted, self._wanted = self._wanted, None
+        if wanted is None:
+            await publisher.write(body, headers)
+            return
+        seq, future = wanted
+        answer = None
+        try:
+            answer = await publisher.write_reading(body, headers, seq)
+        finally:
+            if future.done():  # the feed stopped waiting: it reads the input itself
+                if answer is not None:
+                    await answer.aclose()
+            else:
+                future.set_result(answer)
+                self.segments_in_read_along += answer is not None
 
     async def _job_input(self, segment: ReceivedSegment, job: Job) -> Input | JobSegment:
         """What one input segment is to the job: its bytes, type and the stream's params now; or,
@@ -633,7 +679,7 @@ class LiveStream:
                     headers = {"Content-Type": content_type}
                     if segment.error is not None:
                         headers[ERROR_HEADER] = segment.error
-                    await publisher.write(body, headers)
+                    await self._write_output(publisher, body, headers)
                 if segment.error is not None and self._events is not None:
                     self._events.emit("error", message=body.decode("utf-8", "replace")[:300],
                                       code=segment.error, segment=seq)  # fmt: skip
@@ -641,6 +687,8 @@ class LiveStream:
                 self._delivered(seq)
                 seq += 1
         finally:
+            if self._wanted is not None and not self._wanted[1].done():  # no write left to bring it
+                self._wanted[1].set_result(None)
             if publisher is not None:
                 await _quietly(publisher.close(), self._cleanup_seconds(), f"{self.id} output close")
 

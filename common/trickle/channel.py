@@ -154,6 +154,9 @@ class Channel:
         self.replies: Channel | None = None
         self.awaiting_replies = 0  # writes that asked for their output and wait for it
         self.first_cut_off: int | None = None
+        # And the channel whose whole segments a write here may ask for (READ_HEADER): the
+        # input of the same stream, for the output channel's writer (the container).
+        self.read_along: Channel | None = None
 
     def resolve(self, seq: int) -> int:
         """-1: the next segment to be written; -2: the one written last (0 before any)."""

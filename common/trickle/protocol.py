@@ -22,6 +22,13 @@ ERROR_HEADER = "Lp-Trickle-Error"
 # orchestrator's start answer, "1" says a write to the stream's input that carries it with "1" is
 # answered with the output of the same seq, so the gateway needs no output read per frame.
 REPLY_HEADER = "Lp-Trickle-Reply"
+# Ours as well, for the container's side of such a stream ("read_along": true in the start body
+# the orchestrator sends it): a write to the output channel that carries READ_HEADER: n is
+# answered with input segment n if that one is already whole at the server (answered as a read of
+# it, plus WRITTEN_HEADER: the seq written), else as a plain write. A busy container, whose next
+# input is waiting when an output goes out, so needs no input read per frame.
+READ_HEADER = "Lp-Trickle-Read"
+WRITTEN_HEADER = "Lp-Trickle-Written"
 PARAMS_HEADER = "X-Params"
 
 STATUS_UNAVAILABLE = 470  # segment gone from the ring, or not reachable yet

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 import httpx
 
 from ..client import Answer, stream
-from .protocol import CLOSED_HEADER, TrickleError
+from .protocol import CLOSED_HEADER, READ_HEADER, WRITTEN_HEADER, TrickleError
 
 # A node (gateway or orchestrator) gives the client that opens a stream a key in this header on
 # the answer to its first write; every later request of that stream must carry it, or the node
@@ -222,29 +222,55 @@ class TricklePublisher:
 
     async def write(self, data: bytes, headers: Mapping[str, str] | None = None) -> int:
         """Send ``data`` as one whole segment (with ``headers`` of its own, see :meth:`segment`);
-        returns its seq.
-
-        Without pre-opening, it goes as one plain POST with its length: the server has it whole
-        in one read, and can hand it on whole (see ``serve_segment``).
-        """
+        returns its seq. Without pre-opening, it goes as one plain POST with its length."""
         if self.preopen:
             async with self.segment(headers) as segment:
                 await segment.write(data)
             return segment.seq
+        seq, _ = await self._write_whole(data, headers)
+        return seq
+
+    async def write_reading(
+        self, data: bytes, headers: Mapping[str, str] | None, read_seq: int
+    ) -> Answer | None:
+        """:meth:`write`, asking the server to answer with segment ``read_seq`` of the channel it
+        pairs with this one (``READ_HEADER``; a publisher made with ``preopen=False``).
+
+        Returns that answer, its body unread, for ``TrickleSubscriber.next(first=...)``; or None
+        when the server had no whole segment ``read_seq`` to give (the segment is written either way).
+        """
+        _, answer = await self._write_whole(data, {**(headers or {}), READ_HEADER: str(read_seq)})
+        if WRITTEN_HEADER in answer.headers:
+            return answer
+        await answer.aclose()
+        return None
+
+    async def _write_whole(self, data: bytes, headers: Mapping[str, str] | None) -> tuple[int, Answer]:
+        """One plain POST of a whole segment with its length: the server has it whole in one read,
+        and can hand it on whole (see ``serve_segment``). The answer's body is left unread when it
+        is a segment of another channel (``WRITTEN_HEADER``)."""
         async with self._lock:
             self._refuse_if_closed()
             seq, self.next_seq = self.next_seq, self.next_seq + 1
             url, body = f"{self.url}/{seq}", bytes(data)
             try:
                 async with asyncio.timeout(self.timeout):
-                    answer = _check(
-                        await _post(self.client, url, self._headers(headers), body, self.timeout), seq
+                    answer = await stream(
+                        self.client,
+                        "POST",
+                        url,
+                        headers=self._headers(headers),
+                        content=body,
+                        timeout=self.timeout,
                     )
+                    if WRITTEN_HEADER not in answer.headers:
+                        await answer.aread(MAX_ANSWER_BYTES)
+                        _check(answer, seq)
             except TimeoutError:
                 raise TimeoutError(f"segment {seq}: no answer within {self.timeout} s") from None
             if self.key is not None:
                 self.key.learn(answer)
-        return seq
+        return seq, answer
 
     async def close(self) -> None:
         """``DELETE {url}`` (end of stream), then end the pre-opened POST with no bytes.

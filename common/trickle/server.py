@@ -7,7 +7,9 @@ Routes, under a prefix (``/ai/trickle`` on an orchestrator):
 - ``POST {ch}/{seq}`` write segment ``seq`` (``-1``: the next), its body streamed to readers as
   it arrives; ``Lp-Trickle-Reset`` closes every earlier segment; ours, ``Lp-Trickle-Reply: 1``
   on a channel whose segments each have an output (``Channel.replies``: an orchestrator's
-  frame-per-segment input) answers the write with that output once it is there;
+  frame-per-segment input) answers the write with that output once it is there; ours too,
+  ``Lp-Trickle-Read: n`` on the output of such a stream (``Channel.read_along``) answers it with
+  input segment n when that one is already whole;
 - ``GET {ch}/{seq}`` read (``-1`` the next, ``-2`` the latest): waits for the next segment's first
   byte, then streams (one written with a Content-Length of at most a MiB goes out once whole,
   with that length); ``GET {ch}/next`` the next seq to be written; ``DELETE {ch}/{seq}`` close one.
@@ -50,6 +52,7 @@ from .protocol import (
     CLOSED_VALUE,
     ERROR_HEADER,
     LATEST_HEADER,
+    READ_HEADER,
     REPLY_HEADER,
     RESET_HEADER,
     SEQ_HEADER,
@@ -57,6 +60,7 @@ from .protocol import (
     SEQ_NEXT,
     STATUS_UNAVAILABLE,
     WHOLE_SEGMENT_BYTES,
+    WRITTEN_HEADER,
     header_int,
 )
 
@@ -197,6 +201,7 @@ class ChannelServer:
         self, request: Request, channel: Channel, seq: int, first: bytes, stream: AsyncIterator[bytes]
     ) -> Response:
         output = channel.replies if request.headers.get(REPLY_HEADER) == "1" else None
+        read = _read_along(request, channel)
         # An input overrun in the ring before the container reads it is skipped, and the outputs
         # after it would answer the wrong frames: fewer frames await theirs than the ring holds.
         if output is not None and channel.awaiting_replies >= channel.ring_size - 1:
@@ -214,11 +219,15 @@ class ChannelServer:
                 answer = await receive_segment(request, channel, seq, first, stream)
             finally:
                 self.writers -= 1
-            if output is None or answer.status_code != 200:
+            if answer.status_code != 200 or (output is None and read is None):
                 return answer
             written = int(answer.headers[SEQ_HEADER])
             segment = channel.get(written)
-            if segment is None or segment.empty:  # a keepalive or a goodbye: it has no output
+            if segment is None or segment.empty:  # a keepalive or a goodbye: no output, no input
+                return answer
+            if read is not None and channel.read_along is not None and CLOSED_HEADER not in answer.headers:
+                return await _ride(request, channel.read_along, read, answer)
+            if output is None:
                 return answer
             return await _reply(request, channel, output, written)
         finally:
@@ -346,6 +355,28 @@ async def serve_segment(request: Request, channel: Channel, seq: int) -> Respons
         # chunks (copied once more) and followed by a second write, the last chunk.
         return Response(whole, headers=headers, media_type=media_type)
     return _SegmentStream(segment.chunks(), headers=headers, media_type=media_type)
+
+
+def _read_along(request: Request, channel: Channel) -> int | None:
+    """The input seq a write to ``channel`` asks for with READ_HEADER, if the channel offers it."""
+    text = request.headers.get(READ_HEADER.lower())
+    if text is None or channel.read_along is None:
+        return None
+    if (seq := header_int(text)) is None:
+        raise ApiError(400, "invalid_header", f"{READ_HEADER} must be a segment number, got {_shown(text)}")
+    return seq
+
+
+async def _ride(request: Request, channel: Channel, seq: int, written: Response) -> Response:
+    """The answer to a write that asked for ``channel``'s segment ``seq``: that segment, served as
+    a read of it would be, if it is whole now; else the write's own answer. It never waits, so a
+    write is never held up by an input still to come; its writer reads that one as usual."""
+    segment = channel.get(seq)
+    if segment is None or not segment.claimed or not segment.closed or segment.failed:
+        return written
+    answer = await serve_segment(request, channel, seq)
+    answer.headers[WRITTEN_HEADER] = written.headers[SEQ_HEADER]
+    return answer
 
 
 async def _reply(request: Request, channel: Channel, output: Channel, seq: int) -> Response:

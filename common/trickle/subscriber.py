@@ -138,8 +138,12 @@ class TrickleSubscriber:
     async def _pause(self, seconds: float, deadline: float) -> None:
         await asyncio.sleep(max(min(seconds, deadline - time.monotonic()), 0))
 
-    async def next(self) -> ReceivedSegment | None:
-        """The next segment, or ``None`` once the stream is over."""
+    async def next(self, first: Answer | None = None) -> ReceivedSegment | None:
+        """The next segment, or ``None`` once the stream is over.
+
+        ``first``: an answer for segment ``self.seq`` that came another way (a write's, see
+        ``TricklePublisher.write_reading``), taken as the answer to the first GET.
+        """
         if self._current is not None:
             await self._current.aclose()
             self._current = None
@@ -147,7 +151,7 @@ class TrickleSubscriber:
         failures = 0
         while not self.ended:
             try:
-                response = await self._get(deadline)
+                response, first = first or await self._get(deadline), None
             except httpx.TimeoutException:
                 raise
             except httpx.TransportError:

@@ -663,8 +663,11 @@ def test_a_live_job_moves_when_its_orchestrator_dies_and_every_frame_is_answered
             http.headers[STREAM_KEY_HEADER] = opened.headers[STREAM_KEY_HEADER]
             sent[0] = frames[0]
             in_flight = asyncio.Semaphore(4)
+            killed = asyncio.Event()
 
-            async def one(frame: bytes) -> None:
+            async def one(index: int, frame: bytes) -> None:
+                if index >= 20:  # the rest only once the orchestrator is gone, however fast it is
+                    await killed.wait()
                 async with in_flight:  # a PUT without a seq takes the next: frames in arrival order
                     put = await http.put(f"{job}/source", content=frame)
                     assert put.status_code == 200, put.text
@@ -679,9 +682,10 @@ def test_a_live_job_moves_when_its_orchestrator_dies_and_every_frame_is_answered
 
             first = [o for o in nodes.orchestrators if live_streams(o) == 1]
             assert len(first) == 1
-            sending = asyncio.gather(read(0), *(one(frame) for frame in frames[1:]))
+            sending = asyncio.gather(read(0), *(one(n, frame) for n, frame in enumerate(frames) if n))
             await until(lambda: _at_least(outputs, 15), "15 outputs")
             first[0].process.kill()
+            killed.set()
             await asyncio.wait_for(sending, WAIT)
             assert sorted(sent) == list(range(len(frames)))
             assert outputs == sent, "each frame's output is its own"

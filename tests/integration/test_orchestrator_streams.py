@@ -40,7 +40,7 @@ from orch_stream import (
     start_stream,
 )
 
-from common.trickle.protocol import REPLY_HEADER
+from common.trickle.protocol import READ_HEADER, REPLY_HEADER, SEQ_HEADER, WRITTEN_HEADER
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
 from node.livepeer import (
     CONTROL_URL_HEADER,
@@ -261,6 +261,47 @@ async def test_a_frame_stream_answers_each_frame_with_its_own_output(orch: Serve
 
         stopped = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
         assert stopped.status_code == 200, stopped.text
+
+
+async def test_a_frame_streams_container_gets_its_next_input_with_the_answer_to_an_output(
+    orch: ServerProcess, stand_in: str
+) -> None:
+    """The container's side of a frame-per-segment stream (``"read_along": true`` in its start
+    body): an output write asking with ``Lp-Trickle-Read: n`` is answered with input segment ``n``
+    when that one is whole, else at once as a plain write; the output is written either way."""
+    async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": 30.0}) as http:
+        StandIn.calls.clear()
+        started = await http.post(
+            f"{orch.url}/ai/stream/start",
+            json={"params": {}, "segments": True},
+            headers=start_header("stand-in", "riding"),
+        )
+        stream = Stream.started(started, "stand-in", "riding")
+        start = json.loads(StandIn.calls[-1]["body"])
+        assert start["segments"] is True and start["read_along"] is True
+        inputs, outputs = start["subscribe_url"], start["publish_url"]
+        frame = b"input one " * 10_000
+        for seq, body in enumerate((b"input zero", frame)):  # as the gateway writes them
+            assert (await http.post(f"{inputs}/{seq}", content=body)).status_code == 200
+
+        ridden = await http.post(f"{outputs}/0", content=b"output zero", headers={READ_HEADER: "1"})
+        assert ridden.status_code == 200 and ridden.content == frame
+        assert ridden.headers[SEQ_HEADER] == "1" and ridden.headers[WRITTEN_HEADER] == "0"
+
+        began = time.monotonic()
+        plain = await http.post(f"{outputs}/1", content=b"output one", headers={READ_HEADER: "2"})
+        assert (plain.status_code, plain.content, plain.headers[SEQ_HEADER]) == (200, b"", "1")
+        assert WRITTEN_HEADER not in plain.headers and time.monotonic() - began < 2, "never waits"
+        for seq, body in enumerate((b"output zero", b"output one")):
+            read = await http.get(f"{outputs}/{seq}")
+            assert (read.status_code, read.content) == (200, body), "written either way"
+
+        for bad in ("x", "-1", "9" * 40):
+            refused = await http.post(f"{outputs}/2", content=b"o", headers={READ_HEADER: bad})
+            assert_error(refused, 400, "invalid_header")
+        elsewhere = await http.post(f"{inputs}/2", content=b"input two", headers={READ_HEADER: "0"})
+        assert (elsewhere.status_code, elsewhere.content) == (200, b""), "only an output reads along"
+        assert (await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())).status_code == 200
 
 
 # -- ownership and bad requests -----------------------------------------------------------------

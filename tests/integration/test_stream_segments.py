@@ -10,6 +10,7 @@ trickle server and the container are real processes on loopback; this test plays
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import uuid
@@ -23,23 +24,31 @@ import pytest
 from harness import (
     AUTH_HEADERS,
     CLIENT_OPTIONS,
+    NODE_READY,
+    TEST_TOKEN,
     ServerProcess,
     decode_image,
     encode_image,
     green_tint_reference,
+    node_argv,
     processor_argv,
     require_whisper,
     sample_image,
 )
+from orch_stream import Stream as StartedStream
+from orch_stream import start_header
 from speech import RATE, STREAM_TEXT, check_streamed_transcripts, wav
 
 from common.audio import decode_audio
+from common.trickle.protocol import REPLY_HEADER
 from common.trickle.publisher import TricklePublisher
 from common.trickle.subscriber import ReceivedSegment, TrickleSubscriber
+from node.livepeer import PUBLISH_URL_HEADER
 from scripts.test_byoc_job import speech_wav
 
 PREFIX = "/ai/trickle"
 TIMEOUT = 60.0  # generous: a busy 2-core host, and whisper's first pass
+TINT = "green-tint-cpu"
 JPEG_ERROR = 3.0  # mean absolute error per channel a quality-90 JPEG encode of the output may add
 
 
@@ -307,14 +316,68 @@ def test_an_input_marked_failed_is_an_error_output_and_a_stop_ends_everything(
         assert client.get("/health").json()["status"] == "IDLE"
 
 
-def test_segments_must_be_a_boolean(tint: ServerProcess) -> None:
+def test_segments_and_read_along_must_be_booleans(tint: ServerProcess) -> None:
     with tint.client() as client:
-        for value in ("yes", 1, None, {"on": True}):
-            body = {"gateway_request_id": "bad", "subscribe_url": "http://127.0.0.1:9/x", "segments": value}
+        for key, value in itertools.product(("segments", "read_along"), ("yes", 1, None, {"on": True})):
+            body = {"gateway_request_id": "bad", "subscribe_url": "http://127.0.0.1:9/x", key: value}
             refused = client.post("/stream/start", json=body)
             assert refused.status_code == 400, refused.text
-            assert refused.json()["error"] == "invalid_request" and "segments" in refused.json()["detail"]
+            assert refused.json()["error"] == "invalid_request" and key in refused.json()["detail"]
         assert client.get("/stream/status").json()["active_streams"] == 0
+
+
+def test_a_busy_container_takes_inputs_with_the_answers_to_its_outputs(
+    tint: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Through our orchestrator, which offers it (``"read_along": true``): 720p frames, four in
+    flight as our gateway sends them, to green-tint, which tints two at a time; while an input
+    waits for a worker, the container asks for its next one with an output write, and takes it
+    from that write's answer instead of reading it. Every frame still gets its own output."""
+    flags = ["-orchSecret", "test-secret", "-byocToken", TEST_TOKEN, "-byocModelID", TINT]
+    orch = ServerProcess.start(
+        node_argv("orchestrator", *flags, "-byocContainerURL", tint.url),
+        ready_status=NODE_READY,
+        log_dir=tmp_path_factory.mktemp("orch"),
+    )
+    jpeg = [encode_image(sample_image(1280, 720, seed=seed, noise=4.0), "jpeg") for seed in range(4)]
+    images = [decode_image(body) for body in jpeg]  # what the container sees
+    frames = [jpeg[n % 4] for n in range(40)]
+
+    async def scenario() -> dict[str, Any]:
+        async with httpx.AsyncClient(**{**CLIENT_OPTIONS, "timeout": TIMEOUT}) as http:
+            started = await http.post(
+                f"{orch.url}/ai/stream/start",
+                json={"params": {}, "segments": True},
+                headers=start_header(TINT, "riding"),
+            )
+            stream = StartedStream.started(started, TINT, "riding")
+            source = stream.urls[PUBLISH_URL_HEADER]  # the stream's input, as the gateway names it
+            in_flight = asyncio.Semaphore(4)
+
+            async def send(frame: bytes) -> httpx.Response:
+                async with in_flight:
+                    headers = {REPLY_HEADER: "1", "Content-Type": "image/jpeg"}
+                    return await http.post(f"{source}/-1", content=frame, headers=headers)
+
+            answers = await asyncio.gather(*(send(frame) for frame in frames))
+            for index, answer in enumerate(answers):
+                assert answer.status_code == 200, answer.text
+                error = float(
+                    np.abs(decode_image(answer.content) - green_tint_reference(images[index % 4], 0.3)).mean()
+                )
+                assert error < JPEG_ERROR, f"frame {index}: not its own tinted output"
+            with tint.client() as client:
+                (status,) = client.get("/stream/status").json()["streams"]
+            stopped = await http.post(f"{orch.url}/ai/stream/stop", headers=stream.owner())
+            assert stopped.status_code == 200, stopped.text
+            return dict(status)
+
+    try:
+        status = asyncio.run(scenario())
+    finally:
+        orch.stop()
+    assert status["segments_in"] == status["segments_out"] == len(frames)
+    assert status["segments_in_read_along"] > 0, status
 
 
 # -- whisper: its cross-segment buffering and its final flush, as /live gives them ---------------
