@@ -74,6 +74,18 @@ class StreamRequest:
         return {key.removesuffix("_url"): getattr(self, key) for key in URL_KEYS}
 
 
+def _flag(fields: dict[str, Any], key: str, when_true: str, when_false: str = "") -> bool:
+    """An optional boolean of the start body (absent: false)."""
+    value = fields.get(key, False)
+    if not isinstance(value, bool):
+        raise start_error(
+            "invalid_request",
+            f"{key} must be true ({when_true}) or false{f' ({when_false})' if when_false else ''}, "
+            f"not {type(value).__name__}",
+        )
+    return value
+
+
 def parse_json_object(body: bytes, what: str, error: Callable[[str, str], ApiError]) -> dict[str, Any]:
     """``body`` as a JSON object, or ``error(code, detail)`` saying what is wrong with it."""
     try:
@@ -205,20 +217,15 @@ def parse_start(
             "invalid_request", "subscribe_url is required: this container processes an input stream"
         )
     params, options = split_params(fields.get("params"), validate, start_error)
-    segments = fields.get("segments", False)
-    if not isinstance(segments, bool):
-        raise start_error(
-            "invalid_request",
-            "segments must be true (each input segment is one input, its result one output segment) "
-            f"or false (the processor's own kind of stream), not {type(segments).__name__}",
-        )
-    read_along = fields.get("read_along", False)
-    if not isinstance(read_along, bool):
-        raise start_error(
-            "invalid_request",
-            "read_along must be true (the orchestrator answers an output write with the next input "
-            f"when it can) or false, not {type(read_along).__name__}",
-        )
+    segments = _flag(
+        fields,
+        "segments",
+        "each input segment is one input, its result one output segment",
+        "the processor's own kind of stream",
+    )
+    read_along = _flag(
+        fields, "read_along", "the orchestrator answers an output write with the next input when it can"
+    )
     stream_id = check_id(stream_id_header, "X-Stream-Id") if stream_id_header else request_id
     return StreamRequest(
         stream_id=stream_id,
