@@ -17,6 +17,10 @@ and a count:
 - beyond ``max_connections`` open connections a new one gets 503 ``too_many_connections``.
 
 Each of these is logged, at most one line per second per kind.
+
+A client's address (the loopback check for internal details in errors) is its connection's peer;
+behind a reverse proxy, ``FORWARDED_ALLOW_IPS`` names the proxies whose ``X-Forwarded-For`` is
+believed (uvicorn's own setting, off unless set).
 """
 
 from __future__ import annotations
@@ -330,6 +334,9 @@ def connection_cap(limits: ServerLimits, open_files: int) -> int:
     return max(1, min(limits.max_connections, open_files - reserve))
 
 
+FORWARDED_ALLOW_IPS = "FORWARDED_ALLOW_IPS"  # uvicorn reads it itself when proxy headers are on
+
+
 def serve(app: Any, host: str, port: int, limits: ServerLimits | None = None) -> None:
     """``uvicorn.run`` (httptools, uvloop, no access log) with :class:`ServerLimits` enforced."""
     limits = limits or ServerLimits.from_env()
@@ -351,5 +358,8 @@ def serve(app: Any, host: str, port: int, limits: ServerLimits | None = None) ->
         loop="uvloop",
         access_log=False,
         log_level="warning",
+        # uvicorn's default believes X-Forwarded-For from loopback: no hop here is a proxy.
+        proxy_headers=bool(os.environ.get(FORWARDED_ALLOW_IPS)),
+        server_header=False,
     )
     uvicorn.Server(config).run()

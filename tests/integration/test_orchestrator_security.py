@@ -357,6 +357,19 @@ def test_errors_show_container_addresses_only_to_loopback(orch: ServerProcess) -
     assert dead in orch.output(), "the log keeps the full detail"
 
 
+def test_a_forwarded_address_is_believed_only_from_a_named_proxy(start_server: StartServer) -> None:
+    """Behind a reverse proxy the client's address is the proxy's: only ``FORWARDED_ALLOW_IPS``
+    makes the node read ``X-Forwarded-For``, and with it a proxied outside client is not loopback."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    forwarded = {"Livepeer": job_header("dead-cpu"), "X-Forwarded-For": "203.0.113.9"}
+    argv = node_argv("orchestrator", "-orchSecret", SECRET, "-byocModelID", "dead-cpu", "-byocContainerURL", dead)
+    for env, shown in (({}, True), ({"FORWARDED_ALLOW_IPS": "127.0.0.1"}, False)):
+        node = start_server(argv, ready_status=NODE_READY, env=env)
+        answer = httpx.post(f"{node.url}/process/request/x", content=b"x", headers=forwarded)
+        assert answer.status_code in (502, 503), answer.text
+        assert (dead in answer.json()["detail"]) is shown, (env, answer.text)
+
+
 # -- the containers' token ----------------------------------------------------------------------
 
 
