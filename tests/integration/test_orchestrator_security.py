@@ -362,7 +362,8 @@ def test_a_forwarded_address_is_believed_only_from_a_named_proxy(start_server: S
     makes the node read ``X-Forwarded-For``, and with it a proxied outside client is not loopback."""
     dead = f"http://127.0.0.1:{free_port()}"
     forwarded = {"Livepeer": job_header("dead-cpu"), "X-Forwarded-For": "203.0.113.9"}
-    argv = node_argv("orchestrator", "-orchSecret", SECRET, "-byocModelID", "dead-cpu", "-byocContainerURL", dead)
+    pair = ["-byocModelID", "dead-cpu", "-byocContainerURL", dead]
+    argv = node_argv("orchestrator", "-orchSecret", SECRET, *pair)
     for env, shown in (({}, True), ({"FORWARDED_ALLOW_IPS": "127.0.0.1"}, False)):
         node = start_server(argv, ready_status=NODE_READY, env=env)
         answer = httpx.post(f"{node.url}/process/request/x", content=b"x", headers=forwarded)
