@@ -15,7 +15,6 @@ name no internal address unless the client is on this host.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import random
@@ -38,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yarl import URL
 
 from common.client import body_failure, session_of
-from common.errors import ApiError
+from common.errors import ApiError, from_loopback
 from common.http import DEFAULT_MAX_BODY_BYTES, check_declared_length
 from common.names import check_model_id, is_model_id
 from common.service import service_app
@@ -459,7 +458,7 @@ class Gateway:
             "live_streams": self.live.running - self.jobs.running,
             "searches_cached": len(self.searches),
         }
-        if is_loopback(request.scope.get("client")):  # addresses only for this host (see below)
+        if from_loopback(request.scope):  # addresses only for this host (see below)
             status["orchestrators"] = self.config.orch_addrs
         return JSONResponse(status)
 
@@ -509,15 +508,6 @@ _HIDDEN = b"<internal address>"
 _MAX_ERROR_BODY = 64 * 1024
 
 
-def is_loopback(client: tuple[str, int] | None) -> bool:
-    if client is None:
-        return False
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except ValueError:
-        return False
-
-
 class HideInternalAddresses:
     """JSON error answers to clients off this host have internal URLs and addresses replaced.
 
@@ -530,7 +520,7 @@ class HideInternalAddresses:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_loopback(scope.get("client")):
+        if scope["type"] != "http" or from_loopback(scope):
             await self.app(scope, receive, send)
             return
         start: Message | None = None
