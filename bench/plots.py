@@ -501,7 +501,7 @@ def bench_topology_figures(result: Mapping[str, Any], directory: Path) -> list[P
     paths.append(
         runs_with_median(
             fps,
-            f"{frames}-frame trickle stream, 4 in flight: fps per round, direct vs through the gateway",
+            f"{frames}-frame trickle stream, 4 in flight: fps of each stream, direct vs through the gateway",
             source,
             directory / f"{prefix}-stream-fps.png",
             ylabel="frames per second",
