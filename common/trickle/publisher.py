@@ -45,10 +45,15 @@ async def _post(
     headers: Mapping[str, str],
     body: AsyncIterator[bytes] | bytes,
     timeout: float,
+    *,
+    may_carry_segment: bool = False,
 ) -> Answer:
-    """The POST sent and its answer read (a trickle server answers a write with a few bytes)."""
+    """The POST sent and its answer read: a trickle server answers a write with a few bytes, or,
+    asked for it (``READ_HEADER``, then ``may_carry_segment``), with a segment of another channel
+    (``WRITTEN_HEADER``), whose body is left for the caller."""
     answer = await stream(client, "POST", url, headers=headers, content=body, timeout=timeout)
-    await answer.aread(MAX_ANSWER_BYTES)
+    if not (may_carry_segment and WRITTEN_HEADER in answer.headers):
+        await answer.aread(MAX_ANSWER_BYTES)
     return answer
 
 
@@ -255,16 +260,10 @@ class TricklePublisher:
             url, body = f"{self.url}/{seq}", bytes(data)
             try:
                 async with asyncio.timeout(self.timeout):
-                    answer = await stream(
-                        self.client,
-                        "POST",
-                        url,
-                        headers=self._headers(headers),
-                        content=body,
-                        timeout=self.timeout,
+                    answer = await _post(
+                        self.client, url, self._headers(headers), body, self.timeout, may_carry_segment=True
                     )
                     if WRITTEN_HEADER not in answer.headers:
-                        await answer.aread(MAX_ANSWER_BYTES)
                         _check(answer, seq)
             except TimeoutError:
                 raise TimeoutError(f"segment {seq}: no answer within {self.timeout} s") from None
