@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +35,8 @@ PROCESSORS = ("green-tint", "grayscale", "passthrough")
 # Every server started here gets BYOC_TOKEN=TEST_TOKEN (processors require it; nodes ignore it),
 # and every client made here sends it.
 TEST_TOKEN = "test-token"
+# The orchestrators' secret in tests: anything but the published "orch-secret", which is refused.
+TEST_SECRET = "test-orch-secret"
 AUTH_HEADERS = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
@@ -208,6 +210,15 @@ def node_argv(role: str, *flags: str) -> list[str]:
     service = ["-serviceAddr", "127.0.0.1:{port}"] if role == "orchestrator" else []
     return [sys.executable, "-m", "node", f"-{role}", "-network", "offchain",
             "-httpAddr", "127.0.0.1:{port}", *service, *flags]  # fmt: skip
+
+
+def orchestrator_argv(containers: Mapping[str, str], *flags: str, secret: str = TEST_SECRET) -> list[str]:
+    """An orchestrator (:func:`node_argv`) serving each model of ``containers`` (model id ->
+    container URL) with ``secret``, and sending the containers :data:`TEST_TOKEN`."""
+    pairs = [
+        arg for model, url in containers.items() for arg in ("-byocModelID", model, "-byocContainerURL", url)
+    ]
+    return node_argv("orchestrator", "-orchSecret", secret, "-byocToken", TEST_TOKEN, *pairs, *flags)
 
 
 NODE_READY = "OK"  # what the node's /health answers once it serves

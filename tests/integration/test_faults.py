@@ -21,19 +21,19 @@ import httpx
 import pytest
 from harness import (
     NODE_READY,
+    TEST_SECRET,
     ServerProcess,
     StartServer,
     assert_error,
     free_port,
     node_argv,
+    orchestrator_argv,
     processor_argv,
     restart_server,
     serve_argv,
 )
 
 STREAM_KEY = "Lp-Stream-Key"  # the opener's key, from the answer to a stream's first PUT
-SECRET = "test-orch-secret"  # anything but the published "orch-secret", which is refused
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 CAPACITY = 2
 
 SLOW_PROCESSOR = '''"""Sleeps as many seconds as the first word of the frame says, then returns the frame."""
@@ -75,10 +75,8 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         slow = launch(serve_argv(str(module)))
         victim = launch(serve_argv(str(module), "--model-id", "victim-cpu"))
         orchestrator = launch(
-            node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
-                      "-byocCapacity", str(CAPACITY),
-                      "-byocModelID", "slow-cpu", "-byocContainerURL", slow.url,
-                      "-byocModelID", "victim-cpu", "-byocContainerURL", victim.url)
+            orchestrator_argv({"slow-cpu": slow.url, "victim-cpu": victim.url},
+                              "-byocCapacity", str(CAPACITY))
         )  # fmt: skip
         gateway = launch(node_argv("gateway", "-orchAddr", orchestrator.url))
         for server in (slow, victim):
@@ -314,13 +312,15 @@ async def test_a_processor_killed_mid_stream_ends_it_with_a_reason_not_a_hang_th
 def test_orchestrator_restart_gateway_recovers_and_containers_re_register(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    orchestrator = start_server(node_argv("orchestrator", "-orchSecret", SECRET), ready_status=NODE_READY)
+    orchestrator = start_server(
+        node_argv("orchestrator", "-orchSecret", TEST_SECRET), ready_status=NODE_READY
+    )
     port = free_port()
     container = start_server(
         processor_argv("passthrough"),
         port=port,
         # pytrickle's variable names, as a PyTrickle worker's deployment sets them.
-        env={"ORCH_URL": orchestrator.url, "ORCH_SECRET": SECRET, "CAPABILITY_URL": f"http://127.0.0.1:{port}",
+        env={"ORCH_URL": orchestrator.url, "ORCH_SECRET": TEST_SECRET, "CAPABILITY_URL": f"http://127.0.0.1:{port}",
              "CAPABILITY_NAME": "my-passthrough", "CAPABILITY_CAPACITY": "2", "REGISTER_INTERVAL": "0.5"},
     )  # fmt: skip
     gateway = start_server(node_argv("gateway", "-orchAddr", orchestrator.url), ready_status=NODE_READY)

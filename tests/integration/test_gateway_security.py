@@ -24,14 +24,21 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import NODE_READY, ServerProcess, StartServer, assert_error, free_port, node_argv
+from harness import (
+    NODE_READY,
+    ServerProcess,
+    StartServer,
+    assert_error,
+    free_port,
+    node_argv,
+    orchestrator_argv,
+)
 
 from common.trickle.publisher import STREAM_KEY_HEADER, StreamKey, TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
 from node.relay import Background
 
 SECRET = "c1-test-secret"
-TOKEN = "test-token"
 MODELS = {"green-tint": "green-tint-cpu", "passthrough": "passthrough-cpu"}
 
 # An orchestrator stand-in: grants a token for any capability, records every other request
@@ -123,15 +130,6 @@ class Nodes:
     recorded: ServerProcess  # a gateway in front of the stand-in
 
 
-def orchestrator_argv(processors: dict[str, ServerProcess], *flags: str) -> list[str]:
-    pairs = [
-        flag
-        for name, model in MODELS.items()
-        for flag in ("-byocModelID", model, "-byocContainerURL", processors[name].url)
-    ]
-    return node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN, *pairs, *flags)
-
-
 @pytest.fixture(scope="module")
 def nodes(processors: dict[str, ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     logs = tmp_path_factory.mktemp("gateway-security")
@@ -144,7 +142,8 @@ def nodes(processors: dict[str, ServerProcess], tmp_path_factory: pytest.TempPat
             stack.callback(server.stop)
             return server
 
-        orchestrator = launch(orchestrator_argv(processors))
+        containers = {model: processors[name].url for name, model in MODELS.items()}
+        orchestrator = launch(orchestrator_argv(containers, secret=SECRET))
         standin = launch([sys.executable, str(script), "{port}"])
         gateway = launch(node_argv("gateway", "-orchAddr", f"127.0.0.1:{orchestrator.port}"))
         recorded = launch(node_argv("gateway", "-orchAddr", standin.url))

@@ -28,11 +28,11 @@ from harness import (
     CLIENT_OPTIONS,
     NODE_READY,
     REQUEST_OPTIONS,
-    TEST_TOKEN,
     ServerProcess,
     StartServer,
     assert_error,
     node_argv,
+    orchestrator_argv,
     processor_argv,
     require_whisper,
 )
@@ -43,7 +43,6 @@ from node.livepeer import JOB_HEADER, STREAM_ENDED_EVENT, JobRequest
 from scripts.clips import frame_index, make_clip
 from scripts.test_byoc_job import words
 
-SECRET = "test-orch-secret"
 MODEL = "passthrough-cpu"
 IDLE = 4  # the module gateway's -streamIdleTimeout: short, so an abandoned stream ends quickly
 WAIT = 20.0  # generous bound on any one wait: a 2-core host under load
@@ -54,12 +53,9 @@ KEEPALIVE = 1  # the module gateway's -dataKeepalive: a quiet data stream's comm
 # -- processes ------------------------------------------------------------------------------------
 
 
-def orchestrator_argv(container: ServerProcess | str, *flags: str, model: str = MODEL) -> list[str]:
+def one_model_orchestrator(container: ServerProcess | str, *flags: str, model: str = MODEL) -> list[str]:
     url = container if isinstance(container, str) else container.url
-    return node_argv(
-        "orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
-        "-byocModelID", model, "-byocContainerURL", url, *flags,
-    )  # fmt: skip
+    return orchestrator_argv({model: url}, *flags)
 
 
 def gateway_argv(*orchestrators: ServerProcess, flags: tuple[str, ...] = ()) -> list[str]:
@@ -77,7 +73,7 @@ def topology(start: Callable[..., ServerProcess], pairs: int, *gateway_flags: st
     """``pairs`` orchestrators, each with a passthrough container of its own, and a gateway."""
     containers = [start(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"}) for _ in range(pairs)]
     orchestrators = [
-        start(orchestrator_argv(c, "-byocQueue", "0"), ready_status=NODE_READY) for c in containers
+        start(one_model_orchestrator(c, "-byocQueue", "0"), ready_status=NODE_READY) for c in containers
     ]
     gateway = start(gateway_argv(*orchestrators, flags=gateway_flags), ready_status=NODE_READY)
     return Topology(gateway, orchestrators, containers)
@@ -417,7 +413,8 @@ def test_a_start_waits_in_the_orchestrators_queue_for_a_unit(start_server: Start
     """With a queue (-byocQueue), a start at capacity waits for the unit instead of a 503."""
     container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
     orchestrator = start_server(
-        orchestrator_argv(container, "-byocQueue", "1", "-byocQueueTimeout", "15s"), ready_status=NODE_READY
+        one_model_orchestrator(container, "-byocQueue", "1", "-byocQueueTimeout", "15s"),
+        ready_status=NODE_READY,
     )
     gateway = start_server(gateway_argv(orchestrator), ready_status=NODE_READY)
 
@@ -440,7 +437,8 @@ def test_a_start_whose_client_left_is_stopped_once_it_has_started(start_server: 
     ends as soon as it has started, not at the idle timeout, and its unit is free for the next."""
     container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
     orchestrator = start_server(
-        orchestrator_argv(container, "-byocQueue", "1", "-byocQueueTimeout", "15s"), ready_status=NODE_READY
+        one_model_orchestrator(container, "-byocQueue", "1", "-byocQueueTimeout", "15s"),
+        ready_status=NODE_READY,
     )
     idle_30s = ("-streamIdleTimeout", "30")
     gateway = start_server(gateway_argv(orchestrator, flags=idle_30s), ready_status=NODE_READY)
@@ -495,7 +493,7 @@ def test_a_stream_that_goes_on_is_ended_at_the_gateways_maximum_lifetime(
     """-maxStreamLifetime on the gateway ends a stream that keeps sending, whatever its
     orchestrator allows (here its default hour)."""
     container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
-    orchestrator = start_server(orchestrator_argv(container, "-byocQueue", "0"), ready_status=NODE_READY)
+    orchestrator = start_server(one_model_orchestrator(container, "-byocQueue", "0"), ready_status=NODE_READY)
     gateway = start_server(
         gateway_argv(orchestrator, flags=("-maxStreamLifetime", "3")), ready_status=NODE_READY
     )
@@ -773,9 +771,9 @@ def test_a_stream_whose_container_sends_no_event_moves_to_another_orchestrator(
 ) -> None:
     """The gateway's event watchdog (-streamEventTimeout): no event for that long loses the
     orchestrator, as a dead one would. The silent one has more capacity, so it is chosen first."""
-    quiet = start_server(orchestrator_argv(silent, "-byocCapacity", "2"), ready_status=NODE_READY)
+    quiet = start_server(one_model_orchestrator(silent, "-byocCapacity", "2"), ready_status=NODE_READY)
     container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "10"})
-    working = start_server(orchestrator_argv(container), ready_status=NODE_READY)
+    working = start_server(one_model_orchestrator(container), ready_status=NODE_READY)
     gateway = start_server(
         gateway_argv(quiet, working, flags=("-streamEventTimeout", "3")), ready_status=NODE_READY
     )
@@ -801,7 +799,7 @@ def test_a_stream_that_keeps_losing_its_orchestrator_ends_after_two_moves_a_minu
     start_server: StartServer, silent: str
 ) -> None:
     """go-livepeer's swap limit: two moves within a minute, and the third loss ends the stream."""
-    quiet = [start_server(orchestrator_argv(silent), ready_status=NODE_READY) for _ in range(2)]
+    quiet = [start_server(one_model_orchestrator(silent), ready_status=NODE_READY) for _ in range(2)]
     gateway = start_server(gateway_argv(*quiet, flags=("-streamEventTimeout", "2")), ready_status=NODE_READY)
 
     async def scenario() -> None:
@@ -831,7 +829,7 @@ WHISPER = "whisper-tiny-cpu"
 def test_whisper_captions_arrive_as_sse_messages_before_the_end_message(start_server: StartServer) -> None:
     require_whisper()
     container = start_server(processor_argv("whisper-tiny"), env={"TRICKLE_TIMEOUT": "10"}, timeout=90.0)
-    orchestrator = start_server(orchestrator_argv(container, model=WHISPER), ready_status=NODE_READY)
+    orchestrator = start_server(one_model_orchestrator(container, model=WHISPER), ready_status=NODE_READY)
     gateway = start_server(gateway_argv(orchestrator), ready_status=NODE_READY)
     clip = make_clip(None, 10, width=320, height=180, fps=FPS, gop_seconds=2, audio="speech:" + SPOKEN)
 

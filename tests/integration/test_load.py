@@ -19,16 +19,17 @@ import httpx
 import pytest
 from harness import (
     NODE_READY,
+    TEST_SECRET,
+    TEST_TOKEN,
     ServerProcess,
     encode_image,
     free_port,
     node_argv,
+    orchestrator_argv,
     processor_argv,
     sample_image,
 )
 
-SECRET = "test-orch-secret"
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 CLIENTS = 8
 SECONDS = 30.0
 MODEL = "green-tint-cpu"
@@ -53,8 +54,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         green = launch(processor_argv("green-tint"))
         green.wait_ready()
         orchestrator = launch(
-            node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
-                      "-byocModelID", MODEL, "-byocContainerURL", green.url, "-byocCapacity", f"{MODEL}=2")
+            orchestrator_argv({MODEL: green.url}, "-byocCapacity", f"{MODEL}=2")
         )  # fmt: skip
         gateway = launch(node_argv("gateway", "-orchAddr", orchestrator.url))
         for server in (orchestrator, gateway):
@@ -105,12 +105,12 @@ def test_8_clients_without_backoff_for_30_s_are_answered_200(topology: Topology)
 
 def test_a_dead_container_is_reported_unhealthy_never_busy(topology: Topology) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    registration = {"name": "dead-cpu", "url": dead, "capacity": 1, "token": TOKEN}
+    registration = {"name": "dead-cpu", "url": dead, "capacity": 1, "token": TEST_TOKEN}
     with httpx.Client(timeout=30) as http:
         ok = http.post(
             f"{topology.orchestrator.url}/capability/register",
             json=registration,
-            headers={"Authorization": SECRET},
+            headers={"Authorization": TEST_SECRET},
         )
         assert ok.text == "ok"
 

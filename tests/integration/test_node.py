@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from harness import (
     NODE_READY,
+    TEST_SECRET,
     ServerProcess,
     StartServer,
     assert_error,
@@ -32,11 +33,10 @@ from harness import (
     encode_image,
     free_port,
     node_argv,
+    orchestrator_argv,
     sample_image,
 )
 
-SECRET = "test-orch-secret"  # anything but the published "orch-secret", which is refused
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 GATEWAY_MAX_BODY = 256 * 1024
 ORCH_MAX_BODY = 128 * 1024
 MODELS = {"green-tint": "green-tint-cpu", "grayscale": "grayscale-cpu", "passthrough": "passthrough-cpu"}
@@ -89,15 +89,6 @@ class Topology:
         return {self.orch_a.url, self.orch_b.url}
 
 
-def orchestrator_argv(processors: dict[str, ServerProcess], *flags: str) -> list[str]:
-    pairs = [
-        flag
-        for name, model in MODELS.items()
-        for flag in ("-byocModelID", model, "-byocContainerURL", processors[name].url)
-    ]
-    return node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN, *pairs, *flags)
-
-
 @pytest.fixture(scope="module")
 def topology(
     processors: dict[str, ServerProcess], tmp_path_factory: pytest.TempPathFactory
@@ -112,8 +103,9 @@ def topology(
             stack.callback(server.stop)
             return server
 
-        orch_a = launch(orchestrator_argv(processors, "-maxBodyBytes", str(ORCH_MAX_BODY)))
-        orch_b = launch(orchestrator_argv(processors, "-maxBodyBytes", str(ORCH_MAX_BODY)))
+        containers = {model: processors[name].url for name, model in MODELS.items()}
+        orch_a = launch(orchestrator_argv(containers, "-maxBodyBytes", str(ORCH_MAX_BODY)))
+        orch_b = launch(orchestrator_argv(containers, "-maxBodyBytes", str(ORCH_MAX_BODY)))
         gateway = launch(
             node_argv(
                 "gateway",
@@ -448,8 +440,7 @@ def test_an_orchestrator_whose_container_fails_is_retried_on_the_next(
     broken_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     # Capacity 5 sorts the broken orchestrator first, so every job really tries it first.
     broken = start_server(
-        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN, "-byocCapacity", "5",
-                  "-byocModelID", "passthrough-cpu", "-byocContainerURL", broken_url),
+        orchestrator_argv({"passthrough-cpu": broken_url}, "-byocCapacity", "5"),
         ready_status=NODE_READY,
     )  # fmt: skip
     alone = start_server(node_argv("gateway", "-orchAddr", broken.url), ready_status=NODE_READY)
@@ -495,13 +486,13 @@ def test_register_and_unregister_with_the_orch_secret(http: httpx.Client, topolo
     # reference §6: go-livepeer's doc example body.
     body = {"name": "text-reversal", "url": topology.plain.url, "capacity": 1, "price_per_unit": 0,
             "price_scaling": 1, "currency": "wei"}  # fmt: skip
-    for headers in ({}, {"Authorization": "invalid-secret"}, {"Authorization": f"Bearer {SECRET}"},
-                    {"Authorization": SECRET[:-1]}, {"Authorization": SECRET + "x"}):  # fmt: skip
+    for headers in ({}, {"Authorization": "invalid-secret"}, {"Authorization": f"Bearer {TEST_SECRET}"},
+                    {"Authorization": TEST_SECRET[:-1]}, {"Authorization": TEST_SECRET + "x"}):  # fmt: skip
         response = http.post(f"{orch}/capability/register", json=body, headers=headers)
         assert "-orchSecret" in assert_error(response, 401, "invalid_authorization")["detail"]
     assert "text-reversal" not in status(topology.orch_a)
 
-    response = http.post(f"{orch}/capability/register", json=body, headers={"Authorization": SECRET})
+    response = http.post(f"{orch}/capability/register", json=body, headers={"Authorization": TEST_SECRET})
     assert (response.status_code, response.text) == (200, "ok")
     assert response.headers["content-type"] == "application/json"  # go-livepeer's literal answer
     assert {
@@ -514,7 +505,7 @@ def test_register_and_unregister_with_the_orch_secret(http: httpx.Client, topolo
     }
     # Same name again replaces the entry.
     again = http.post(
-        f"{orch}/capability/register", json={**body, "capacity": 10}, headers={"Authorization": SECRET}
+        f"{orch}/capability/register", json={**body, "capacity": 10}, headers={"Authorization": TEST_SECRET}
     )
     assert again.text == "ok" and status(topology.orch_a)["text-reversal"]["capacity"] == 10
 
@@ -524,19 +515,19 @@ def test_register_and_unregister_with_the_orch_secret(http: httpx.Client, topolo
     assert_error(wrong, 401, "invalid_authorization")
     assert "text-reversal" in status(topology.orch_a)
     gone = http.post(
-        f"{orch}/capability/unregister", content=b"text-reversal", headers={"Authorization": SECRET}
+        f"{orch}/capability/unregister", content=b"text-reversal", headers={"Authorization": TEST_SECRET}
     )
     assert (gone.status_code, gone.text) == (200, "ok")
     assert "text-reversal" not in status(topology.orch_a)
     unknown = http.post(
-        f"{orch}/capability/unregister", content=b"never-registered", headers={"Authorization": SECRET}
+        f"{orch}/capability/unregister", content=b"never-registered", headers={"Authorization": TEST_SECRET}
     )
     assert (unknown.status_code, unknown.text) == (200, "ok")  # a no-op, as in go-livepeer
     assert_error(http.get(f"{orch}/capability/register"), 405, "method_not_allowed")
 
 
 def test_a_bad_registration_body_is_400(http: httpx.Client, topology: Topology) -> None:
-    auth = {"Authorization": SECRET}
+    auth = {"Authorization": TEST_SECRET}
     url = f"{topology.orch_a.url}/capability/register"
     for content in (b"not json", b"[]", b'{"name": "x"}', b'{"name": "x", "url": "no-scheme"}',
                     b'{"name": "x", "url": "http://h", "protocol": "grpc"}',
@@ -601,7 +592,9 @@ def test_a_plain_http_container_gets_post_url_path(http: httpx.Client, topology:
     }
     assert (
         http.post(
-            f"{topology.orch_a.url}/capability/register", json=registration, headers={"Authorization": SECRET}
+            f"{topology.orch_a.url}/capability/register",
+            json=registration,
+            headers={"Authorization": TEST_SECRET},
         ).text
         == "ok"
     )
@@ -633,7 +626,7 @@ def test_a_plain_http_container_gets_post_url_path(http: httpx.Client, topology:
         http.post(
             f"{topology.orch_a.url}/capability/unregister",
             content=b"plain-echo",
-            headers={"Authorization": SECRET},
+            headers={"Authorization": TEST_SECRET},
         )
 
 

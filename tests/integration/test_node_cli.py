@@ -19,6 +19,8 @@ import pytest
 from harness import (
     NODE_READY,
     ROOT,
+    TEST_SECRET,
+    TEST_TOKEN,
     ServerProcess,
     StartServer,
     assert_error,
@@ -26,13 +28,11 @@ from harness import (
     encode_image,
     free_port,
     node_argv,
+    orchestrator_argv,
     sample_image,
 )
 
 from node.sched import RELAY_SLICE_NS, slice_of
-
-SECRET = "test-orch-secret"
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 
 # The tutorial's flags, plus the node's own.
 FLAGS = [
@@ -109,7 +109,7 @@ def test_help_documents_every_flag() -> None:
 def test_a_network_other_than_offchain_is_a_clear_error() -> None:
     cases: list[tuple[list[str], dict[str, str] | None]] = [
         (["-gateway", "-network", "arbitrum-one-mainnet"], None),
-        (["-orchestrator", "-orchSecret", SECRET, "-network=arbitrum-one-mainnet"], None),
+        (["-orchestrator", "-orchSecret", TEST_SECRET, "-network=arbitrum-one-mainnet"], None),
         (["-gateway"], {"LP_NETWORK": "arbitrum-one-mainnet"}),
     ]
     for result in run_nodes(cases):
@@ -132,7 +132,9 @@ def test_model_ids_and_container_urls_must_pair_up() -> None:
         (["-byocContainerURL", "http://127.0.0.1:1"], "0", "1"),
         (["-byocModelID", "a"], "1", "0"),
     ]
-    results = run_nodes([(["-orchestrator", "-orchSecret", SECRET, *flags], None) for flags, _, _ in cases])
+    results = run_nodes(
+        [(["-orchestrator", "-orchSecret", TEST_SECRET, *flags], None) for flags, _, _ in cases]
+    )
     for (flags, ids, urls), result in zip(cases, results, strict=True):
         assert result.returncode != 0, flags
         assert f"{ids} -byocModelID but {urls} -byocContainerURL" in result.stderr, result.stderr
@@ -161,7 +163,7 @@ def test_bad_queue_timeout_and_capacity_flags_are_clear_errors() -> None:
         ([], {"LP_MAXJOBTIMEOUT": "x"}, "LP_MAXJOBTIMEOUT"),
     ]
     results = run_nodes(
-        [(["-orchestrator", "-orchSecret", SECRET, *pair, *flags], env) for flags, env, _ in cases]
+        [(["-orchestrator", "-orchSecret", TEST_SECRET, *pair, *flags], env) for flags, env, _ in cases]
     )
     for (flags, env, named), result in zip(cases, results, strict=True):
         assert result.returncode != 0, (flags, env)
@@ -171,13 +173,9 @@ def test_bad_queue_timeout_and_capacity_flags_are_clear_errors() -> None:
 def test_per_model_capacity_queue_and_timeout_flags(
     start_server: StartServer, processors: dict[str, ServerProcess]
 ) -> None:
-    pairs = [
-        flag
-        for name in ("passthrough", "grayscale", "green-tint")
-        for flag in ("-byocModelID", f"{name}-cpu", "-byocContainerURL", processors[name].url)
-    ]
+    containers = {f"{name}-cpu": processors[name].url for name in ("passthrough", "grayscale", "green-tint")}
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN, *pairs,
+        orchestrator_argv(containers,
                   "-byocCapacity", "2", "-byocCapacity", "passthrough-cpu=4,grayscale-cpu=3",
                   "-byocQueue", "5", "-byocQueueTimeout", "3s"),
         ready_status=NODE_READY,
@@ -196,7 +194,7 @@ def test_per_model_capacity_queue_and_timeout_flags(
     assert token["available_capacity"] == 3 + 5, token  # free units and the -byocQueue places
     for value in ("3", "3.0s"):  # a bare number is seconds too
         plain = start_server(
-            node_argv("orchestrator", "-orchSecret", SECRET, "-byocQueueTimeout", value),
+            node_argv("orchestrator", "-orchSecret", TEST_SECRET, "-byocQueueTimeout", value),
             ready_status=NODE_READY,
         )
         assert plain.process.poll() is None
@@ -211,8 +209,7 @@ def test_the_tutorials_single_pair_registers_logs_and_serves_a_job(
     green = processors["green-tint"]
     # README's command, ports aside: one -byocModelID / -byocContainerURL pair, as written.
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
-                  "-byocModelID", "green-tint-cpu", "-byocContainerURL", green.url),
+        orchestrator_argv({"green-tint-cpu": green.url}),
         ready_status=NODE_READY,
     )  # fmt: skip
     gateway = start_server(node_argv("gateway", "-orchAddr", f"127.0.0.1:{orch.port}"), ready_status="OK")
@@ -268,7 +265,7 @@ def test_every_flag_can_come_from_an_lp_variable(
             "LP_BYOCMODELID": "passthrough-cpu,grayscale-cpu",
             "LP_BYOCCONTAINERURL": f"{processors['passthrough'].url},{processors['grayscale'].url}",
             "LP_BYOCCAPACITY": "3",
-            "LP_BYOCTOKEN": TOKEN,
+            "LP_BYOCTOKEN": TEST_TOKEN,
             "LP_BYOCQUEUE": "4",
             "LP_BYOCQUEUETIMEOUT": "2s",
             "LP_MAXJOBTIMEOUT": "60",
@@ -308,7 +305,7 @@ def test_command_line_flags_override_their_lp_variables(
 ) -> None:
     passthrough = processors["passthrough"].url
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", "from-flag", "-byocToken", TOKEN,
+        node_argv("orchestrator", "-orchSecret", "from-flag", "-byocToken", TEST_TOKEN,
                   "-byocModelID", "passthrough-cpu", "-byocContainerURL", passthrough),
         env={
             "LP_ORCHSECRET": "from-env",
@@ -329,7 +326,7 @@ def test_the_node_relays_with_a_short_cpu_time_slice(start_server: StartServer) 
     release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
     if release < (6, 12):
         pytest.skip(f"per-thread time slices need Linux 6.12; this kernel is {platform.release()}")
-    orch = start_server(node_argv("orchestrator", "-orchSecret", SECRET), ready_status=NODE_READY)
+    orch = start_server(node_argv("orchestrator", "-orchSecret", TEST_SECRET), ready_status=NODE_READY)
     gateway = start_server(
         node_argv("gateway", "-orchAddr", f"127.0.0.1:{orch.port}"), ready_status=NODE_READY
     )

@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from harness import NODE_READY, ServerProcess, assert_error, node_argv, processor_argv
+from harness import NODE_READY, TEST_TOKEN, ServerProcess, assert_error, node_argv, processor_argv
 
 from node.livepeer import JOB_HEADER, JobRequest
 
 SECRET = "odd-containers-secret"
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 MAX_JOB_TIMEOUT = 3  # a stalled container holds its unit at most this long
 
 
@@ -91,7 +90,7 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc
     odd = OddContainer()
     echo = ServerProcess.start(processor_argv("passthrough"), log_dir=logs)
     orch = ServerProcess.start(
-        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
+        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
                   "-maxJobTimeout", str(MAX_JOB_TIMEOUT),
                   "-byocModelID", "passthrough-cpu", "-byocContainerURL", echo.url),
         ready_status=NODE_READY, log_dir=logs,

@@ -23,17 +23,17 @@ import pytest
 from harness import (
     NODE_READY,
     REQUEST_OPTIONS,
+    TEST_SECRET,
+    TEST_TOKEN,
     ServerProcess,
     StartServer,
     assert_error,
     free_port,
-    node_argv,
+    orchestrator_argv,
     serve_argv,
 )
 from test_faults import SLOW_PROCESSOR
 
-SECRET = "test-orch-secret"
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
 QUEUE = 2
 
 
@@ -53,9 +53,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         slow = ServerProcess.launch(serve_argv(str(module)), log_dir=logs)
         stack.callback(slow.stop)
         orch = ServerProcess.launch(
-            node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
-                      "-byocModelID", "slow-cpu", "-byocContainerURL", slow.url,
-                      "-byocQueue", str(QUEUE), "-byocQueueTimeout", "2s", "-maxJobTimeout", "6"),
+            orchestrator_argv({"slow-cpu": slow.url},
+                              "-byocQueue", str(QUEUE), "-byocQueueTimeout", "2s", "-maxJobTimeout", "6"),
             log_dir=logs,
         )  # fmt: skip
         stack.callback(orch.stop)
@@ -214,8 +213,14 @@ async def test_a_dead_container_is_unhealthy_at_once_and_its_queue_is_emptied(
     start_server: StartServer, setup: Setup
 ) -> None:
     victim = start_server(serve_argv(str(setup.module), "--model-id", "victim-cpu"))
-    body = {"name": "victim-cpu", "url": victim.url, "capacity": 1, "protocol": "trickle", "token": TOKEN}
-    auth = {"Authorization": SECRET}
+    body = {
+        "name": "victim-cpu",
+        "url": victim.url,
+        "capacity": 1,
+        "protocol": "trickle",
+        "token": TEST_TOKEN,
+    }
+    auth = {"Authorization": TEST_SECRET}
     async with setup.orch.async_client(timeout=30) as client:
         assert (await client.post("/capability/register", json=body, headers=auth)).text == "ok"
         running = asyncio.create_task(
@@ -260,8 +265,7 @@ def test_a_job_longer_than_30_s_is_not_cut_by_a_fixed_client_timeout(
     """The container call is bounded by the job's own deadline, not by the HTTP client's default."""
     slow = start_server(serve_argv(str(setup.module)))
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN,
-                  "-byocModelID", "slow-cpu", "-byocContainerURL", slow.url),
+        orchestrator_argv({"slow-cpu": slow.url}),
         ready_status=NODE_READY,
     )  # fmt: skip
     with orch.client(timeout=60) as client:
@@ -273,8 +277,7 @@ async def test_a_stream_frees_its_unit_after_the_idle_timeout_whatever_it_asked_
     start_server: StartServer, setup: Setup
 ) -> None:
     orch = start_server(
-        node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TOKEN, "-streamIdleTimeout", "1",
-                  "-byocModelID", "slow-cpu", "-byocContainerURL", setup.slow.url),
+        orchestrator_argv({"slow-cpu": setup.slow.url}, "-streamIdleTimeout", "1"),
         ready_status=NODE_READY,
     )  # fmt: skip
     async with orch.async_client(timeout=30) as client:

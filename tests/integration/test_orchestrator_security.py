@@ -19,10 +19,17 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import NODE_READY, ROOT, ServerProcess, StartServer, assert_error, free_port, node_argv
-
-SECRET = "test-orch-secret"
-TOKEN = "test-token"  # the processors' BYOC_TOKEN in tests (tests/harness.py)
+from harness import (
+    NODE_READY,
+    ROOT,
+    TEST_SECRET,
+    TEST_TOKEN,
+    ServerProcess,
+    StartServer,
+    assert_error,
+    free_port,
+    node_argv,
+)
 
 # Someone else's container: ``redirect`` answers every request (or only POSTs, with ``post``) with
 # a 307 to ``target``; ``-`` as target answers 200 IDLE and counts the requests it got (GET /hits).
@@ -67,14 +74,14 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 @pytest.fixture(scope="module")
 def orch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # Also on every interface, so a test can reach it from an address that is not loopback.
-    argv = node_argv("orchestrator", "-orchSecret", SECRET, "-httpAddr", "0.0.0.0:{port}")
+    argv = node_argv("orchestrator", "-orchSecret", TEST_SECRET, "-httpAddr", "0.0.0.0:{port}")
     server = ServerProcess.start(argv, ready_status=NODE_READY, log_dir=tmp_path_factory.mktemp("orch"))
     yield server
     server.stop()
 
 
 def register(
-    orch: ServerProcess, body: Any, secret: str = SECRET, raw: bytes | None = None
+    orch: ServerProcess, body: Any, secret: str = TEST_SECRET, raw: bytes | None = None
 ) -> httpx.Response:
     content = raw if raw is not None else json.dumps(body).encode()
     return httpx.post(f"{orch.url}/capability/register", content=content, headers={"Authorization": secret})
@@ -101,7 +108,14 @@ def wait_for(condition: Any, timeout: float = 10.0, what: str = "condition") -> 
 
 def test_a_wrong_secret_is_401_json_and_registers_nothing(orch: ServerProcess) -> None:
     body = {"name": "sneaky-cpu", "url": "http://127.0.0.1:9"}
-    for secret in ("", "orch-secret", SECRET[:-1], SECRET + "x", f"Bearer {SECRET}", SECRET.upper()):
+    for secret in (
+        "",
+        "orch-secret",
+        TEST_SECRET[:-1],
+        TEST_SECRET + "x",
+        f"Bearer {TEST_SECRET}",
+        TEST_SECRET.upper(),
+    ):
         detail = assert_error(register(orch, body, secret), 401, "invalid_authorization")["detail"]
         assert "-orchSecret" in detail
         unregister = httpx.post(
@@ -273,13 +287,13 @@ def test_bodies_that_are_not_objects_or_too_large_are_4xx(orch: ServerProcess) -
 def test_unregister_bodies_are_validated_the_same_way(orch: ServerProcess) -> None:
     url = f"{orch.url}/capability/unregister"
     for raw in (b"a\nb", b"\xff", b"", b"x" * 129, b"../x"):
-        response = httpx.post(url, content=raw, headers={"Authorization": SECRET})
+        response = httpx.post(url, content=raw, headers={"Authorization": TEST_SECRET})
         assert response.status_code == 400 and response.json()["error"] in (
             "invalid_model_id",
             "invalid_registration",
         )
     assert register(orch, {"name": "gone-cpu", "url": "http://127.0.0.1:9"}).text == "ok"
-    ok = httpx.post(url, content=b"gone-cpu\n", headers={"Authorization": SECRET})
+    ok = httpx.post(url, content=b"gone-cpu\n", headers={"Authorization": TEST_SECRET})
     assert (ok.status_code, ok.text) == (200, "ok")
     assert "gone-cpu" not in registered(orch)
 
@@ -363,7 +377,7 @@ def test_a_forwarded_address_is_believed_only_from_a_named_proxy(start_server: S
     dead = f"http://127.0.0.1:{free_port()}"
     forwarded = {"Livepeer": job_header("dead-cpu"), "X-Forwarded-For": "203.0.113.9"}
     pair = ["-byocModelID", "dead-cpu", "-byocContainerURL", dead]
-    argv = node_argv("orchestrator", "-orchSecret", SECRET, *pair)
+    argv = node_argv("orchestrator", "-orchSecret", TEST_SECRET, *pair)
     for env, shown in (({}, True), ({"FORWARDED_ALLOW_IPS": "127.0.0.1"}, False)):
         node = start_server(argv, ready_status=NODE_READY, env=env)
         answer = httpx.post(f"{node.url}/process/request/x", content=b"x", headers=forwarded)
@@ -380,9 +394,9 @@ def test_byoc_token_reaches_the_container_and_a_wrong_one_is_named(
     url = processors["passthrough"].url
     pair = ["-byocModelID", "passthrough-cpu", "-byocContainerURL", url]
     right, wrong = (
-        start_server(node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", token, *pair),
+        start_server(node_argv("orchestrator", "-orchSecret", TEST_SECRET, "-byocToken", token, *pair),
                      ready_status=NODE_READY)
-        for token in (TOKEN, "not-the-token")
+        for token in (TEST_TOKEN, "not-the-token")
     )  # fmt: skip
     header = {"Livepeer": job_header("passthrough-cpu")}
     ok = httpx.post(f"{right.url}/process/request/x", content=b"with the token", headers=header)

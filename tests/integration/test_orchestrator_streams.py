@@ -26,7 +26,7 @@ from harness import (
     ServerProcess,
     StartServer,
     assert_error,
-    node_argv,
+    orchestrator_argv,
     processor_argv,
 )
 from orch_stream import (
@@ -54,7 +54,6 @@ from node.livepeer import (
 )
 from scripts.clips import make_clip
 
-SECRET = "test-orch-secret"
 SLOW_STOP = 1.0
 MODEL = "passthrough-cpu"
 
@@ -113,13 +112,6 @@ def stand_in() -> Iterator[str]:
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-
-
-def orchestrator_argv(containers: dict[str, str], *flags: str) -> list[str]:
-    pairs = [
-        arg for model, url in containers.items() for arg in ("-byocModelID", model, "-byocContainerURL", url)
-    ]
-    return node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN, *pairs, *flags)
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,25 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import NODE_READY, TEST_TOKEN, ServerProcess, assert_error, free_port, node_argv
+from harness import (
+    NODE_READY,
+    ServerProcess,
+    assert_error,
+    free_port,
+    node_argv,
+    orchestrator_argv,
+)
 
 from node.page import merge_models, model_kind
 
-SECRET = "test-orch-secret"
 WAIT = 20.0
 
 
 def orchestrator(container: dict[str, ServerProcess], models: dict[str, tuple[str, int]]) -> list[str]:
     """An orchestrator registering ``{model id: (processor name, capacity)}`` from flags."""
-    flags = [
-        flag
-        for model, (name, capacity) in models.items()
-        for flag in ("-byocModelID", model, "-byocContainerURL", container[name].url,
-                     "-byocCapacity", f"{model}={capacity}")
-    ]  # fmt: skip
-    return node_argv("orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN, *flags)
+    containers = {model: container[name].url for model, (name, _) in models.items()}
+    capacities = ",".join(f"{model}={capacity}" for model, (_, capacity) in models.items())
+    return orchestrator_argv(containers, "-byocCapacity", capacities)
 
 
 @pytest.fixture(scope="module")

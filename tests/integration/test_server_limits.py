@@ -26,9 +26,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import CLIENT_OPTIONS, NODE_READY, ROOT, ServerProcess, node_argv, processor_argv
+from harness import CLIENT_OPTIONS, NODE_READY, ROOT, TEST_TOKEN, ServerProcess, node_argv, processor_argv
 
-TOKEN = "test-token"  # the containers' bearer token (BYOC_TOKEN) and the orchestrator's
 HEADER_TIMEOUT = 1.0
 BODY_IDLE_TIMEOUT = 1.0
 MAX_CONNECTIONS = 50
@@ -64,7 +63,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             stack.callback(server.stop)
             return server
 
-        container = start(processor_argv("passthrough"), {"BYOC_TOKEN": TOKEN}, "IDLE")
+        container = start(processor_argv("passthrough"), {"BYOC_TOKEN": TEST_TOKEN}, "IDLE")
         orchestrator = start(
             node_argv(
                 "orchestrator",
@@ -76,7 +75,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
                 "8",
             ),
             # As environment variables, these reach the node only once it has such flags.
-            {"LP_ORCHSECRET": secrets.token_hex(16), "LP_BYOCTOKEN": TOKEN},
+            {"LP_ORCHSECRET": secrets.token_hex(16), "LP_BYOCTOKEN": TEST_TOKEN},
             NODE_READY,
         )
         gateway = start(node_argv("gateway", "-orchAddr", orchestrator.url), {}, NODE_READY)
@@ -127,7 +126,7 @@ def read_answer(sock: socket.socket, started: float) -> Answer:
 
 
 def request_head(server: ServerProcess, method: str = "GET", path: str = "/health", **extra: str) -> bytes:
-    headers = {"Host": f"127.0.0.1:{server.port}", "Authorization": f"Bearer {TOKEN}", **extra}
+    headers = {"Host": f"127.0.0.1:{server.port}", "Authorization": f"Bearer {TEST_TOKEN}", **extra}
     lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -284,7 +283,7 @@ def test_the_open_file_limit_is_raised_at_start(tmp_path: Path) -> None:
         pytest.skip(f"the hard open-file limit is {hard}: nothing to raise")
     low_soft_limit = ["bash", "-c", 'ulimit -Sn 1024 && exec "$@"', "bash"]
     server = ServerProcess.start(
-        [*low_soft_limit, *processor_argv("passthrough")], env={"BYOC_TOKEN": TOKEN}, log_dir=tmp_path
+        [*low_soft_limit, *processor_argv("passthrough")], env={"BYOC_TOKEN": TEST_TOKEN}, log_dir=tmp_path
     )
     try:
         soft = int(Path(f"/proc/{server.pid}/limits").read_text().split("Max open files")[1].split()[0])
@@ -300,7 +299,7 @@ def test_the_open_file_limit_is_raised_at_start(tmp_path: Path) -> None:
 def test_a_bad_limit_stops_the_server_with_the_reason(name: str, value: str) -> None:
     result = subprocess.run(
         [a.replace("{port}", "0") for a in processor_argv("passthrough")],
-        env={**os.environ, "BYOC_TOKEN": TOKEN, name: value},
+        env={**os.environ, "BYOC_TOKEN": TEST_TOKEN, name: value},
         capture_output=True,
         text=True,
         timeout=30,

@@ -25,10 +25,10 @@ from aiortc import RTCPeerConnection, RTCRtpSender
 from harness import (
     CLIENT_OPTIONS,
     NODE_READY,
-    TEST_TOKEN,
     ServerProcess,
     assert_error,
     node_argv,
+    orchestrator_argv,
     processor_argv,
     require_whisper,
 )
@@ -36,7 +36,6 @@ from webrtc_client import Camera, Microphone, Player, new_pc, publish, speech, t
 
 from scripts.test_byoc_job import words
 
-SECRET = "test-orch-secret"
 MODEL = "green-tint-cpu"
 WAIT = 30.0  # generous bound on a wait: a 2-core host encoding and decoding 640x480 30 fps
 
@@ -53,10 +52,7 @@ def topology(logs: Path, processor: str, model: str) -> Iterator[ServerProcess]:
 
         container = start(processor_argv(processor), timeout=90.0)
         orch = start(
-            node_argv(
-                "orchestrator", "-orchSecret", SECRET, "-byocToken", TEST_TOKEN,
-                "-byocModelID", model, "-byocContainerURL", container.url,
-            ),
+            orchestrator_argv({model: container.url}),
             ready_status=NODE_READY,
         )  # fmt: skip
         yield start(node_argv("gateway", "-orchAddr", orch.url), ready_status=NODE_READY)

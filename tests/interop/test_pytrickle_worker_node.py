@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import CLIENT_OPTIONS, NODE_READY, ServerProcess, StartServer, node_argv
+from harness import CLIENT_OPTIONS, NODE_READY, TEST_SECRET, ServerProcess, StartServer, node_argv
 from live_stream import Clip, decode_video, video_pts
 from orch_stream import EVENT_WAIT, Stream, event_type, load, orch_status, start_stream
 
@@ -26,7 +26,6 @@ from scripts.clips import make_clip
 
 pytestmark = pytest.mark.interop
 
-SECRET = "test-orch-secret"
 MODEL = "pytrickle-passthrough"
 WIDTH, HEIGHT, FPS = 320, 240, 30
 PACE = 2.0  # a segment (2 s of video) every 2 s: real time
@@ -48,7 +47,7 @@ def worker(start_server: StartServer, pytrickle_python: Path) -> ServerProcess:
 
 @pytest.fixture
 def orch(start_server: StartServer, worker: ServerProcess) -> ServerProcess:
-    orch = start_server(node_argv("orchestrator", "-orchSecret", SECRET), ready_status=NODE_READY)
+    orch = start_server(node_argv("orchestrator", "-orchSecret", TEST_SECRET), ready_status=NODE_READY)
     # PyTrickle's RegisterCapability body, with the raw secret as Authorization.
     registration = {
         "url": worker.url,
@@ -58,7 +57,7 @@ def orch(start_server: StartServer, worker: ServerProcess) -> ServerProcess:
         "price_per_unit": 0,
         "price_scaling": 1,
     }
-    with orch.client(headers={"Authorization": SECRET}) as client:
+    with orch.client(headers={"Authorization": TEST_SECRET}) as client:
         registered = client.post("/capability/register", json=registration)
     assert registered.status_code == 200, registered.text
     return orch
