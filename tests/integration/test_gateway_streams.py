@@ -13,12 +13,10 @@ import asyncio
 import io
 import json
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import av
@@ -29,12 +27,14 @@ from harness import (
     NODE_READY,
     REQUEST_OPTIONS,
     ServerProcess,
+    StandInHandler,
     StartServer,
     assert_error,
     node_argv,
     orchestrator_argv,
     processor_argv,
     require_whisper,
+    serve_in_thread,
 )
 
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
@@ -734,36 +734,21 @@ def test_a_stream_whose_orchestrator_dies_with_no_other_ends_cleanly(
     asyncio.run(scenario())
 
 
-class SilentContainer(BaseHTTPRequestHandler):
+class SilentContainer(StandInHandler):
     """Someone else's container that takes a stream and then says nothing: no event, no output."""
 
     def do_GET(self) -> None:  # /health
-        self._answer({"status": "IDLE"})
+        self.answer(200, {"status": "IDLE"})
 
     def do_POST(self) -> None:  # /stream/start|stop|params
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._answer({"status": "success"})
-
-    def _answer(self, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+        self.answer(200, {"status": "success"})
 
 
 @pytest.fixture
 def silent() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SilentContainer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_in_thread(SilentContainer) as url:
+        yield url
 
 
 def test_a_stream_whose_container_sends_no_event_moves_to_another_orchestrator(

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -24,10 +22,12 @@ from harness import (
     NODE_READY,
     TEST_TOKEN,
     ServerProcess,
+    StandInHandler,
     StartServer,
     assert_error,
     orchestrator_argv,
     processor_argv,
+    serve_in_thread,
 )
 from orch_stream import (
     EVENT_WAIT,
@@ -61,7 +61,7 @@ MODEL = "passthrough-cpu"
 # -- a stand-in container ---------------------------------------------------------------------
 
 
-class StandIn(BaseHTTPRequestHandler):
+class StandIn(StandInHandler):
     """Answers ``/stream/start`` by the stream id's prefix (refuse-, unauth-, otherwise 200 and then
     silence: no event ever), ``/stream/stop`` of a slowstop- stream after ``SLOW_STOP`` seconds,
     and remembers what each call carried."""
@@ -69,7 +69,7 @@ class StandIn(BaseHTTPRequestHandler):
     calls: list[dict[str, Any]] = []
 
     def do_GET(self) -> None:  # /health
-        self._answer(200, {"status": "IDLE"})
+        self.answer(200, {"status": "IDLE"})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -81,34 +81,19 @@ class StandIn(BaseHTTPRequestHandler):
         if self.path == "/stream/stop" and stream_id.startswith("slowstop-"):
             time.sleep(SLOW_STOP)  # a container that takes its time to stop (its own threads)
         if self.path == "/stream/start" and stream_id.startswith("refuse-"):
-            self._answer(422, {"error": "bad_params", "detail": "width must be even"})
+            self.answer(422, {"error": "bad_params", "detail": "width must be even"})
         elif self.path == "/stream/start" and stream_id.startswith("unauth-"):
-            self._answer(401, {"error": "invalid_token", "detail": "no"})
+            self.answer(401, {"error": "invalid_token", "detail": "no"})
         elif self.path == "/stream/start" and stream_id.startswith("nostream-"):
-            self._answer(404, {"detail": "Not Found"})
+            self.answer(404, {"detail": "Not Found"})
         else:
-            self._answer(200, {"status": "success"})
-
-    def _answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_: Any) -> None:
-        pass
+            self.answer(200, {"status": "success"})
 
 
 @pytest.fixture(scope="module")
 def stand_in() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_in_thread(StandIn) as url:
+        yield url
 
 
 # -- fixtures -----------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
-from harness import ServerProcess, StartServer, processor_argv, serve_argv
+from harness import ServerProcess, StandInHandler, StartServer, processor_argv, serve_argv, serve_in_thread
 
 TRICKLE_TIMEOUT = 2.0  # the "short" container: a silent input channel fails the stream after this
 
@@ -52,16 +51,13 @@ class SilentServer:
         self._thread.join(timeout=5)
 
 
-class _NotFound(BaseHTTPRequestHandler):
+class _NotFound(StandInHandler):
     def do_GET(self) -> None:
         self.send_response(404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
     do_POST = do_GET
-
-    def log_message(self, *_: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +69,8 @@ def silent() -> Iterator[SilentServer]:
 
 @pytest.fixture(scope="module")
 def not_found() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_in_thread(_NotFound) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
