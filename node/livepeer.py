@@ -1,7 +1,8 @@
 """go-livepeer's BYOC wire formats: the ``Livepeer`` job header, sender header and job token.
 
 The header is standard base64 of a JSON object whose ``request`` and ``parameters`` are themselves
-JSON-encoded strings (reference ``go-livepeer-byoc.md`` §1.1). Off-chain nothing is signed: the
+JSON-encoded strings, as go-livepeer's gateway sends it (the README's routes table, under "The node:
+Gateway and Orchestrator", lists where it goes). Off-chain nothing is signed: the
 sender is the zero address and ``sig`` is empty, which a go-livepeer orchestrator accepts.
 """
 
@@ -201,7 +202,7 @@ def check_sender_header(value: str | None) -> str:
     return str(addr)
 
 
-# -- BYOC streaming (reference go-livepeer-byoc.md §3) ---------------------------------------------
+# -- BYOC streaming (go-livepeer's /ai/stream routes; the README's "Live streams through the gateway")
 # Gateway -> orchestrator: POST /ai/stream/start|update|stop with the Livepeer header (its "id" is
 # the stream id; update and stop name it in "request": {"stream_id": ...}). The start's answer
 # carries the orchestrator-hosted trickle channels' URLs in these headers, plus the stream's key

@@ -1,4 +1,4 @@
-"""Every bad-input case of issue 2, one test each, against real servers.
+"""Bad input to the processors (garbage, truncated or huge images, bad ids, seqs, params), one test each.
 
 Each answer must be a 4xx with the JSON ``{"error", "detail"}`` shape, and the same server must
 then serve a valid request normally. The servers run with a small body limit to keep uploads fast.

@@ -1,4 +1,4 @@
-"""Issue 3 §4 against the real topology as local processes: capacity, timeouts and things dying.
+"""Capacity, timeouts and things dying, against the real topology as local processes.
 
 The module's topology: a slow processor (``slow-cpu``, sleeps as many seconds as the body's first
 word says, then echoes the body), a second copy of it that the tests kill and bring back

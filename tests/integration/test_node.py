@@ -239,7 +239,7 @@ def test_unknown_model_id_is_404_listing_the_registered_ids(http: httpx.Client, 
 
 
 def test_the_reference_header_is_understood(http: httpx.Client, topology: Topology) -> None:
-    # reference §6: "a header that passes today", capability text-reversal (not served here).
+    # go-livepeer's BYOC docs' example of a header that passes, capability text-reversal (not served here).
     header = (
         "eyJyZXF1ZXN0Ijoie30iLCJwYXJhbWV0ZXJzIjoie30iLCJjYXBhYmlsaXR5IjoidGV4dC1yZXZlcnNhbCIs"
         "InRpbWVvdXRfc2Vjb25kcyI6MzB9"
@@ -252,7 +252,7 @@ def test_the_reference_header_is_understood(http: httpx.Client, topology: Topolo
 
 
 def test_livepeer_header_jobs(http: httpx.Client, topology: Topology) -> None:
-    # reference §6, go-livepeer's gateway-side job header, with a capability this node serves.
+    # go-livepeer's gateway-side job header, with a capability this node serves.
     header = livepeer_header(
         id="job-1",
         request='{"stream_id":"test-stream"}',
@@ -295,7 +295,7 @@ def test_x_model_id_that_contradicts_the_livepeer_header_is_400(
 
 # case: (header, what the detail must name)
 BAD_HEADERS = {
-    "not base64": ("not-base64!", "base64"),  # reference §6: "not-base64" is an error
+    "not base64": ("not-base64!", "base64"),  # go-livepeer refuses it too
     "not JSON": (base64.b64encode(b"capability=passthrough-cpu").decode(), "JSON"),
     "not an object": (base64.b64encode(b'["passthrough-cpu", 10]').decode(), "JSON object"),
     "no timeout_seconds": (
@@ -483,7 +483,7 @@ def test_every_orchestrator_down_is_a_5xx_with_the_reasons(start_server: StartSe
 
 def test_register_and_unregister_with_the_orch_secret(http: httpx.Client, topology: Topology) -> None:
     orch = topology.orch_a.url
-    # reference §6: go-livepeer's doc example body.
+    # the example body of go-livepeer's BYOC docs.
     body = {"name": "text-reversal", "url": topology.plain.url, "capacity": 1, "price_per_unit": 0,
             "price_scaling": 1, "currency": "wei"}  # fmt: skip
     for headers in ({}, {"Authorization": "invalid-secret"}, {"Authorization": f"Bearer {TEST_SECRET}"},
@@ -613,7 +613,7 @@ def test_a_plain_http_container_gets_post_url_path(http: httpx.Client, topology:
         assert seen["headers"]["authorization"] == "Bearer container-token"
         assert json.loads(seen["headers"]["x-params"]) == {"mode": "loud"}
         assert "livepeer" not in seen["headers"]  # as go-livepeer: the job header stays at the node
-        # reference §1.4: exactly /process/request/ is a POST to the registered url itself.
+        # as in go-livepeer: exactly /process/request/ is a POST to the registered url itself.
         root = http.post(f"{topology.gateway.url}/process/request/", content=b"root", headers=headers)
         assert root.status_code == 200, root.text
         assert (root.json()["path"], root.json()["body"]) == ("/", "root")
