@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from common.trickle.publisher import TricklePublisher  # noqa: E402
 from common.trickle.server import ChannelServer, channel_app  # noqa: E402
 from common.trickle.subscriber import TrickleSubscriber  # noqa: E402
 from scripts.live_client import END_WAIT_SECONDS, Playback, load_input  # noqa: E402
+from scripts.ports import free_port  # noqa: E402
 from scripts.topology import PROCESSORS, WHISPER  # noqa: E402
 
 PORTS = {p.model_id: p.port for p in [*PROCESSORS, WHISPER]}
@@ -85,12 +85,6 @@ class LiveRun:
                     if line.strip():
                         self.data_lines += kind == "data"
                         print(f"live_video: {kind}: {line}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def run(args: argparse.Namespace) -> int:

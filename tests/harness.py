@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 import pytest
 
 from common.trickle.protocol import KEEPALIVE_EXPIRY
+from scripts.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC_TEST_TIMEOUT = 30.0
@@ -84,12 +84,6 @@ def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
