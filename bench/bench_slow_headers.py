@@ -41,20 +41,10 @@ from scripts.topology import PROCESSORS, Processor, services  # noqa: E402
 from tests.harness import CLIENT_OPTIONS, ServerProcess, free_port  # noqa: E402
 
 MODEL = "green-tint-cpu"
-STANDARD_PORTS = {8000, 8001, 8002, 8003, 8935, 8936}
 TOKEN = "bench-token"  # containers' BYOC_TOKEN and the orchestrator's, unless topology sets its own
 PARTIAL_HEAD = b"GET /health HTTP/1.1\r\nHost: gateway\r\nUser-Agent: slow"  # never finished
 CONNECTING_AT_ONCE = 256  # the listen backlog (2048) must not overflow: SYN retries take seconds
 JOB_TIMEOUT = 30.0
-
-
-def free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in STANDARD_PORTS and port not in ports:
-            ports.append(port)
-    return ports
 
 
 def rss_mb(pid: int) -> float:
@@ -191,7 +181,7 @@ def main() -> int:
     if limit < args.connections + 64:  # the attacker's limit, the same: its sockets and a few more
         raise SystemExit(f"open-file limit {limit} is too low for {args.connections} connections")
     frame = make_frame()
-    container_port, orch_port, gateway_port = free_ports(3)
+    container_port, orch_port, gateway_port = free_port(), free_port(), free_port()
     processors = [Processor(p.name, p.model_id, container_port) for p in PROCESSORS if p.model_id == MODEL]
     plan = services(processors, gateway_port=gateway_port, orchestrator_port=orch_port)
     env = {"BYOC_TOKEN": TOKEN, "LP_BYOCTOKEN": TOKEN, "LP_ORCHSECRET": os.urandom(16).hex()}

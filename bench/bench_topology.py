@@ -78,7 +78,6 @@ TARGET_OVERHEAD_MS = 3.0  # issue 7's targets
 TARGET_NODE_CPU_MS = 1.5  # per one-shot job, per role
 TARGET_STREAM_RATIO = 0.8
 TARGET_RSS_MB = 120.0
-STANDARD_PORTS = {8000, 8001, 8002, 8003, 8935, 8936}  # the compose topology's, maybe in use
 NODE_ROLES = ("gateway", "orchestrator")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -109,21 +108,11 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / CLK_TCK
 
 
-def topology_ports() -> list[int]:
-    """Free loopback ports for the local topology, never one of the standard ports."""
-    ports: list[int] = []
-    while len(ports) < 3:
-        port = free_port()
-        if port not in STANDARD_PORTS and port not in ports:
-            ports.append(port)
-    return ports
-
-
 @contextmanager
 def local_topology(model: str = MODEL) -> Iterator[Topology]:
     """Container, then orchestrator, then gateway, each waited for, as ``make up-local`` does."""
     # Only the processor under test: the others would idle (whisper's torch would load for nothing).
-    container_port, orch_port, gateway_port = topology_ports()
+    container_port, orch_port, gateway_port = free_port(), free_port(), free_port()
     processors = [replace(p, port=container_port) for p in PROCESSORS if p.model_id == model]
     container = processors[0].name
     keys = Secrets.random()

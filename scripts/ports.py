@@ -4,19 +4,24 @@ A port from binding port 0 lies in the kernel's ephemeral range, which every out
 draws its source port from: between picking it and the server's bind, a client connection on the
 same host can take it, and the server dies with "address already in use" (seen in make bench,
 2026-12-05). Ports below that range are never handed to outgoing connections, and this process
-never hands out the same one twice.
+never hands out the same one twice, nor one of the compose topology's (``make up`` may be running).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 from pathlib import Path
 
+from scripts.topology import GATEWAY_PORT, ORCHESTRATOR_PORT, PROCESSORS, WHISPER
+
 _LOWEST = 10_000  # below: registered ports of well-known services
+_STANDARD = {GATEWAY_PORT, ORCHESTRATOR_PORT, *(p.port for p in [*PROCESSORS, WHISPER])}
 _given: set[int] = set()
 
 
+@functools.cache
 def _ephemeral_start() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -43,8 +48,10 @@ def free_port() -> int:
             if port not in _given and _bindable(port):
                 _given.add(port)
                 return port
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    _given.add(port)
-    return port
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _given and port not in _STANDARD:
+            _given.add(port)
+            return port
