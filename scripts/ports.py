@@ -48,10 +48,11 @@ def free_port() -> int:
             if port not in _given and _bindable(port):
                 _given.add(port)
                 return port
-    while True:
+    for _ in range(1000):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
         if port not in _given and port not in _STANDARD:
             _given.add(port)
             return port
+    raise RuntimeError(f"no free loopback port: {len(_given)} handed out by this process already")
