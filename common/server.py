@@ -14,9 +14,15 @@ and a count:
 - a request body may stall at most ``body_idle_timeout`` seconds between chunks (time in which
   the server itself is not reading does not count), else 408 ``body_timeout`` (or a plain close
   once a response has started) and the app sees a disconnect;
-- beyond ``max_connections`` open connections a new one gets 503 ``too_many_connections``.
+- beyond ``max_connections`` open connections a new one gets 503 ``too_many_connections``;
+- a request httptools cannot parse gets 400 ``invalid_http`` as JSON (uvicorn's own answer is
+  plain text), and one that asks to switch protocols (``Connection: upgrade``) 400
+  ``upgrade_not_supported``: no route here speaks another protocol, and httptools takes the
+  bytes after such a request's head for the new protocol's, so its body never reached the app,
+  and bytes arriving later were parsed as a further request (a body smuggled in as a request).
 
-Each of these is logged, at most one line per second per kind.
+Each of these is logged, at most one line per second per kind (uvicorn's own line per
+malformed request is dropped: a client could write the log full with them).
 
 A client's address (the loopback check for internal details in errors) is its connection's peer;
 behind a reverse proxy, ``FORWARDED_ALLOW_IPS`` names the proxies whose ``X-Forwarded-For`` is
@@ -131,6 +137,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     refused: ClassVar[_RateLimitedLog]
     head_timeouts: ClassVar[_RateLimitedLog]
     body_timeouts: ClassVar[_RateLimitedLog]
+    malformed: ClassVar[_RateLimitedLog]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -160,6 +167,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 "body_timeouts": _RateLimitedLog(
                     f"408 body_timeout for %d requests (body idle {limits.body_idle_timeout:g} s)"
                 ),
+                "malformed": _RateLimitedLog("400 for %d requests, the last %s"),
             },
         )
 
@@ -188,7 +196,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._last_data = self.loop.time()
         self._quiet = False
         super().data_received(data)
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         if self._in_body:
             if self._body_timer is None:
@@ -207,7 +215,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self.parser.should_upgrade():  # before the app sees it: it would get an empty body
+            self.malformed.note("upgrade_not_supported")
+            self._refuse(
+                400,
+                "upgrade_not_supported",
+                "this server speaks HTTP/1.1 only and switches to no other protocol: send the request"
+                " without 'Connection: upgrade' and 'Upgrade' (curl: --http1.1, not --http2, for http://)",
+            )
+            return
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools refused the bytes as HTTP/1.1: the JSON error, and the rest of the input
+        drained before the close (uvicorn closes at once, and the reset can destroy the answer)."""
+        self.malformed.note("invalid_http")
+        self._refuse(
+            400,
+            "invalid_http",
+            "the request is not valid HTTP/1.1: check the request line, that header names and values"
+            " hold no control characters, and the Content-Length or Transfer-Encoding",
+        )
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -337,6 +365,19 @@ def connection_cap(limits: ServerLimits, open_files: int) -> int:
 FORWARDED_ALLOW_IPS = "FORWARDED_ALLOW_IPS"  # uvicorn reads it itself when proxy headers are on
 
 
+class _DropPerRequestWarnings(logging.Filter):
+    """uvicorn's warning per malformed or upgrade request: the protocol logs those, rate-limited."""
+
+    WARNINGS = (
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "No supported WebSocket library",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.WARNINGS)
+
+
 def serve(app: Any, host: str, port: int, limits: ServerLimits | None = None) -> None:
     """``uvicorn.run`` (httptools, uvloop, no access log) with :class:`ServerLimits` enforced."""
     limits = limits or ServerLimits.from_env()
@@ -361,5 +402,7 @@ def serve(app: Any, host: str, port: int, limits: ServerLimits | None = None) ->
         # uvicorn's default believes X-Forwarded-For from loopback: no hop here is a proxy.
         proxy_headers=bool(os.environ.get(FORWARDED_ALLOW_IPS)),
         server_header=False,
+        ws="none",  # no route is a WebSocket; an upgrade request gets a JSON 400 (above)
     )
+    logging.getLogger("uvicorn.error").addFilter(_DropPerRequestWarnings())  # after Config's logging set-up
     uvicorn.Server(config).run()

@@ -9,6 +9,7 @@ body back from the passthrough container.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -252,6 +253,81 @@ def test_a_keep_alive_connection_gets_the_head_deadline_for_each_request(servers
         answer = read_answer(sock, time.monotonic())
     assert_json_error(answer, 408, "header_timeout")
     assert answer.seconds <= HEADER_TIMEOUT + SLACK
+
+
+NOT_HTTP = {
+    "NUL in a header value": b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "negative Content-Length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "two Content-Lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    ),
+    "Content-Length and chunked": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "an HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("bytes_sent", NOT_HTTP.values(), ids=NOT_HTTP.keys())
+def test_bytes_httptools_refuses_get_a_json_400(servers: Servers, role: str, bytes_sent: bytes) -> None:
+    with connect(servers.by_role(role)) as sock:
+        sock.sendall(bytes_sent)
+        answer = read_answer(sock, time.monotonic())
+    assert_json_error(answer, 400, "invalid_http")
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_request_asking_to_switch_protocols_is_refused_and_its_body_never_runs(
+    servers: Servers, role: str
+) -> None:
+    """httptools takes what follows an upgrade request's head for the other protocol: uvicorn
+    gave the app an empty body, then parsed the body, arriving later, as a request of its own."""
+    server = servers.by_role(role)
+    smuggled = request_head(server, "GET", "/health")
+    head = job_head(server, role, len(smuggled)).replace(
+        b"\r\n\r\n", b"\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"
+    )
+    with connect(server) as sock:
+        sock.sendall(head)
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):  # the server may have half-closed already
+            sock.sendall(smuggled)
+        answer = read_answer(sock, time.monotonic())
+    assert_json_error(answer, 400, "upgrade_not_supported")  # closed: nothing more was answered
+    assert_jobs_get_their_own_bodies(servers)
+
+
+def test_a_websocket_handshake_gets_the_json_400(servers: Servers) -> None:
+    server = servers.gateway
+    handshake = request_head(
+        server,
+        **{
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Key": base64.b64encode(secrets.token_bytes(16)).decode(),
+            "Sec-WebSocket-Version": "13",
+        },
+    )
+    with connect(server) as sock:
+        sock.sendall(handshake)
+        answer = read_answer(sock, time.monotonic())
+    assert_json_error(answer, 400, "upgrade_not_supported")
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_malformed_requests_are_logged_at_most_once_a_second(servers: Servers, role: str) -> None:
+    server = servers.by_role(role)
+    time.sleep(1.1)  # past the last such line of the tests before
+    before = len(server.output().splitlines())
+    for _ in range(20):
+        with connect(server) as sock:
+            sock.sendall(NOT_HTTP["NUL in a header value"])
+            read_answer(sock, time.monotonic())
+    time.sleep(0.2)
+    new_lines = server.output().splitlines()[before:]
+    assert not [line for line in new_lines if "Invalid HTTP request" in line], new_lines
+    assert 1 <= len([line for line in new_lines if "400 for " in line]) <= 3, new_lines
 
 
 @pytest.mark.parametrize("role", ROLES)
