@@ -1,9 +1,10 @@
-"""Request helpers every component uses: bounded body reads and the ``X-Params`` header."""
+"""Request helpers every component uses: bounded body reads, standard JSON and ``X-Params``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -15,6 +16,25 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 T = TypeVar("T")
 MAX_PARAMS_BYTES = 4096  # a parameter object is a few numbers; a bigger one is a mistake or an attack
 _PARAMS_EXAMPLE = '{"strength": 0.5}'
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` of standard JSON only. Python also reads ``NaN``, ``Infinity`` and numbers
+    such as ``1e999`` (infinite as floats), which no encoder downstream writes back: httpx and
+    Starlette refuse them (a 500 far from the input), go-livepeer's decoder too. A ``ValueError``
+    says which, as for any other JSON error."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; send a finite number or null")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large for a number; send a finite one")
+    return value
 
 
 def _too_large(limit: int) -> ApiError:
@@ -61,7 +81,7 @@ def parse_params(text: str | bytes, where: str = "X-Params") -> dict[str, Any]:
     if isinstance(text, str) and not text.isascii():
         raise ApiError(400, "invalid_params", f"{where} must be ASCII JSON (escape others as \\uXXXX)")
     try:
-        value = json.loads(text)
+        value = loads_json(text)
     except (ValueError, RecursionError) as exc:
         reason = str(exc)[:200]
         raise ApiError(

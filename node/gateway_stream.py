@@ -25,6 +25,7 @@ import aiohttp
 import httpx
 
 from common.client import body_failure, session_of
+from common.http import loads_json
 from common.trickle.channel import RING_SIZE, Channel, IncompleteSegment, Segment, SegmentTooLarge, Signal
 from common.trickle.protocol import CLOSED_HEADER, ERROR_HEADER, REPLY_HEADER, SEQ_NEXT, TrickleError
 from common.trickle.publisher import STREAM_KEY_HEADER, TricklePublisher
@@ -115,7 +116,7 @@ def _unwrap(document: bytes) -> dict[str, Any] | None:
     """An event from its segment: a bare object with ``type``, or pytrickle's ``{"event": {...},
     "queue_event_type": ...}`` wrapper; anything else is ``None``."""
     try:
-        value = json.loads(document)
+        value = loads_json(document)
     except (ValueError, RecursionError):
         return None
     if isinstance(value, dict) and isinstance(value.get("event"), dict):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from common.errors import ApiError
+from common.http import loads_json
 from common.names import check_job_id, check_model_id
 
 JOB_HEADER = "Livepeer"
@@ -56,7 +57,7 @@ def loads_bounded(text: str | bytes, what: str, code: str = "invalid_livepeer_he
     integers over Python's digit limit (a ``ValueError``) and nesting deeper than the stack
     (a ``RecursionError``) or than :data:`MAX_JSON_DEPTH`."""
     try:
-        value = json.loads(text)
+        value = loads_json(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
         raise ApiError(400, code, f"{what} is not valid JSON ({reason})") from None
@@ -172,16 +173,17 @@ class JobRequest:
         return replace(self, timeout_seconds=min(self.timeout_seconds, max_timeout))
 
     def encode(self) -> str:
+        """The header as go-livepeer writes it; standard JSON only (its decoder reads no NaN)."""
         payload = {
             "id": self.id,
-            "request": json.dumps(self.request),
-            "parameters": json.dumps(self.parameters),
+            "request": json.dumps(self.request, allow_nan=False),
+            "parameters": json.dumps(self.parameters, allow_nan=False),
             "capability": self.capability,
             "sender": OFFCHAIN_SENDER,
             "sig": "",
             "timeout_seconds": self.timeout_seconds,
         }
-        return base64.b64encode(json.dumps(payload).encode()).decode()
+        return base64.b64encode(json.dumps(payload, allow_nan=False).encode()).decode()
 
 
 def sender_header() -> str:
@@ -193,7 +195,7 @@ def check_sender_header(value: str | None) -> str:
     if not value:
         raise ApiError(400, "missing_sender", f"the {SENDER_HEADER} header is required")
     try:
-        sender = json.loads(base64.b64decode(value, validate=True))
+        sender = loads_json(base64.b64decode(value, validate=True))
         addr = sender["addr"]
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise ApiError(

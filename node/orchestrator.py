@@ -10,7 +10,6 @@ A container registered with ``"protocol": "trickle"`` (all of ours) serves strea
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from common.errors import ApiError
-from common.http import read_body
+from common.http import loads_json, read_body
 from common.names import check_model_id
 from common.service import service_app
 from common.trickle.server import SegmentRoutes
@@ -69,7 +68,7 @@ class Orchestrator:
         self._authorize(request)
         raw = await read_body(request, MAX_REGISTRATION_BYTES)
         try:
-            body = json.loads(raw)
+            body = loads_json(raw)
         except (ValueError, RecursionError):  # JSON errors, over-long integers, deep nesting
             raise ApiError(400, "invalid_registration", "the body must be a JSON object") from None
         registration = registration_from_json(body)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import time
@@ -32,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from common.errors import ApiError, from_loopback
+from common.http import loads_json
 from common.names import is_model_id
 from common.trickle.subscriber import read_bounded
 
@@ -148,7 +148,7 @@ class ModelList:
                 body = await read_bounded(response, MAX_STATUS_BYTES)
             if response.status_code != 200:
                 raise ValueError(f"status {response.status_code}")
-            return json.loads(body)
+            return loads_json(body)
         except (httpx.HTTPError, TimeoutError, ValueError, RecursionError) as exc:
             log.warning("models: %s/status unusable (%r)", orch, exc)
             return None

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from common.errors import LOG_PATH, ApiError, from_loopback
-from common.http import read_body
+from common.http import loads_json, read_body
 from common.names import check_job_id
 from common.trickle.channel import IncompleteSegment
 from common.trickle.protocol import CLOSED_HEADER, CLOSED_VALUE, REPLY_HEADER, SEQ_NEXT
@@ -497,6 +497,14 @@ class StreamGateway:
         session = stream.session
         if stream.ended or session is None:
             raise ApiError(409, "stream_ended", f"the stream has ended: {stream.ended_reason}")
+        try:  # kept to be replayed if the stream moves, and then sent as JSON: standard JSON only
+            value = loads_json(body) if body.strip() else None
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(
+                400,
+                "invalid_params",
+                f'an update is a JSON object such as {{"strength": 0.5}}: {str(exc)[:200]}',
+            ) from None
         outgoing = self.client.build_request(
             "POST",
             f"{session.orchestrator}{STREAM_UPDATE_PATH}",
@@ -510,13 +518,8 @@ class StreamGateway:
         )
         response = await self._send(outgoing, session.orchestrator, STOP_SECONDS, "update the stream")
         answer = await read_bounded(response, MAX_ANSWER_BYTES)
-        if response.status_code == 200:
-            try:
-                value = json.loads(body)
-            except (ValueError, RecursionError):
-                value = None
-            if isinstance(value, dict):
-                stream.update = {**(stream.update or {}), **value}  # replayed if the stream moves
+        if response.status_code == 200 and isinstance(value, dict):
+            stream.update = {**(stream.update or {}), **value}  # replayed if the stream moves
         return Response(
             answer, response.status_code, media_type=response.headers.get("content-type", "application/json")
         )

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from common.errors import ApiError
-from common.http import read_body
+from common.http import loads_json, read_body
 from common.names import check_job_id
 from common.trickle.channel import Channel
 from common.trickle.protocol import REPLY_HEADER
@@ -546,7 +546,7 @@ class LiveStreams:
                 "follows none: register the URL that serves the stream API itself",
             )
         try:
-            body = json.loads(answer.content)
+            body = loads_json(answer.content)
         except ValueError:
             body = None
         if not isinstance(body, dict):

@@ -9,7 +9,6 @@ that is not a JSON object, is too big, or holds a parameter the processor refuse
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 
 from ..errors import ApiError
+from ..http import loads_json
 from ..trickle.protocol import SEQ_LATEST
 from ..trickle.subscriber import ReceivedSegment, TrickleSubscriber
 
@@ -41,7 +41,7 @@ def parse_control(body: bytes) -> dict[str, Any] | None:
     if not body.strip():
         return None
     try:
-        message = json.loads(body)
+        message = loads_json(body)
     except (ValueError, RecursionError) as exc:
         raise ControlError("invalid_control", f"control message ignored: {str(exc)[:200]}") from None
     if not isinstance(message, dict):

@@ -10,13 +10,13 @@ processor, as for every other job).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ApiError
+from ..http import loads_json
 
 MAX_START_BYTES = 16 * 1024  # five URLs and a parameter object
 MAX_URL_CHARS = 2048
@@ -89,7 +89,7 @@ def _flag(fields: dict[str, Any], key: str, when_true: str, when_false: str = ""
 def parse_json_object(body: bytes, what: str, error: Callable[[str, str], ApiError]) -> dict[str, Any]:
     """``body`` as a JSON object, or ``error(code, detail)`` saying what is wrong with it."""
     try:
-        value = json.loads(body)
+        value = loads_json(body)
     except (ValueError, RecursionError) as exc:  # also bad UTF-8 and 4,300-digit integers
         raise error("invalid_json", f"{what} must be a JSON object: {str(exc)[:200]}") from None
     if not isinstance(value, dict):

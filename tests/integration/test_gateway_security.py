@@ -33,6 +33,7 @@ from harness import (
     node_argv,
     orchestrator_argv,
 )
+from orch_stream import start_header
 
 from common.trickle.publisher import STREAM_KEY_HEADER, StreamKey, TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
@@ -284,6 +285,36 @@ def test_a_hostile_livepeer_header_is_400(nodes: Nodes, case: str) -> None:
     )
     assert response.status_code == 400, response.text
     assert_error(response, 400)
+
+
+@pytest.mark.parametrize("number", ["NaN", "-Infinity", "1e999"])
+def test_numbers_that_json_lacks_are_400_where_a_stream_starts_or_changes(nodes: Nodes, number: str) -> None:
+    """Python reads NaN, Infinity and 1e999 (an infinite float); the start sent them on as JSON
+    and failed there with a 500."""
+    params = f'{{"params": {{"strength": {number}}}}}'
+    model = {"X-Model-Id": "passthrough-cpu"}
+    with httpx.Client(timeout=30) as http:
+        assert_error(
+            http.post(f"{nodes.gateway.url}/process/stream/start", content=params, headers=model), 400
+        )
+        as_string = json.dumps({"params": f'{{"strength": {number}}}'})  # go-livepeer sends a string
+        assert_error(
+            http.post(f"{nodes.gateway.url}/process/stream/start", content=as_string, headers=model), 400
+        )
+        at_orchestrator = start_header("passthrough-cpu", f"nan-{uuid.uuid4().hex[:8]}")
+        assert_error(
+            http.post(f"{nodes.orchestrator.url}/ai/stream/start", content=params, headers=at_orchestrator),
+            400,
+        )
+        started = http.post(f"{nodes.gateway.url}/process/stream/start", json={}, headers=model)
+        assert started.status_code == 200, started.text
+        urls = started.json()
+        try:
+            update = http.post(urls["update_url"], content=f'{{"strength": {number}}}')
+            assert_error(update, 400, "invalid_params")
+            assert http.get(urls["status_url"]).status_code == 200
+        finally:
+            assert http.post(urls["stop_url"]).status_code == 200
 
 
 def test_non_ascii_x_params_are_400_and_never_forwarded(nodes: Nodes) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from harness import NODE_READY, ServerProcess, node_argv
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
@@ -35,14 +35,10 @@ GATEWAY = Gateway(GatewayConfig(orch_addrs=["http://127.0.0.1:1"], max_job_timeo
 
 HUGE = "<a 5,000-digit integer>"  # a placeholder: Python will not hold such an int's repr
 # JSON of every shape, including what Python's json refuses: integers past its digit limit,
-# nesting past the recursion limit (as text, built below), floats that overflow.
+# nesting past the recursion limit (as text, built below); and what it reads but is not JSON:
+# NaN and Infinity, and numbers such as 1e999 that overflow a float.
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.just(HUGE)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.just(HUGE) | st.floats() | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
     ),
@@ -64,6 +60,7 @@ json_texts = st.one_of(
     st.integers(min_value=1, max_value=5000).map(nested),
     st.text(max_size=50),
     st.just('{"n": ' + "9" * 5000 + "}"),
+    st.just('{"n": 1e999}'),
 )
 fields = st.fixed_dictionaries(
     {},
@@ -111,6 +108,10 @@ def scope_request(path: str = "/process/request/x", headers: dict[str, bytes] | 
 
 
 @given(livepeer_headers)
+@example(base64.b64encode(b'{"capability": "x", "timeout_seconds": 5, "request": "{\\"n\\": NaN}"}').decode())
+@example(
+    base64.b64encode(b'{"capability": "x", "timeout_seconds": 5, "parameters": "{\\"n\\": 1e999}"}').decode()
+)
 @settings(max_examples=400, deadline=None)
 def test_the_livepeer_header_decodes_or_is_a_4xx(header: str) -> None:
     try:
