@@ -328,6 +328,7 @@ class LiveStreams:
                 **{role.start_key: self._url(stream, role) for role in ROLES},
                 **start,
                 **({"read_along": True} if start.get("segments") else {}),
+                "idle_timeout": self.limits.idle_timeout,  # the container's input waits this long
             }
             answer = await self._call(stream, "/stream/start", json.dumps(body).encode(), timeout)
             if answer.status >= 400:

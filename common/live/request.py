@@ -1,7 +1,8 @@
 """What a stream start or params update may say, checked where it enters.
 
 The body is pytrickle's (``gateway_request_id`` required, five channel URLs, a free-form
-``params`` object; ours adds optional booleans ``segments`` and ``read_along``), sent by a go-livepeer
+``params`` object; ours adds optional booleans ``segments`` and ``read_along`` and the number
+``idle_timeout``), sent by a go-livepeer
 orchestrator or any pytrickle client. Everything in it is hostile until checked: URLs must be
 plain http(s) and short, ids printable, ``params`` split into pytrickle's stream options
 (checked with pytrickle's rules and messages) and the processor's own parameters (checked by the
@@ -69,6 +70,9 @@ class StreamRequest:
     # The orchestrator answers an output write that asks for the next input with it, when that
     # one is whole already (Lp-Trickle-Read, ours: common/trickle/protocol.py).
     read_along: bool = False
+    # Seconds without input after which the orchestrator ends the stream itself (its
+    # -streamIdleTimeout); until then a quiet input is a quiet client, not a lost orchestrator.
+    idle_timeout: float = 0.0
 
     def urls(self) -> dict[str, str | None]:
         return {key.removesuffix("_url"): getattr(self, key) for key in URL_KEYS}
@@ -84,6 +88,19 @@ def _flag(fields: dict[str, Any], key: str, when_true: str, when_false: str = ""
             f"not {type(value).__name__}",
         )
     return value
+
+
+def _idle_timeout(fields: dict[str, Any]) -> float:
+    """The optional ``idle_timeout`` of the start body: seconds, 1 to a day (absent: 0)."""
+    value = fields.get("idle_timeout", 0)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value == 0 or 1 <= value <= 86400):
+        raise start_error(
+            "invalid_request",
+            "idle_timeout must be the seconds, 1 to 86400, after which the orchestrator ends a stream"
+            f" without input, not {str(value)[:40]!r}",
+        )
+    return float(value)
 
 
 def parse_json_object(body: bytes, what: str, error: Callable[[str, str], ApiError]) -> dict[str, Any]:
@@ -239,4 +256,5 @@ def parse_start(
         options=options,
         segments=segments,
         read_along=read_along,
+        idle_timeout=_idle_timeout(fields),
     )

@@ -452,9 +452,10 @@ class LiveStream:
         """Input segments in order until the channel ends, each closed after the caller's turn;
         also those their publisher marked failed (``segment.error``): the caller says what of them.
         ``ride(seq)`` may bring segment ``seq`` another way; when it brings None, it is read."""
-        subscriber = TrickleSubscriber(
-            client, self.request.subscribe_url, start_seq=start_seq, timeout=self.settings.trickle_timeout
-        )
+        # The orchestrator ends a stream whose input stays quiet for its idle timeout: only past
+        # that is a segment that does not start a lost orchestrator.
+        quiet = self.request.idle_timeout + self.settings.trickle_timeout
+        subscriber = TrickleSubscriber(client, self.request.subscribe_url, start_seq=start_seq, timeout=quiet)
         while (segment := await subscriber.next(await ride(subscriber.seq) if ride else None)) is not None:
             try:
                 if self.segments_in == 0 and self._events is not None:

@@ -487,6 +487,32 @@ def test_a_publisher_that_stops_sending_is_ended_by_the_idle_timeout(
     asyncio.run(scenario())
 
 
+def test_a_quiet_input_within_the_idle_timeout_is_not_a_lost_orchestrator(start_server: StartServer) -> None:
+    """The container took a segment that did not start within its TRICKLE_TIMEOUT for a lost
+    orchestrator and failed the stream, so a -streamIdleTimeout above it was never reached. The
+    orchestrator now tells it its idle timeout; the stream ends by that, and only by that."""
+    container = start_server(processor_argv("passthrough"), env={"TRICKLE_TIMEOUT": "2"})
+    idle = ("-streamIdleTimeout", "8")
+    orchestrator = start_server(one_model_orchestrator(container, *idle), ready_status=NODE_READY)
+    gateway = start_server(gateway_argv(orchestrator, flags=idle), ready_status=NODE_READY)
+    job = f"{gateway.url}/live/quiet"
+    with httpx.Client(**{**CLIENT_OPTIONS, "timeout": WAIT}) as http:
+        opened = http.put(f"{job}/source", content=b"frame zero", headers={"X-Model-Id": MODEL})
+        assert opened.status_code == 200, opened.text
+        key = {STREAM_KEY_HEADER: opened.headers[STREAM_KEY_HEADER]}
+        assert http.get(f"{job}/output/0", headers=key).content == b"frame zero"
+        time.sleep(4.5)  # over the container's 2 s, under the 8 s idle timeout
+        again = http.put(f"{job}/source", content=b"frame one", headers=key)
+        assert again.status_code == 200, again.text
+        assert http.get(f"{job}/output/1", headers=key).content == b"frame one"
+    deadline = time.monotonic() + 8 + WAIT
+    while live_streams(orchestrator):
+        assert time.monotonic() < deadline, "the idle stream was not ended"
+        time.sleep(0.2)
+    assert "no input for 8 s" in orchestrator.output()
+    assert "trickle_timeout" not in container.output() and "FAILED" not in container.output()
+
+
 def test_a_stream_that_goes_on_is_ended_at_the_gateways_maximum_lifetime(
     start_server: StartServer, clip: list[bytes]
 ) -> None:

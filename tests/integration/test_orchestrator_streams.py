@@ -433,6 +433,7 @@ async def test_the_container_gets_go_livepeers_start_and_its_refusals_come_back(
             "events_url": stream.urls[EVENTS_URL_HEADER],
             "data_url": stream.urls[DATA_URL_HEADER],
             "params": {"strength": 0.5},
+            "idle_timeout": 30.0,  # ours: a quiet input ends the stream here after this, not sooner
         }
         update = await http.post(
             f"{orch.url}/ai/stream/update", content=b'{"strength": 1}', headers=stream.owner()

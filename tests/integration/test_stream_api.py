@@ -348,6 +348,30 @@ BAD_STARTS: list[tuple[str, bytes | dict[str, Any], str, str]] = [
         "invalid_params",
         "object",
     ),
+    (
+        "idle-text",
+        {"gateway_request_id": "r", "subscribe_url": GOOD, "idle_timeout": "30"},
+        "invalid_request",
+        "86400",
+    ),
+    (
+        "idle-true",
+        {"gateway_request_id": "r", "subscribe_url": GOOD, "idle_timeout": True},
+        "invalid_request",
+        "86400",
+    ),
+    (
+        "idle-half",
+        {"gateway_request_id": "r", "subscribe_url": GOOD, "idle_timeout": 0.5},
+        "invalid_request",
+        "86400",
+    ),
+    (
+        "idle-year",
+        {"gateway_request_id": "r", "subscribe_url": GOOD, "idle_timeout": 3.2e7},
+        "invalid_request",
+        "86400",
+    ),
 ]
 BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
     ("width-alone", {"width": 512}, "Both 'width' and 'height' must be provided together"),
