@@ -1,0 +1,217 @@
+"""Hostile requests to every route of every server of a real topology, over raw sockets.
+
+A container (passthrough and green-tint), an orchestrator and a gateway run as the compose
+topology does, with their real secret and token. Hypothesis writes requests as an attacker would:
+any method, every route's path with hostile segments (``..``, encoded ``/``, NUL, CR/LF, huge
+numbers, 5,000 characters), hostile values in the headers the servers read, the right or a wrong
+secret or token, bodies that are empty, JSON of any shape, a real JPEG, random bytes, or that lie
+about their length. Invariant: every honest request gets an answer within its deadline, a result
+or an error as JSON ``{"error", "detail", ...}`` with a 4xx, or a 502/503/504 naming a peer that failed;
+never another 5xx, a plain-text error or a process that dies. Afterwards concurrent jobs with
+unique bodies each get their own back. ``HOSTILE_EXAMPLES`` sets how many requests (1,000).
+
+Written after a black-box fuzz of the topology found a request body run as a request of its own
+(an ``Upgrade`` header) and a 500 for NaN in a stream's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+
+import httpx
+import pytest
+from harness import NODE_READY, ServerProcess, encode_image, free_port, sample_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scripts.topology import PROCESSORS, Secrets, services
+
+MODELS = ("passthrough-cpu", "green-tint-cpu")
+ANSWER_SECONDS = 40.0  # a job's deadline (30 s) and slack for a busy 2-core host
+PEER_FAILURES = {502, 503, 504}  # a container or orchestrator refused or failed: named in the JSON
+
+
+@dataclass
+class Topology:
+    servers: dict[str, ServerProcess]
+    keys: Secrets
+
+    def credential(self, role: str) -> str:
+        """What each role checks: the orchestrator its secret as is, a container its token."""
+        return self.keys.orch_secret if role == "orchestrator" else f"Bearer {self.keys.byoc_token}"
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    logs = tmp_path_factory.mktemp("every-route")
+    processors = [replace(p, port=free_port()) for p in PROCESSORS if p.model_id in MODELS]
+    keys = Secrets.random()
+    with ExitStack() as stack:
+        servers = {}
+        for service in services(processors, free_port(), free_port(), keys=keys):
+            servers[service.name] = ServerProcess.launch(service.argv, port=service.port, log_dir=logs)
+            stack.callback(servers[service.name].stop)
+        for name, server in servers.items():
+            server.wait_ready(ready_status=NODE_READY if name in ("gateway", "orchestrator") else "IDLE")
+        yield Topology(servers, keys)
+
+
+ROUTES = [
+    "/process/request/{}", "/process/request/{}/{}", "/process/stream/start", "/process/stream/{}/{}",
+    "/process/stream/{}/{}/{}", "/live/{}/source", "/live/{}/source/{}", "/live/{}/output/{}", "/live/{}",
+    "/ai/stream/start", "/ai/stream/update", "/ai/stream/stop", "/ai/trickle/{}", "/ai/trickle/{}/{}",
+    "/capability/register", "/capability/unregister", "/process/token", "/status", "/health", "/version",
+    "/", "/page/{}", "/process/models", "/stream/start", "/stream/params", "/stream/stop", "/stream/status",
+    "/live-video-to-video", "/hardware/info", "/{}", "/{}?{}={}",
+]  # fmt: skip
+SEGMENTS = [
+    "", "a", "..", "%2e%2e", "..%2F..%2Fcapability%2Fregister", "%00", "a%00b", "%0d%0aX:%20y", "x" * 5000,
+    "-1", "-2", "-3", "next", "9" * 30, "1e3", "%C3%A9", "%FF%FE", "%", "%zz", "a%2Fb", "*", ";",
+    "green-tint-cpu", "passthrough-cpu", "index.html",
+]  # fmt: skip
+HEADERS = [
+    "X-Model-Id", "Livepeer", "X-Params", "X-Timeout-Seconds", "Content-Type", "Lp-Trickle-Seq",
+    "Lp-Stream-Key", "Lp-Trickle-Read", "Lp-Trickle-Reply", "Lp-Trickle-Closed", "Accept", "Range", "Expect",
+    "Origin", "If-None-Match", "X-Stream-Id", "Livepeer-Eth-Address",
+]  # fmt: skip
+JPEG = encode_image(sample_image(320, 240), "jpeg")
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+header_values = st.one_of(
+    st.sampled_from(["0", "-1", "30", "1e309", "NaN", "9" * 5000, "²", "", "null", *MODELS, "[" * 3000]),
+    json_values.map(json.dumps),
+    st.binary(max_size=40).filter(lambda b: not set(b) & set(b"\r\n\x00")).map(lambda b: b.decode("latin-1")),
+)
+bodies = st.one_of(
+    st.just(b""),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.just(JPEG),
+    st.binary(max_size=2000),
+    st.just(b"[" * 100_000),
+)
+
+
+@dataclass(frozen=True)
+class HostileRequest:
+    role: str
+    head: str  # request line and headers, without Authorization and Content-Length
+    credential: str  # "right", "wrong" or "none"
+    body: bytes
+    length: int  # what Content-Length says
+
+    def bytes(self, topology: Topology) -> bytes:
+        lines = [self.head]
+        if self.credential != "none":
+            right = topology.credential(self.role)
+            lines.append(f"Authorization: {right if self.credential == 'right' else 'Bearer x'}")
+        lines.append(f"Content-Length: {self.length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + self.body
+
+    @property
+    def honest(self) -> bool:
+        return self.length == len(self.body)
+
+
+@st.composite
+def hostile_requests(draw: st.DrawFn) -> HostileRequest:
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
+    route = draw(st.sampled_from(ROUTES))
+    path = route.format(*(draw(st.sampled_from(SEGMENTS)) for _ in range(route.count("{}"))))
+    headers = {name: draw(header_values) for name in draw(st.lists(st.sampled_from(HEADERS), max_size=5))}
+    if draw(st.booleans()):
+        headers["X-Model-Id"] = draw(st.sampled_from(MODELS))
+    body = draw(bodies)
+    return HostileRequest(
+        role=draw(st.sampled_from(["gateway", "orchestrator", "passthrough", "green-tint"])),
+        head="\r\n".join(
+            [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+        ),
+        credential=draw(st.sampled_from(["right", "wrong", "none"])),
+        body=body,
+        length=draw(st.sampled_from([len(body)] * 8 + [len(body) + 100, 10**20])),
+    )
+
+
+def exchange(port: int, request: bytes, honest: bool) -> tuple[bytes, bytes]:
+    """Send ``request`` (half-closing after a lying one); the answer's head and, up to its
+    Content-Length, its body (none for HEAD). A server that refuses early may reset the rest of
+    the upload."""
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_SECONDS) as sock:
+        try:
+            sock.sendall(request)
+            if not honest:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            top, _, body = data.partition(b"\r\n\r\n")
+            length = next((line.split(b":")[1] for line in top.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), b"0")  # fmt: skip
+            if request.startswith(b"HEAD "):
+                length = b"0"
+            while len(body) < int(length) and (chunk := sock.recv(65536)):
+                body += chunk
+        except ConnectionResetError:
+            top, _, body = data.partition(b"\r\n\r\n")
+        return top, body
+
+
+@given(hostile_requests())
+@settings(
+    max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "1000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_every_server_answers_hostile_requests_with_json_errors(
+    topology: Topology, case: HostileRequest
+) -> None:
+    server = topology.servers[case.role]
+    request = case.bytes(topology)
+    try:
+        top, body = exchange(server.port, request, case.honest)
+    except TimeoutError:
+        pytest.fail(f"{case.role} gave no answer in {ANSWER_SECONDS} s to {request[:300]!r}")
+    assert server.process.poll() is None, server.output()[-3000:]
+    if not top:
+        assert not case.honest, f"{case.role} closed without answering {request[:300]!r}"
+        return
+    status = int(top.split(b" ", 2)[1])
+    assert status < 500 or status in PEER_FAILURES, (case.role, request[:300], top, body[:300])
+    if status >= 400:
+        assert b"\r\ncontent-type: application/json" in top.lower(), (
+            case.role,
+            request[:300],
+            top,
+            body[:300],
+        )
+        if case.honest and not case.head.startswith("HEAD "):
+            error = json.loads(body)  # the stream API adds pytrickle's "status" and "message"
+            assert isinstance(error["error"], str) and error["detail"], error
+
+
+def test_jobs_after_the_attack_each_get_their_own_body(topology: Topology) -> None:
+    gateway = topology.servers["gateway"]
+    payloads = [secrets.token_bytes(4000) for _ in range(16)]
+    with httpx.Client(base_url=gateway.url, timeout=ANSWER_SECONDS) as client:
+
+        def send(payload: bytes) -> bytes:
+            answer = client.post("/process/request/echo", content=payload, headers={"X-Model-Id": MODELS[0]})
+            assert answer.status_code == 200, answer.text
+            return answer.content
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(send, payloads)) == payloads
