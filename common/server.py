@@ -15,6 +15,8 @@ and a count:
   the server itself is not reading does not count), else 408 ``body_timeout`` (or a plain close
   once a response has started) and the app sees a disconnect;
 - beyond ``max_connections`` open connections a new one gets 503 ``too_many_connections``;
+- a request head over ``max_head_bytes`` gets 431 ``headers_too_large`` (httptools holds a head of
+  any size: one client sent a 114 MB header in 8 s and the gateway grew by 285 MB);
 - a request httptools cannot parse gets 400 ``invalid_http`` as JSON (uvicorn's own answer is
   plain text), and one that asks to switch protocols (``Connection: upgrade``) 400
   ``upgrade_not_supported``: no route here speaks another protocol, and httptools takes the
@@ -61,15 +63,18 @@ class ServerLimits:
     header_timeout: float = 10.0
     body_idle_timeout: float = 30.0
     max_connections: int = 20000
+    max_head_bytes: int = 64 * 1024  # a Livepeer header is at most 16 KB; browsers' cookies ~8 KB
 
     @classmethod
     def from_env(cls) -> ServerLimits:
-        """HEADER_TIMEOUT and BODY_IDLE_TIMEOUT (seconds) and MAX_CONNECTIONS, else the defaults."""
+        """HEADER_TIMEOUT and BODY_IDLE_TIMEOUT (seconds), MAX_CONNECTIONS and MAX_HEAD_BYTES,
+        else the defaults."""
         defaults = cls()
         return cls(
             header_timeout=_env_seconds("HEADER_TIMEOUT", defaults.header_timeout),
             body_idle_timeout=_env_seconds("BODY_IDLE_TIMEOUT", defaults.body_idle_timeout),
             max_connections=_env_count("MAX_CONNECTIONS", defaults.max_connections),
+            max_head_bytes=_env_count("MAX_HEAD_BYTES", defaults.max_head_bytes),
         )
 
 
@@ -150,6 +155,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._answered = False  # at least one request head completed on this connection
         self._quiet = False  # no bytes since the last response ended
         self._refused = False  # answered and half-closed by us: input is read and dropped
+        self._head_bytes = 0  # fed to the parser since the last request head was complete
 
     @classmethod
     def configured(cls, limits: ServerLimits, max_connections: int) -> type[LimitedHttpToolsProtocol]:
@@ -167,7 +173,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 "body_timeouts": _RateLimitedLog(
                     f"408 body_timeout for %d requests (body idle {limits.body_idle_timeout:g} s)"
                 ),
-                "malformed": _RateLimitedLog("400 for %d requests, the last %s"),
+                "malformed": _RateLimitedLog("refused %d requests, the last with %s"),
             },
         )
 
@@ -195,7 +201,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._last_data = self.loop.time()
         self._quiet = False
-        super().data_received(data)
+        self._feed(data)
         if self._refused or self.transport.is_closing():
             return
         if self._in_body:
@@ -203,6 +209,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._body_timer = self.loop.call_later(self.limits.body_idle_timeout, self._body_deadline)
         elif self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_head_timer()  # the first bytes after a keep-alive pause longer than the deadline
+
+    def _feed(self, data: bytes) -> None:
+        """``data`` to httptools, but at most ``max_head_bytes`` of a request head, which it would
+        otherwise hold whatever its size: fed in pieces until the parser has the whole head."""
+        while data and not self._in_body:
+            room = self.limits.max_head_bytes - self._head_bytes
+            if room <= 0:
+                self.malformed.note("431 headers_too_large")
+                self._refuse(
+                    431,
+                    "headers_too_large",
+                    f"the request line and headers are over {self.limits.max_head_bytes} bytes;"
+                    " send less in headers (a big value belongs in the body)",
+                )
+                return
+            if data.find(b"\r\n\r\n", 0, room) != -1:
+                break  # the head ends within its bound: the parser takes everything at once
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            if self._refused or self.transport.is_closing():
+                return
+        if data:
+            super().data_received(data)
 
     # -- parser callbacks ------------------------------------------------------------------------
 
@@ -212,11 +242,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._in_body, self._answered = False, True, True
+        self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         if self.parser.should_upgrade():  # before the app sees it: it would get an empty body
-            self.malformed.note("upgrade_not_supported")
+            self.malformed.note("400 upgrade_not_supported")
             self._refuse(
                 400,
                 "upgrade_not_supported",
@@ -229,7 +260,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """httptools refused the bytes as HTTP/1.1: the JSON error, and the rest of the input
         drained before the close (uvicorn closes at once, and the reset can destroy the answer)."""
-        self.malformed.note("invalid_http")
+        self.malformed.note("400 invalid_http")
         self._refuse(
             400,
             "invalid_http",
@@ -384,11 +415,12 @@ def serve(app: Any, host: str, port: int, limits: ServerLimits | None = None) ->
     open_files = raise_open_file_limit()
     cap = connection_cap(limits, open_files)
     log.info(
-        "limits: open files %d, connections %d%s, request head %g s, body idle %g s",
+        "limits: open files %d, connections %d%s, request head %g s and %d bytes, body idle %g s",
         open_files,
         cap,
         f" (MAX_CONNECTIONS {limits.max_connections} lowered to fit)" if cap < limits.max_connections else "",
         limits.header_timeout,
+        limits.max_head_bytes,
         limits.body_idle_timeout,
     )
     config = uvicorn.Config(
