@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -451,14 +451,16 @@ async def test_an_idle_channel_is_swept(start_server: StartServer) -> None:
 # -- the container's /live/{job} URLs, built on the same channels -------------------------------
 
 
-def live(processors: dict[str, ServerProcess]) -> str:
-    return f"{processors['passthrough'].url}/live/conf-{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+def job(processors: dict[str, ServerProcess]) -> Iterator[str]:
+    """A new job's URL on the shared passthrough container, deleted afterwards: an open job keeps
+    the container's health at OK, and the tests of other modules wait for IDLE."""
+    url = f"{processors['passthrough'].url}/live/conf-{uuid.uuid4().hex[:8]}"
+    yield url
+    httpx.delete(url, headers=AUTH_HEADERS, timeout=10)
 
 
-async def test_container_takes_pre_opened_source_posts_in_seq_order(
-    processors: dict[str, ServerProcess],
-) -> None:
-    job = live(processors)
+async def test_container_takes_pre_opened_source_posts_in_seq_order(job: str) -> None:
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         assert (await client.post(f"{job}/source/0", content=b"zero")).status_code == 200
         later, first = Body(), Body()
@@ -479,10 +481,7 @@ async def test_container_takes_pre_opened_source_posts_in_seq_order(
     assert got == [(0, b"zero"), (1, b"one"), (2, b"two")]
 
 
-async def test_container_drops_one_source_segment_and_ends_without_an_extra_one(
-    processors: dict[str, ServerProcess],
-) -> None:
-    job = live(processors)
+async def test_container_drops_one_source_segment_and_ends_without_an_extra_one(job: str) -> None:
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         await client.post(f"{job}/source/0", content=b"a")
         stalled = Body()
@@ -503,8 +502,7 @@ async def test_container_drops_one_source_segment_and_ends_without_an_extra_one(
         assert (await client.get(f"{job}/output/next")).headers["lp-trickle-closed"] == "terminated"
 
 
-async def test_a_job_id_is_free_again_after_delete(processors: dict[str, ServerProcess]) -> None:
-    job = live(processors)
+async def test_a_job_id_is_free_again_after_delete(job: str) -> None:
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         for round_ in (b"first", b"second"):
             pub = TricklePublisher(client, f"{job}/source")
@@ -515,10 +513,9 @@ async def test_a_job_id_is_free_again_after_delete(processors: dict[str, ServerP
 
 
 async def test_a_publisher_that_leaves_mid_upload_costs_one_log_line(
-    processors: dict[str, ServerProcess],
+    processors: dict[str, ServerProcess], job: str
 ) -> None:
     server = processors["passthrough"]
-    job = live(processors)
     earlier = len(server.output())  # the container serves other modules' tests too
     async with httpx.AsyncClient(headers=AUTH_HEADERS, **CLIENT_OPTIONS) as client:
         body = Body()
