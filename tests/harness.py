@@ -31,6 +31,7 @@ import pytest
 
 from common.trickle.protocol import KEEPALIVE_EXPIRY
 from scripts.ports import free_port
+from scripts.topology import Processor, Secrets, services
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC_TEST_TIMEOUT = 30.0
@@ -284,6 +285,31 @@ def running_processors(*extra: str, log_dir: Path | None = None) -> Iterator[dic
         yield servers
     finally:
         for server in servers.values():
+            server.stop()
+
+
+@contextlib.contextmanager
+def running_topology(
+    processors: list[Processor],
+    *,
+    keys: Secrets | None = None,
+    log_dir: Path | None = None,
+    timeout: float = 20.0,
+) -> Iterator[dict[str, ServerProcess]]:
+    """``scripts/topology.py``'s processes for ``processors`` (each on its ``port``), an
+    orchestrator and a gateway on free ports, by service name, once each is ready (random secrets
+    unless ``keys`` are given); ``timeout`` is each one's wait."""
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for service in services(processors, free_port(), free_port(), keys=keys):
+            servers[service.name] = ServerProcess.launch(service.argv, port=service.port, log_dir=log_dir)
+        for name, server in servers.items():
+            server.wait_ready(
+                ready_status=NODE_READY if name in ("orchestrator", "gateway") else "IDLE", timeout=timeout
+            )
+        yield servers
+    finally:
+        for server in reversed(servers.values()):
             server.stop()
 
 

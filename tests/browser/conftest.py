@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 from chromium import new_browser, require_chromium, screenshot, write_camera_clip
-from harness import ServerProcess, free_port
+from harness import running_topology
 from selenium.webdriver.chrome.webdriver import WebDriver
 
-from scripts.topology import PROCESSORS, Secrets, services
+from scripts.topology import PROCESSORS
 
 MODEL_WAIT = 180.0  # whisper loads its weights on a 2-core host
 
@@ -33,17 +33,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield given.rstrip("/")
         return
     log_dir = tmp_path_factory.mktemp("topology")
-    started: list[ServerProcess] = []
-    try:
-        for service in services(PROCESSORS, free_port(), free_port(), keys=Secrets.random()):
-            server = ServerProcess.launch(service.argv, port=service.port, log_dir=log_dir)
-            started.append(server)
-            node = service.name in ("orchestrator", "gateway")
-            server.wait_ready(ready_status="OK" if node else "IDLE", timeout=MODEL_WAIT)
-        yield started[-1].url  # the gateway starts last
-    finally:
-        for server in reversed(started):
-            server.stop()
+    with running_topology(PROCESSORS, log_dir=log_dir, timeout=MODEL_WAIT) as servers:
+        yield servers["gateway"].url
 
 
 @pytest.fixture(scope="session")

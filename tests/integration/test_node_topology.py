@@ -11,33 +11,21 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from harness import NODE_READY, ROOT, ServerProcess, free_port
+from harness import ROOT, free_port, running_topology
 
-from scripts.topology import Processor, services
+from scripts.topology import Processor
 
 MODELS = {"green-tint": "green-tint-cpu", "grayscale": "grayscale-cpu", "passthrough": "passthrough-cpu"}
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    logs = tmp_path_factory.mktemp("up-local")
     processors = [Processor(name, model, free_port()) for name, model in MODELS.items()]
-    topology = services(processors, gateway_port=free_port(), orchestrator_port=free_port())
-    with ExitStack() as stack:
-        started = []
-        for service in topology:
-            server = ServerProcess.launch(service.argv, port=service.port, log_dir=logs)
-            stack.callback(server.stop)
-            started.append((service, server))
-        for service, server in started:
-            server.wait_ready(
-                ready_status=NODE_READY if service.name in ("gateway", "orchestrator") else "IDLE"
-            )
-        yield started[-1][1].url
+    with running_topology(processors, log_dir=tmp_path_factory.mktemp("up-local")) as servers:
+        yield servers["gateway"].url
 
 
 def run_client(*args: str) -> subprocess.CompletedProcess[str]:

@@ -22,16 +22,15 @@ import secrets
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import httpx
 import pytest
-from harness import NODE_READY, ServerProcess, encode_image, free_port, sample_image
+from harness import ServerProcess, encode_image, free_port, running_topology, sample_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scripts.topology import PROCESSORS, Secrets, services
+from scripts.topology import PROCESSORS, Secrets
 
 MODELS = ("passthrough-cpu", "green-tint-cpu")
 ANSWER_SECONDS = 40.0  # a job's deadline (30 s) and slack for a busy 2-core host
@@ -50,16 +49,9 @@ class Topology:
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    logs = tmp_path_factory.mktemp("every-route")
     processors = [replace(p, port=free_port()) for p in PROCESSORS if p.model_id in MODELS]
     keys = Secrets.random()
-    with ExitStack() as stack:
-        servers = {}
-        for service in services(processors, free_port(), free_port(), keys=keys):
-            servers[service.name] = ServerProcess.launch(service.argv, port=service.port, log_dir=logs)
-            stack.callback(servers[service.name].stop)
-        for name, server in servers.items():
-            server.wait_ready(ready_status=NODE_READY if name in ("gateway", "orchestrator") else "IDLE")
+    with running_topology(processors, keys=keys, log_dir=tmp_path_factory.mktemp("every-route")) as servers:
         yield Topology(servers, keys)
 
 
