@@ -21,7 +21,8 @@ and a count:
   plain text), and one that asks to switch protocols (``Connection: upgrade``) 400
   ``upgrade_not_supported``: no route here speaks another protocol, and httptools takes the
   bytes after such a request's head for the new protocol's, so its body never reached the app,
-  and bytes arriving later were parsed as a further request (a body smuggled in as a request).
+  and bytes arriving later were parsed as a further request (a body smuggled in as a request);
+- a transfer coding besides ``chunked`` (``gzip, chunked``) gets 501 ``unsupported_transfer_coding``.
 
 Each of these is logged, at most one line per second per kind (uvicorn's own line per
 malformed request is dropped: a client could write the log full with them).
@@ -255,7 +256,29 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 " without 'Connection: upgrade' and 'Upgrade' (curl: --http1.1, not --http2, for http://)",
             )
             return
+        codings = self._transfer_codings()
+        if len(codings) > 1 and codings[-1] == b"chunked":  # chunked not last: httptools' 400
+            self.malformed.note("501 unsupported_transfer_coding")
+            self._refuse(
+                501,
+                "unsupported_transfer_coding",
+                "the only transfer coding taken is 'Transfer-Encoding: chunked': send the body as it is"
+                " (a compressed body uncompressed, or with Content-Encoding where a route takes one)",
+            )
+            return
         super().on_headers_complete()
+
+    def _transfer_codings(self) -> list[bytes]:
+        """The request's transfer codings in order. httptools takes ``gzip, chunked`` as chunked
+        and hands on the still compressed body as if it were the body itself (RFC 9112 6.1: a
+        coding the server does not know gets a 501; one not ending in chunked, a 400)."""
+        return [
+            coding.strip().lower()
+            for name, value in self.headers
+            if name == b"transfer-encoding"
+            for coding in value.split(b",")
+            if coding.strip()
+        ]
 
     def send_400_response(self, msg: str) -> None:
         """httptools refused the bytes as HTTP/1.1: the JSON error, and the rest of the input

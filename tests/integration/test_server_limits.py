@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
 import os
 import resource
@@ -134,18 +135,20 @@ def request_head(server: ServerProcess, method: str = "GET", path: str = "/healt
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def job_head(server: ServerProcess, role: str, content_length: int) -> bytes:
-    """A one-shot job's request head as each role wants it (a body of ``content_length`` follows)."""
+def job_head(server: ServerProcess, role: str, content_length: int | None, *framing: str) -> bytes:
+    """A one-shot job's request head as each role wants it: a body of ``content_length`` follows,
+    or (None) one framed by the header lines ``framing``."""
+    length = {} if content_length is None else {"Content-Length": str(content_length)}
     if role == "container":
-        return request_head(server, "POST", "/echo", **{"Content-Length": str(content_length)})
-    if role == "gateway":
-        job = {"X-Model-Id": MODEL}
-    else:  # the orchestrator wants go-livepeer's Livepeer header: base64 of JSON
-        fields = {"request": "{}", "parameters": "{}", "capability": MODEL, "timeout_seconds": 30}
-        job = {"Livepeer": base64.b64encode(json.dumps(fields).encode()).decode()}
-    return request_head(
-        server, "POST", "/process/request/echo", **job, **{"Content-Length": str(content_length)}
-    )
+        head = request_head(server, "POST", "/echo", **length)
+    else:
+        if role == "gateway":
+            job = {"X-Model-Id": MODEL}
+        else:  # the orchestrator wants go-livepeer's Livepeer header: base64 of JSON
+            fields = {"request": "{}", "parameters": "{}", "capability": MODEL, "timeout_seconds": 30}
+            job = {"Livepeer": base64.b64encode(json.dumps(fields).encode()).decode()}
+        head = request_head(server, "POST", "/process/request/echo", **job, **length)
+    return head[:-2] + "".join(f"{line}\r\n" for line in framing).encode() + b"\r\n"
 
 
 def assert_json_error(answer: Answer, status: int, code: str) -> None:
@@ -267,6 +270,9 @@ NOT_HTTP = {
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     ),
     "an HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "a transfer coding not ending in chunked": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc"
+    ),
 }
 
 
@@ -277,6 +283,23 @@ def test_bytes_httptools_refuses_get_a_json_400(servers: Servers, role: str, byt
         sock.sendall(bytes_sent)
         answer = read_answer(sock, time.monotonic())
     assert_json_error(answer, 400, "invalid_http")
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize(
+    "codings", [["gzip, chunked"], ["gzip", "chunked"]], ids=["one header", "two headers"]
+)
+def test_a_transfer_coding_besides_chunked_gets_501(servers: Servers, role: str, codings: list[str]) -> None:
+    """httptools read ``gzip, chunked`` as chunked and gave the app the compressed bytes as the body."""
+    server = servers.by_role(role)
+    body = gzip.compress(b"a body the server would have taken as it came")
+    coded = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    head = job_head(server, role, None, *(f"Transfer-Encoding: {coding}" for coding in codings))
+    with connect(server) as sock:
+        sock.sendall(head + coded)
+        answer = read_answer(sock, time.monotonic())
+    assert_json_error(answer, 501, "unsupported_transfer_coding")
+    assert_jobs_get_their_own_bodies(servers)
 
 
 @pytest.mark.parametrize("role", ROLES)
