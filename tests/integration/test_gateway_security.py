@@ -34,6 +34,7 @@ from harness import (
     orchestrator_argv,
 )
 from orch_stream import start_header
+from raw_http import RawResponse, raw_exchange
 
 from common.trickle.publisher import STREAM_KEY_HEADER, StreamKey, TricklePublisher
 from common.trickle.subscriber import TrickleSubscriber
@@ -161,26 +162,17 @@ def livepeer_header(**fields: Any) -> str:
     return base64.b64encode(json.dumps(fields).encode()).decode()
 
 
-def raw_request(port: int, request: bytes, host: str = "127.0.0.1") -> tuple[int, bytes]:
-    """One request over a raw socket, exactly as written (no client normalises the path)."""
-    with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
-
-
-def post_path(port: int, path: str, headers: str = "X-Model-Id: passthrough-cpu\r\n") -> tuple[int, bytes]:
+def post_path(port: int, path: str, headers: str = "X-Model-Id: passthrough-cpu\r\n") -> RawResponse:
+    """A job posted to ``path`` exactly as written (a client library would normalise it)."""
     request = f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 2\r\nConnection: close\r\n\r\nhi"
-    return raw_request(port, request.encode("latin-1"))
+    answer = raw_exchange(port, request.encode("latin-1"))
+    assert answer is not None, f"closed without answering {request!r}"
+    return answer
 
 
-def assert_raw_error(answer: tuple[int, bytes], status: int, code: str) -> dict[str, str]:
-    got, body = answer
-    assert got == status, body
-    parsed = json.loads(body)
+def assert_raw_error(answer: RawResponse, status: int, code: str) -> dict[str, str]:
+    assert answer.status == status, answer
+    parsed = json.loads(answer.body)
     assert parsed["error"] == code and parsed["detail"], parsed
     return parsed
 
@@ -370,9 +362,9 @@ def test_traversal_cannot_open_a_stream_or_reach_registration(nodes: Nodes) -> N
 
 
 def test_a_plain_job_path_is_forwarded_as_sent(nodes: Nodes) -> None:
-    status, body = post_path(nodes.recorded.port, "/process/request/reverse/text-v1.2")
-    assert status == 200, body
-    assert json.loads(body)["path"] == "/process/request/reverse/text-v1.2"
+    answer = post_path(nodes.recorded.port, "/process/request/reverse/text-v1.2")
+    assert answer.status == 200, answer
+    assert json.loads(answer.body)["path"] == "/process/request/reverse/text-v1.2"
 
 
 @pytest.mark.parametrize(
@@ -387,13 +379,13 @@ def test_a_plain_job_path_is_forwarded_as_sent(nodes: Nodes) -> None:
     ],
 )
 def test_a_malformed_stream_path_is_400(nodes: Nodes, request_line: str) -> None:
-    status, body = raw_request(
+    answer = raw_exchange(
         nodes.gateway.port,
         f"{request_line} HTTP/1.1\r\nHost: x\r\nX-Model-Id: passthrough-cpu\r\n"
         "Content-Length: 1\r\nConnection: close\r\n\r\nx".encode(),
     )
-    assert status == 400, body
-    assert json.loads(body)["error"] in ("invalid_path", "invalid_seq", "invalid_job_id"), body
+    assert answer is not None and answer.status == 400, answer
+    assert json.loads(answer.body)["error"] in ("invalid_path", "invalid_seq", "invalid_job_id"), answer
 
 
 # -- 3. streams belong to their opener ----------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 from harness import CLIENT_OPTIONS, NODE_READY, ROOT, TEST_TOKEN, ServerProcess, node_argv, processor_argv
+from raw_http import read_response
 
 HEADER_TIMEOUT = 1.0
 BODY_IDLE_TIMEOUT = 1.0
@@ -105,19 +106,9 @@ def connect(server: ServerProcess) -> socket.socket:
 
 
 def read_answer(sock: socket.socket, started: float) -> Answer:
-    """One response (``Content-Length`` bodies only), then whether EOF follows at once."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed without an answer after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    while len(body) < int(headers.get("content-length", "0")):
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed in the middle of the body"
-        body += chunk
+    """One response, then whether EOF follows at once."""
+    response = read_response(sock)
+    assert response is not None, "connection closed without an answer"
     seconds = time.monotonic() - started
     timeout = sock.gettimeout()
     sock.settimeout(0.5)
@@ -126,7 +117,7 @@ def read_answer(sock: socket.socket, started: float) -> Answer:
     except TimeoutError:
         closed = False
     sock.settimeout(timeout)
-    return Answer(int(status_line.split()[1]), headers, body, seconds, closed)
+    return Answer(response.status, response.headers, response.body, seconds, closed)
 
 
 def request_head(server: ServerProcess, method: str = "GET", path: str = "/health", **extra: str) -> bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ import pytest
 from harness import ServerProcess, encode_image, free_port, running_topology, sample_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from raw_http import raw_exchange
 
 from scripts.topology import PROCESSORS, Secrets
 
@@ -135,33 +135,6 @@ def hostile_requests(draw: st.DrawFn) -> HostileRequest:
     )
 
 
-def exchange(port: int, request: bytes, honest: bool) -> tuple[bytes, bytes]:
-    """Send ``request`` (half-closing after a lying one); the answer's head and, up to its
-    Content-Length, its body (none for HEAD). A server that refuses early may reset the rest of
-    the upload."""
-    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_SECONDS) as sock:
-        try:
-            sock.sendall(request)
-            if not honest:
-                sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        data = b""
-        try:
-            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-                data += chunk
-            top, _, body = data.partition(b"\r\n\r\n")
-            length = next((line.split(b":")[1] for line in top.lower().split(b"\r\n")
-                           if line.startswith(b"content-length:")), b"0")  # fmt: skip
-            if request.startswith(b"HEAD "):
-                length = b"0"
-            while len(body) < int(length) and (chunk := sock.recv(65536)):
-                body += chunk
-        except ConnectionResetError:
-            top, _, body = data.partition(b"\r\n\r\n")
-        return top, body
-
-
 @given(hostile_requests())
 @settings(
     max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "1000")),
@@ -174,24 +147,19 @@ def test_every_server_answers_hostile_requests_with_json_errors(
     server = topology.servers[case.role]
     request = case.bytes(topology)
     try:
-        top, body = exchange(server.port, request, case.honest)
+        answer = raw_exchange(server.port, request, timeout=ANSWER_SECONDS, half_close=not case.honest)
     except TimeoutError:
         pytest.fail(f"{case.role} gave no answer in {ANSWER_SECONDS} s to {request[:300]!r}")
     assert server.process.poll() is None, server.output()[-3000:]
-    if not top:
+    if answer is None:
         assert not case.honest, f"{case.role} closed without answering {request[:300]!r}"
         return
-    status = int(top.split(b" ", 2)[1])
-    assert status < 500 or status in PEER_FAILURES, (case.role, request[:300], top, body[:300])
-    if status >= 400:
-        assert b"\r\ncontent-type: application/json" in top.lower(), (
-            case.role,
-            request[:300],
-            top,
-            body[:300],
-        )
+    context = (case.role, request[:300], answer.status, answer.headers, answer.body[:300])
+    assert answer.status < 500 or answer.status in PEER_FAILURES, context
+    if answer.status >= 400:
+        assert answer.is_json, context
         if case.honest and not case.head.startswith("HEAD "):
-            error = json.loads(body)  # the stream API adds pytrickle's "status" and "message"
+            error = json.loads(answer.body)  # the stream API adds pytrickle's "status" and "message"
             assert isinstance(error["error"], str) and error["detail"], error
 
 

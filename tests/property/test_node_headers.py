@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 import string
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -21,6 +20,7 @@ import pytest
 from harness import NODE_READY, ServerProcess, node_argv
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from raw_http import raw_exchange
 from starlette.requests import Request
 
 from common.errors import ApiError
@@ -228,16 +228,6 @@ def gateway(processors: dict[str, ServerProcess], tmp_path_factory: pytest.TempP
         yield gateway.port
 
 
-def exchange(port: int, head: bytes) -> tuple[int, bytes, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(head + b"Content-Length: 2\r\nConnection: close\r\n\r\nhi")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    top, _, body = data.partition(b"\r\n\r\n")
-    return int(top.split(b" ", 2)[1]), top.lower(), body
-
-
 header_bytes = st.binary(max_size=40).filter(lambda b: not set(b) & set(b"\r\n\x00"))
 requests = st.fixed_dictionaries(
     {"path": path_text},
@@ -257,9 +247,10 @@ def test_the_gateway_answers_hostile_requests_with_a_4xx_json_or_a_result(gatewa
     head = b"POST " + JOB_PREFIX.encode() + path + b" HTTP/1.1\r\nHost: x\r\n"
     for name, value in case.items():
         head += name.encode() + b": " + value.strip(b" \t") + b"\r\n"
-    status, top, body = exchange(gateway, head)
-    assert status < 500, (status, body[:300])
-    if status >= 400:  # also when the HTTP parser refused the request itself (common/server.py)
-        assert b"content-type: application/json" in top, (status, body[:300])
-        parsed = json.loads(body)
+    answer = raw_exchange(gateway, head + b"Content-Length: 2\r\nConnection: close\r\n\r\nhi", timeout=30)
+    assert answer is not None, f"the gateway closed without answering {head!r}"
+    assert answer.status < 500, (answer.status, answer.body[:300])
+    if answer.status >= 400:  # also when the HTTP parser refused the request itself (common/server.py)
+        assert answer.is_json, (answer.status, answer.body[:300])
+        parsed = json.loads(answer.body)
         assert set(parsed) == {"error", "detail"} and parsed["detail"], parsed
