@@ -32,6 +32,7 @@ from harness import (
     orchestrator_argv,
     serve_argv,
 )
+from raw_http import read_response
 from test_faults import SLOW_PROCESSOR
 
 QUEUE = 2
@@ -168,25 +169,14 @@ def test_admission_comes_before_the_body_is_read(setup: Setup) -> None:
             time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", setup.orch.port), timeout=3) as sock:
             sock.sendall(request_head(30_000_000) + b"x" * 1000)  # 30 MB announced, 1 kB sent
-            answer = read_answer(sock)
-        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
-        assert b"at_capacity" in answer
+            answer = read_response(sock)
+        assert answer is not None and answer.status == 503, answer
+        assert json.loads(answer.body)["error"] == "at_capacity", answer
         for sock in busy:
             sock.settimeout(10)
             assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "the admitted jobs still finish"
         assert client.get("/health").json() == {"status": "OK"}
     assert state(setup.orch) == (0, 0)
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    """One whole JSON answer (or what came before the peer closed)."""
-    answer = b""
-    while not answer.rstrip().endswith(b"}"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        answer += chunk
-    return answer
 
 
 def request_head(length: int) -> bytes:
