@@ -644,9 +644,15 @@ class LiveStream:
             except httpx.HTTPError as exc:
                 raise SessionLost(_failed("the orchestrator's events", exc), repr(exc)) from None
             self._last_event = time.monotonic()
+            if document == b"":  # a keepalive, or the publisher's goodbye before it closes
+                continue
             event = _unwrap(document) if document is not None else None
             if event is None:
-                log.info("stream %s: an event that is not a JSON object with a type was dropped", self.id)
+                log.info(
+                    "stream %s: an event that is not a JSON object with a type was dropped (%s)",
+                    self.id,
+                    f"over {MAX_EVENT_BYTES} bytes" if document is None else f"{len(document)} bytes",
+                )
                 continue
             self._event(event)
         await self._output_drained()

@@ -514,6 +514,7 @@ def test_a_quiet_input_within_the_idle_timeout_is_not_a_lost_orchestrator(start_
         time.sleep(0.2)
     assert "no input for 8 s" in orchestrator.output(), orchestrator.output()[-3000:]
     assert "trickle_timeout" not in container.output() and "FAILED" not in container.output()
+    assert "was dropped" not in gateway.output(), "the events channel's closing keepalive is no bad event"
 
 
 def test_a_stream_that_goes_on_is_ended_at_the_gateways_maximum_lifetime(
