@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import aiohttp
 import httpx
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp.abc import AbstractResolver, AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
 from yarl import URL
@@ -69,9 +69,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     closed before any answer, as RFC 9112 allows for idempotent requests.
     """
 
-    def __init__(self, limits: httpx.Limits, verify: bool | ssl.SSLContext = True) -> None:
+    def __init__(
+        self,
+        limits: httpx.Limits,
+        verify: bool | ssl.SSLContext = True,
+        resolver: Callable[[], AbstractResolver] | None = None,
+    ) -> None:
         self._limits = limits
         self._ssl: bool | ssl.SSLContext = verify
+        self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -83,6 +89,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 limit_per_host=0,
                 keepalive_timeout=self._limits.keepalive_expiry or 0,
                 ssl=self._ssl,
+                resolver=self._resolver() if self._resolver is not None else None,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -132,11 +139,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
 
 def new_client(
-    timeout: httpx.Timeout, limits: httpx.Limits, verify: bool | ssl.SSLContext = True
+    timeout: httpx.Timeout,
+    limits: httpx.Limits,
+    verify: bool | ssl.SSLContext = True,
+    resolver: Callable[[], AbstractResolver] | None = None,
 ) -> httpx.AsyncClient:
-    """An httpx client on :class:`AiohttpTransport` that follows no redirects."""
+    """An httpx client on :class:`AiohttpTransport` that follows no redirects; ``resolver``
+    makes the resolver its connections look host names up with (aiohttp's by default)."""
     return httpx.AsyncClient(
-        transport=AiohttpTransport(limits, verify), timeout=timeout, follow_redirects=False
+        transport=AiohttpTransport(limits, verify, resolver), timeout=timeout, follow_redirects=False
     )
 
 

@@ -184,9 +184,9 @@ class Jobs:
                     timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_read=limit),
                 ) as response:
                     content = await _read_limited(response, self.limits.max_body_bytes)
-        except aiohttp.ClientConnectorError:
+        except aiohttp.ClientConnectorError as exc:
             # Refused at once: the queue must not wait on it.
-            self.registry.set_health(capability, Health.UNREACHABLE, time.monotonic())
+            self.registry.set_health(capability, Health.UNREACHABLE, time.monotonic(), str(exc))
             raise
         finally:
             self.registry.release(capability)

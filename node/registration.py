@@ -11,12 +11,16 @@ in ``/status``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
+
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 from common.errors import ApiError
 from common.names import check_model_id
@@ -116,25 +120,30 @@ def check_container_url(value: Any) -> str:
     return value.rstrip("/")
 
 
-def _check_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str) -> None:
+def _forbidden(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What an address no container may have is ("a cloud metadata address"), or None."""
     candidates = [address]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         candidates.append(address.ipv4_mapped)  # ::ffff:169.254.169.254 is 169.254.169.254
     for candidate in candidates:
         if candidate in METADATA_ADDRESSES:
-            raise _invalid(f"url host {host!r} is a cloud metadata address, not a container")
+            return "a cloud metadata address"
         if candidate.is_link_local or candidate.is_unspecified or candidate.is_multicast:
-            raise _invalid(
-                f"url host {host!r} is a link-local, unspecified or multicast address; "
-                "register the container's real address, e.g. 127.0.0.1"
-            )
+            return "a link-local, unspecified or multicast address"
+    return None
+
+
+def _check_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str) -> None:
+    if (what := _forbidden(address)) is not None:
+        raise _invalid(f"url host {host!r} is {what}; register the container's real address, e.g. 127.0.0.1")
 
 
 async def check_resolved_host(url: str) -> None:
     """Refuse a host name whose addresses are forbidden (``169.254.169.254.nip.io``, ``2852039166``).
 
-    Checked once, when the container registers; a name that later resolves elsewhere is not
-    re-checked on every job (the secret is what keeps strangers from registering at all).
+    Checked when the container registers, so that the registration fails with the reason; a name
+    that resolves elsewhere later (DNS rebinding) meets :class:`CheckedResolver` at each new
+    connection.
     """
     host = urlsplit(url).hostname or ""
     loop = asyncio.get_running_loop()
@@ -187,3 +196,25 @@ def unregister_name(body: bytes) -> str:
     except UnicodeDecodeError:
         raise _invalid("the body must be the capability name as UTF-8 text") from None
     return check_model_id(text, "the capability name")
+
+
+class CheckedResolver(ThreadedResolver):
+    """aiohttp's resolver, less the addresses a registration may not name.
+
+    A registered name is checked when it registers, but the node resolves it again for each new
+    connection: a name that passed with a real address and now answers 169.254.169.254 would
+    turn the orchestrator into a proxy to the metadata service, with every job's body and the
+    container's token. Such answers are dropped here; a name left with none does not connect.
+    """
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await super().resolve(host, port, family)
+        allowed = [r for r in results if _forbidden(ipaddress.ip_address(r["host"].split("%", 1)[0])) is None]
+        if not allowed:
+            # With an errno, aiohttp's ClientConnectorError shows the text ("[None]" without).
+            raise OSError(
+                errno.EPERM, f"{host} resolves only to addresses no container may have ({results[0]['host']})"
+            )
+        return allowed

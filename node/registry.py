@@ -230,15 +230,22 @@ class Registry:
 
     # -- health -----------------------------------------------------------------------------
 
-    def set_health(self, capability: Capability, health: Health, seen_at: float) -> None:
+    def set_health(self, capability: Capability, health: Health, seen_at: float, why: str = "") -> None:
         """Record what was seen at ``seen_at`` (when the check began), unless something newer is
-        known: a poll answered just before a crash must not undo the crash's verdict."""
+        known: a poll answered just before a crash must not undo the crash's verdict. ``why``
+        (the connection's error) goes into the log line of a change."""
         if seen_at < capability.checked_at:
             return
         capability.checked_at = seen_at
         if health == capability.health:
             return
-        log.info("capability %s health: %s -> %s", capability.name, capability.health.value, health.value)
+        log.info(
+            "capability %s health: %s -> %s%s",
+            capability.name,
+            capability.health.value,
+            health.value,
+            f" ({why})" if why else "",
+        )
         capability.health = health
         if health in UNHEALTHY:  # nobody waits behind a container that cannot answer
             self._reject_waiters(capability, unhealthy(capability))
@@ -255,10 +262,10 @@ class Registry:
         started = time.monotonic()
         try:
             response = await client.get(f"{capability.url}/health", timeout=HEALTH_TIMEOUT)
-            health = _health_of(response)
-        except httpx.HTTPError:
-            health = Health.UNREACHABLE
-        self.set_health(capability, health, started)
+            health, why = _health_of(response), ""
+        except httpx.HTTPError as exc:
+            health, why = Health.UNREACHABLE, str(exc) or type(exc).__name__
+        self.set_health(capability, health, started, why)
 
     async def recheck(self, client: httpx.AsyncClient, capability: Capability) -> None:
         """Ask an unhealthy container again now, so one that came back serves at once, with one

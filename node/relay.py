@@ -32,6 +32,7 @@ from common.trickle.protocol import (
 )
 
 from .livepeer import loads_bounded
+from .registration import CheckedResolver
 
 log = logging.getLogger("relay")
 
@@ -48,11 +49,12 @@ _RESPONSE_HEADERS = (
 
 def new_client() -> httpx.AsyncClient:
     """The node's HTTP client (:mod:`common.client`): header values and framing checked by a
-    maintained library; a bounded pool and a deadline on every phase of every request."""
+    maintained library; a bounded pool and a deadline on every phase of every request; no
+    connection to an address a registration could not name (:class:`CheckedResolver`)."""
     limits = httpx.Limits(
         max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY
     )
-    return new_http_client(httpx.Timeout(30.0, connect=5.0, pool=10.0), limits)
+    return new_http_client(httpx.Timeout(30.0, connect=5.0, pool=10.0), limits, resolver=CheckedResolver)
 
 
 @dataclass(frozen=True)

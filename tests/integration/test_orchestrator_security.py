@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +33,8 @@ from harness import (
 )
 
 # Someone else's container: ``redirect`` answers every request (or only POSTs, with ``post``) with
-# a 307 to ``target``; ``-`` as target answers 200 IDLE and counts the requests it got (GET /hits).
+# a 307 to ``target``; ``-`` as target answers 200 IDLE and counts the requests it got (GET /hits),
+# closing each connection after its answer with ``close`` as mode.
 REDIRECTOR = """
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,7 +43,7 @@ port, target, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 hits = []
 
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.0" if mode == "close" else "HTTP/1.1"
 
     def answer(self):
         if self.path == "/hits":
@@ -333,6 +335,50 @@ def test_health_checks_and_jobs_follow_no_redirects(
     assert_error(redirected, 502, "container_redirected")
     assert int(httpx.get(f"{target.url}/hits").text) == hits_before, "a redirect was followed"
     assert registered(orch)["post-redirects-cpu"]["load"] == 0
+
+
+def test_a_name_that_resolves_to_a_forbidden_address_after_registering_gets_no_connection(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """DNS rebinding: the name passed the registration's check, then answers 0.0.0.0 (which
+    reaches this host, like 169.254.169.254 reaches a cloud's metadata service). The orchestrator
+    resolves it in a mount namespace of its own, whose /etc/hosts this test rewrites."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        if os.environ.get("CI"):
+            pytest.fail("this test needs root and unshare (util-linux) in CI")
+        pytest.skip("needs root and unshare to give the orchestrator an /etc/hosts of its own")
+    script = tmp_path / "container.py"
+    script.write_text(REDIRECTOR)
+    # A connection per request, so each health check resolves the name again (after aiohttp's
+    # 10 s DNS cache).
+    container = start_server([sys.executable, str(script), "{port}", "-", "close"], ready_status="IDLE")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 container.test\n")
+    in_namespace = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    orchestrator = node_argv("orchestrator", "-orchSecret", TEST_SECRET)
+    orch = start_server(
+        ["unshare", "--mount", "sh", "-c", in_namespace, str(hosts), *orchestrator], ready_status=NODE_READY
+    )
+    url = f"http://container.test:{container.port}"
+    assert register(orch, {"name": "rebind-cpu", "url": url}).text == "ok"
+    header = {"Livepeer": job_header("rebind-cpu")}
+    assert httpx.post(f"{orch.url}/process/request/x", content=b"x", headers=header).status_code == 200
+
+    with hosts.open("w") as rebound:  # in place: the bind mount holds this inode
+        rebound.write("127.0.0.1 localhost\n0.0.0.0 container.test\n")
+    wait_for(
+        lambda: registered(orch)["rebind-cpu"]["health"] == "UNREACHABLE", 20, "the rebound name to fail"
+    )
+    hits = int(httpx.get(f"{container.url}/hits").text)
+    refused = httpx.post(f"{orch.url}/process/request/x", content=b"x", headers=header)
+    assert refused.status_code in (502, 503), refused.text
+    time.sleep(3)  # over a health check's interval (2 s)
+    assert int(httpx.get(f"{container.url}/hits").text) == hits, "the orchestrator reached 0.0.0.0"
+    assert "resolves only to addresses no container may have (0.0.0.0)" in orch.output()
+
+    with hosts.open("w") as restored:
+        restored.write("127.0.0.1 localhost\n127.0.0.1 container.test\n")
+    wait_for(lambda: registered(orch)["rebind-cpu"]["health"] == "IDLE", 10, "the name to work again")
 
 
 # -- what errors reveal -------------------------------------------------------------------------
