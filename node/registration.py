@@ -121,7 +121,7 @@ def check_container_url(value: Any) -> str:
 
 
 def _forbidden(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """What an address no container may have is ("a cloud metadata address"), or None."""
+    """Why no container may have ``address`` ("a cloud metadata address"), or None if one may."""
     candidates = [address]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         candidates.append(address.ipv4_mapped)  # ::ffff:169.254.169.254 is 169.254.169.254
