@@ -14,6 +14,9 @@ and a count:
 - a request body may stall at most ``body_idle_timeout`` seconds between chunks (time in which
   the server itself is not reading does not count), else 408 ``body_timeout`` (or a plain close
   once a response has started) and the app sees a disconnect;
+- a client that takes no byte of an answer for ``send_timeout`` seconds while the answer waits
+  for it is disconnected, and what was buffered for it dropped (it held the answer, and through a
+  relay the upstream's, for as long as it stayed connected);
 - beyond ``max_connections`` open connections a new one gets 503 ``too_many_connections``;
 - a request head over ``max_head_bytes`` gets 431 ``headers_too_large`` (httptools holds a head of
   any size: one client sent a 114 MB header in 8 s and the gateway grew by 285 MB);
@@ -35,11 +38,16 @@ believed (uvicorn's own setting, off unless set).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import resource
+import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,17 +73,19 @@ class ServerLimits:
     body_idle_timeout: float = 30.0
     max_connections: int = 20000
     max_head_bytes: int = 64 * 1024  # a Livepeer header is at most 16 KB; browsers' cookies ~8 KB
+    send_timeout: float = 30.0  # an answer's reader may take nothing of it this long
 
     @classmethod
     def from_env(cls) -> ServerLimits:
-        """HEADER_TIMEOUT and BODY_IDLE_TIMEOUT (seconds), MAX_CONNECTIONS and MAX_HEAD_BYTES,
-        else the defaults."""
+        """HEADER_TIMEOUT, BODY_IDLE_TIMEOUT and SEND_TIMEOUT (seconds), MAX_CONNECTIONS and
+        MAX_HEAD_BYTES, else the defaults."""
         defaults = cls()
         return cls(
             header_timeout=_env_seconds("HEADER_TIMEOUT", defaults.header_timeout),
             body_idle_timeout=_env_seconds("BODY_IDLE_TIMEOUT", defaults.body_idle_timeout),
             max_connections=_env_count("MAX_CONNECTIONS", defaults.max_connections),
             max_head_bytes=_env_count("MAX_HEAD_BYTES", defaults.max_head_bytes),
+            send_timeout=_env_seconds("SEND_TIMEOUT", defaults.send_timeout),
         )
 
 
@@ -143,6 +153,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     refused: ClassVar[_RateLimitedLog]
     head_timeouts: ClassVar[_RateLimitedLog]
     body_timeouts: ClassVar[_RateLimitedLog]
+    send_timeouts: ClassVar[_RateLimitedLog]
     malformed: ClassVar[_RateLimitedLog]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -150,6 +161,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None  # ends the linger after a refusal
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes of the answer waiting for the client when the send timer was armed
         self._last_data = 0.0  # loop time of the last bytes received or of the app asking for more
         self._in_head = False  # a request has begun and its head is not complete
         self._in_body = False  # a request head is complete and its body is not
@@ -174,6 +187,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 "body_timeouts": _RateLimitedLog(
                     f"408 body_timeout for %d requests (body idle {limits.body_idle_timeout:g} s)"
                 ),
+                "send_timeouts": _RateLimitedLog(
+                    f"closed %d connections whose client read none of its answer in {limits.send_timeout:g} s"
+                ),
                 "malformed": _RateLimitedLog("refused %d requests, the last with %s"),
             },
         )
@@ -196,6 +212,50 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The answer outgrew the transport's buffer: from now on the client must read."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()
+
+    def _arm_send_timer(self) -> None:
+        self._unsent = self._unsent_bytes()
+        self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_deadline)
+
+    def _unsent_bytes(self) -> int:
+        """What the client has yet to take: the transport's buffer and the kernel's send queue.
+        The kernel's counts too: it lets the transport write again only once a third of its
+        buffer (megabytes) is free, so a slow reader's progress shows there long before."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                unsent += struct.unpack("i", queued)[0]
+        return unsent
+
+    def _send_deadline(self) -> None:
+        """No byte of the answer taken for ``send_timeout``: drop the connection and what it
+        buffered (the app sees a disconnect). A client that reads slowly but reads is not cut."""
+        self._send_timer = None
+        if self._unsent_bytes() < self._unsent:
+            self._arm_send_timer()
+            return
+        self.send_timeouts.note()
+        # A reset, not a close: closed, the kernel would go on holding and offering the unsent
+        # megabytes to the same client (nginx's reset_timedout_connection).
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -382,10 +442,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._close_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer, self._close_timer):
+        for timer in (self._head_timer, self._body_timer, self._close_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = self._close_timer = None
+        self._head_timer = self._body_timer = self._close_timer = self._send_timer = None
 
 
 def raise_open_file_limit() -> int:
@@ -438,13 +498,15 @@ def serve(app: Any, host: str, port: int, limits: ServerLimits | None = None) ->
     open_files = raise_open_file_limit()
     cap = connection_cap(limits, open_files)
     log.info(
-        "limits: open files %d, connections %d%s, request head %g s and %d bytes, body idle %g s",
+        "limits: open files %d, connections %d%s, request head %g s and %d bytes, body idle %g s,"
+        " answer unread %g s",
         open_files,
         cap,
         f" (MAX_CONNECTIONS {limits.max_connections} lowered to fit)" if cap < limits.max_connections else "",
         limits.header_timeout,
         limits.max_head_bytes,
         limits.body_idle_timeout,
+        limits.send_timeout,
     )
     config = uvicorn.Config(
         app,

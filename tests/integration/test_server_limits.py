@@ -1,7 +1,8 @@
 """Deadlines and the connection cap of every server (``common/server.py``), over raw sockets.
 
 A container, an orchestrator and a gateway run as real processes with a 1 s head deadline, a
-1 s body idle deadline, heads of at most 8 KiB and a cap of 50 connections. Each attack runs
+1 s body idle deadline, a 1 s deadline for a client that reads none of its answer, heads of at
+most 8 KiB and a cap of 50 connections. Each attack runs
 against each of the three; afterwards 8 concurrent jobs with unique bodies through the gateway
 must each get their own body back from the passthrough container.
 """
@@ -35,12 +36,17 @@ HEADER_TIMEOUT = 1.0
 BODY_IDLE_TIMEOUT = 1.0
 MAX_CONNECTIONS = 50
 MAX_HEAD_BYTES = 8192
+SEND_TIMEOUT = 1.0
 LIMITS_ENV = {
     "HEADER_TIMEOUT": str(HEADER_TIMEOUT),
     "BODY_IDLE_TIMEOUT": str(BODY_IDLE_TIMEOUT),
     "MAX_CONNECTIONS": str(MAX_CONNECTIONS),
     "MAX_HEAD_BYTES": str(MAX_HEAD_BYTES),
+    "SEND_TIMEOUT": str(SEND_TIMEOUT),
 }
+# An answer larger than the kernel buffers on both ends of a loopback connection (4 MB each at
+# most here), so that a client that does not read leaves it waiting in the server's own buffer.
+LARGE_ANSWER = 12 * 1024 * 1024
 SLACK = 2.0  # how late after its deadline an answer may come on a busy 2-core host
 MODEL = "passthrough-cpu"
 
@@ -233,6 +239,47 @@ def test_a_slow_but_steady_body_is_accepted(servers: Servers, role: str) -> None
         answer = read_answer(sock, time.monotonic())
     assert answer.status == 200, answer
     assert answer.body == body
+
+
+def send_large_job(server: ServerProcess, role: str) -> socket.socket:
+    """A job whose echoed answer outgrows every buffer, from a client with a small window."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    sock.settimeout(HEADER_TIMEOUT + BODY_IDLE_TIMEOUT + SLACK)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(job_head(server, role, LARGE_ANSWER) + secrets.token_bytes(LARGE_ANSWER))
+    return sock
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_client_that_reads_none_of_its_answer_is_reset(servers: Servers, role: str) -> None:
+    """It held the answer (and, through the gateway, the orchestrator's too) as long as it
+    stayed connected: 8 such clients pinned 128 MB in the orchestrator for as long as they liked."""
+    server = servers.by_role(role)
+    with send_large_job(server, role) as sock:
+        time.sleep(SEND_TIMEOUT + SLACK + 2)  # the job's own time, then the deadline and slack
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                got += len(chunk)
+    assert got < LARGE_ANSWER, "the whole answer came: the client was not cut off"
+    assert "read none of its answer in 1 s" in server.output()
+    assert_jobs_get_their_own_bodies(servers)
+
+
+def test_a_client_that_reads_slowly_is_not_cut_off(servers: Servers) -> None:
+    """The deadline is for reading nothing at all: a reader that takes the answer slowly, far
+    slower than the server's buffer drains to let it write more, keeps its connection."""
+    with send_large_job(servers.container, "container") as sock:
+        time.sleep(SEND_TIMEOUT / 2)
+        deadline = time.monotonic() + 4 * SEND_TIMEOUT
+        got = 0
+        while time.monotonic() < deadline:  # about 40 KB/s: the server stays paused throughout
+            got += len(sock.recv(4096))
+            time.sleep(0.1)
+        assert 0 < got < LARGE_ANSWER / 4
+        sock.setblocking(False)
+        assert sock.recv(4096), "the connection was cut while its client was reading"
 
 
 @pytest.mark.parametrize("role", ROLES)
