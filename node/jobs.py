@@ -186,7 +186,7 @@ class Jobs:
                     content = await _read_limited(response, self.limits.max_body_bytes)
         except aiohttp.ClientConnectorError as exc:
             # Refused at once: the queue must not wait on it.
-            self.registry.set_health(capability, Health.UNREACHABLE, time.monotonic(), str(exc))
+            self.registry.set_health(capability, Health.UNREACHABLE, time.monotonic(), exc)
             raise
         finally:
             self.registry.release(capability)

@@ -230,10 +230,12 @@ class Registry:
 
     # -- health -----------------------------------------------------------------------------
 
-    def set_health(self, capability: Capability, health: Health, seen_at: float, why: str = "") -> None:
+    def set_health(
+        self, capability: Capability, health: Health, seen_at: float, error: Exception | None = None
+    ) -> None:
         """Record what was seen at ``seen_at`` (when the check began), unless something newer is
-        known: a poll answered just before a crash must not undo the crash's verdict. ``why``
-        (the connection's error) goes into the log line of a change."""
+        known: a poll answered just before a crash must not undo the crash's verdict. ``error``
+        (the connection's) goes into the log line of a change."""
         if seen_at < capability.checked_at:
             return
         capability.checked_at = seen_at
@@ -244,7 +246,7 @@ class Registry:
             capability.name,
             capability.health.value,
             health.value,
-            f" ({why})" if why else "",
+            "" if error is None else f" ({str(error) or type(error).__name__})",
         )
         capability.health = health
         if health in UNHEALTHY:  # nobody waits behind a container that cannot answer
@@ -262,10 +264,9 @@ class Registry:
         started = time.monotonic()
         try:
             response = await client.get(f"{capability.url}/health", timeout=HEALTH_TIMEOUT)
-            health, why = _health_of(response), ""
+            self.set_health(capability, _health_of(response), started)
         except httpx.HTTPError as exc:
-            health, why = Health.UNREACHABLE, str(exc) or type(exc).__name__
-        self.set_health(capability, health, started, why)
+            self.set_health(capability, Health.UNREACHABLE, started, exc)
 
     async def recheck(self, client: httpx.AsyncClient, capability: Capability) -> None:
         """Ask an unhealthy container again now, so one that came back serves at once, with one

@@ -494,7 +494,7 @@ class LiveStreams:
                 response = await self.client.send(request, stream=True)
                 content = await read_bounded(response, MAX_CONTAINER_ANSWER)
         except httpx.ConnectError as exc:
-            self.registry.set_health(capability, Health.UNREACHABLE, started, str(exc))
+            self.registry.set_health(capability, Health.UNREACHABLE, started, exc)
             raise self._unreachable(stream, path, exc) from None
         except (TimeoutError, httpx.TimeoutException):
             if path == "/stream/start":  # it may have started after all: stop it there
