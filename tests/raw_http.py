@@ -12,6 +12,11 @@ import socket
 from dataclasses import dataclass
 
 
+def chunked(body: bytes) -> bytes:
+    """``body`` in chunked framing, as one chunk and the last (an empty body is the last alone)."""
+    return (b"%x\r\n%b\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+
+
 @dataclass(frozen=True)
 class RawResponse:
     status: int

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 from harness import CLIENT_OPTIONS, NODE_READY, ROOT, TEST_TOKEN, ServerProcess, node_argv, processor_argv
-from raw_http import read_response
+from raw_http import chunked, read_response
 
 HEADER_TIMEOUT = 1.0
 BODY_IDLE_TIMEOUT = 1.0
@@ -331,10 +331,9 @@ def test_a_transfer_coding_besides_chunked_gets_501(servers: Servers, role: str,
     """httptools read ``gzip, chunked`` as chunked and gave the app the compressed bytes as the body."""
     server = servers.by_role(role)
     body = gzip.compress(b"a body the server would have taken as it came")
-    coded = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
     head = job_head(server, role, None, *(f"Transfer-Encoding: {coding}" for coding in codings))
     with connect(server) as sock:
-        sock.sendall(head + coded)
+        sock.sendall(head + chunked(body))
         answer = read_answer(sock, time.monotonic())
     assert_json_error(answer, 501, "unsupported_transfer_coding")
     assert_jobs_get_their_own_bodies(servers)

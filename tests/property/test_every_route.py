@@ -30,7 +30,7 @@ import pytest
 from harness import ServerProcess, encode_image, free_port, running_topology, sample_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from raw_http import raw_exchange
+from raw_http import chunked, raw_exchange
 
 from scripts.topology import PROCESSORS, Secrets
 
@@ -119,7 +119,7 @@ class HostileRequest:
             body = self.body
         else:
             lines.append(f"Transfer-Encoding: {self.codings}")
-            body = (b"%x\r\n%b\r\n" % (len(self.body), self.body) if self.body else b"") + b"0\r\n\r\n"
+            body = chunked(self.body)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
 
     @property
